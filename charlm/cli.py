@@ -1,0 +1,371 @@
+"""The `charlm` command: a thin skin over the Python API.
+
+Each command parses options, makes one API call and renders the result. torch is imported inside
+the commands that need it, so `charlm --help` and `charlm info` start fast. User mistakes print
+one line and exit 2; bugs print one line plus the path of a log holding the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .console import error_line, info, set_verbosity
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
+
+
+def _verbosity(f: Callable) -> Callable:
+    f = click.option("-q", "--quiet", is_flag=True, help="Show only errors on stderr.")(f)
+    f = click.option("-v", "--verbose", is_flag=True, help="Show more detail on stderr.")(f)
+    return f
+
+
+def _checkpoint_option(f: Callable) -> Callable:
+    return click.option("--checkpoint", "-c", type=click.Path(dir_okay=True, path_type=Path), default=None,
+                        help="Checkpoint to use.  [default: the newest in ./checkpoints]")(f)
+
+
+def _device_option(f: Callable) -> Callable:
+    return click.option("--device", default="auto", help="auto picks cuda > mps > cpu.")(f)
+
+
+def _threads_option(f: Callable) -> Callable:
+    return click.option("--threads", type=int, default=None,
+                        help="CPU threads for torch.  [default: all cores]")(f)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "-V", "--version", prog_name="charlm")
+def cli() -> None:
+    """Character-level language models: train on any text, sample from them, score text.
+
+    \b
+      charlm train corpus.txt          learn a model (checkpoints/corpus.safetensors)
+      charlm sample --seed "Once"      continue a text with the newest checkpoint
+      charlm perplexity other.txt      score a file: cross-entropy, perplexity, bits/char
+    """
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("corpus")
+@click.option("--model", "cell", type=click.Choice(["lstm", "gru", "rnn", "rnn-relu"]), default="lstm",
+              help="Recurrent cell: LSTM, GRU, or Elman RNN with tanh (rnn) or ReLU (rnn-relu).")
+@click.option("--layers", type=int, default=2, help="Stacked recurrent layers.")
+@click.option("--hidden", type=int, default=512, help="Hidden units per layer.")
+@click.option("--embed", type=int, default=64, help="Character embedding size.")
+@click.option("--dropout", type=float, default=0.0, help="Dropout on embeddings, between layers and before the output.")
+@click.option("--init", type=click.Choice(["orthogonal", "xavier", "he", "pytorch"]), default="orthogonal",
+              help="Weight initialisation (orthogonal = orthogonal recurrent, Xavier input weights).")
+@click.option("--seq-len", type=int, default=128, help="Characters per chunk: the truncated-BPTT length.")
+@click.option("--batch-size", type=int, default=64, help="Parallel text streams per step.")
+@click.option("--lr", type=float, default=2e-3, help="Peak learning rate (AdamW).")
+@click.option("--weight-decay", type=float, default=0.01, help="AdamW weight decay on weight matrices.")
+@click.option("--clip", type=float, default=1.0, help="Clip the global gradient norm to this (0 = off).")
+@click.option("--schedule", type=click.Choice(["auto", "constant", "cosine", "exponential", "plateau"]),
+              default="auto", help="Learning-rate decay after warmup; auto = cosine to the budget when there "
+              "is one, else reduce-on-plateau.")
+@click.option("--warmup", type=int, default=100, help="Linear warmup steps.")
+@click.option("--min-lr-ratio", type=float, default=0.1, help="Floor of every decay, as a fraction of --lr.")
+@click.option("--lr-decay", type=float, default=0.95, help="Exponential schedule: factor per epoch.")
+@click.option("--steps", type=int, default=None, help="Stop after this many steps.")
+@click.option("--epochs", type=float, default=None, help="Stop after this many passes over the text.")
+@click.option("--time", "time_budget", default=None, help="Stop after this long, e.g. 90s, 5m, 2h.")
+@click.option("--patience", type=int, default=5,
+              help="Stop when validation has not improved for this many evaluations (0 = never).")
+@click.option("--eval-every", type=int, default=0,
+              help="Steps between validations (0 = auto: validation costs about 10% of the time).")
+@click.option("--val-fraction", type=float, default=0.1, help="Tail of the text held out for validation.")
+@click.option("--save-every", default="5m", help="Longest time between resume checkpoints (they are also "
+              "written at every evaluation and on Ctrl-C).")
+@click.option("--rng-seed", type=int, default=1337, help="Random seed: the same seed on the same CPU gives "
+              "the same model.")
+@_device_option
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              help="auto = bf16 autocast where the hardware is fast at it (CUDA, AMX/AVX512-BF16 CPUs).")
+@_threads_option
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
+              help="Best checkpoint path.  [default: checkpoints/<corpus name>.safetensors]")
+@click.option("--resume", is_flag=False, flag_value="", default=None, metavar="[PATH]",
+              help="Continue the interrupted run (its .last.safetensors, or PATH).")
+@click.option("--init-from", type=click.Path(path_type=Path), default=None,
+              help="Fine-tune: start from this checkpoint's weights (its vocab is extended if needed).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
+@_verbosity
+def train(corpus: str, cell: str, layers: int, hidden: int, embed: int, dropout: float, init: str,
+          time_budget: str | None, save_every: str, resume: str | None, init_from: Path | None, out: Path | None,
+          as_json: bool, quiet: bool, verbose: bool, **options: Any) -> None:
+    """Train a model on CORPUS: a UTF-8 text file, or a built-in corpus name (shakespeare, python-stdlib).
+
+    Reports cross-entropy (nats/char), perplexity (e^CE) and bits/char (CE / ln 2) on the held-out tail.
+    """
+    set_verbosity(quiet=quiet, verbose=verbose)
+    from . import checkpoint as ckpt
+    from .console import TrainView, fmt_loss
+    from .model import ModelConfig
+    from .train import TrainConfig, default_paths, parse_duration
+    from .train import train as run
+
+    if resume is not None and init_from is not None:
+        raise click.UsageError("--resume and --init-from do not go together: resume continues a run, "
+                               "--init-from starts a new one")
+    ctx = click.get_current_context()
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    settings = dict(options, time=parse_duration(time_budget) if time_budget else None,
+                    save_every=parse_duration(save_every))
+    model = ModelConfig(vocab_size=1, model=cell, hidden_size=hidden, num_layers=layers, embed_size=embed,
+                        dropout=dropout, init=init)
+    resume_arg: bool | Path = False
+    if resume is not None:
+        resume_arg = Path(resume) if resume else True
+        from .corpora import resolve
+
+        last = Path(resume) if resume else ckpt.sibling_paths(default_paths(resolve(corpus)[1], out))[0]
+        if last.exists():
+            header = ckpt.read_header(last)
+            # the interrupted run's settings, with the budget and cadence options given now on top
+            base = {k: v for k, v in header.train.items() if k in TrainConfig.__dataclass_fields__}
+            names = {"time_budget": "time"}
+            for name in given:
+                key = names.get(name, name)
+                if key in settings:
+                    base[key] = settings[key]
+            settings = base
+            model_given = given & {"cell", "layers", "hidden", "embed", "dropout", "init"}
+            model = None if not model_given else model
+    config = TrainConfig(**settings)
+    view = TrainView()
+    try:
+        result = run(corpus, model=model, config=config, out=out, resume=resume_arg, init_from=init_from,
+                     on_event=view)
+    finally:
+        view.close()
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    why = {"steps": "step budget reached", "epochs": "epoch budget reached", "time": "time budget reached",
+           "patience": "validation stopped improving", "interrupted": "interrupted; resume with --resume"}
+    info(f"done: {why.get(result.stopped, result.stopped)} after {result.steps} steps ({result.epochs:.2f} epochs, "
+         f"{result.elapsed_s:.0f}s, {result.chars_per_sec:,.0f} chars/s)")
+    info(f"best validation (step {result.best_step}): {fmt_loss(result.val_loss)}")
+    info(f"checkpoint: {result.checkpoint}  (resume file: {result.last_checkpoint})")
+
+
+# ----------------------------------------------------------------------------------------------- sample
+
+
+@cli.command(context_settings=CONTEXT)
+@_checkpoint_option
+@click.option("--seed", "-s", default="", help="Text to continue. Empty: start as at the beginning of a text "
+              "(the model is primed with a newline).")
+@click.option("--length", "-n", type=int, default=500, help="Characters to generate after the seed.")
+@click.option("--temperature", "-t", type=float, default=1.0,
+              help="Below 1 is safer, above 1 wilder; 0 = always the most likely character.")
+@click.option("--top-k", type=int, default=None, help="Draw only from the K most likely characters.")
+@click.option("--top-p", type=float, default=None, help="Draw only from the smallest set of characters whose "
+              "probability reaches P (nucleus). Order: temperature, then top-k, then top-p.")
+@click.option("--num-samples", type=int, default=1, help="Samples generated together as one batch.")
+@click.option("--separator", default="-" * 40,
+              help="Line printed between samples when --num-samples > 1.")
+@click.option("--rng-seed", type=int, default=None, help="Random seed for reproducible samples.  [default: random]")
+@_device_option
+@_threads_option
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"samples": [...], "checkpoint": ..., "chars_per_sec": ...} instead of text.')
+@_verbosity
+def sample(checkpoint: Path | None, seed: str, length: int, temperature: float, top_k: int | None,
+           top_p: float | None, num_samples: int, separator: str, rng_seed: int | None, device: str,
+           threads: int | None, as_json: bool, quiet: bool, verbose: bool) -> None:
+    """Generate text that continues --seed, streamed to stdout as it is written."""
+    set_verbosity(quiet=quiet, verbose=verbose)
+    from .lm import CharLM
+    from .sample import check_options, encode_seed
+
+    check_options(length=length, temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples)
+    lm = CharLM.load(checkpoint, device=device, threads=threads)
+    encode_seed(seed, lm.vocab)
+    info(f"checkpoint: {lm.path}")
+    began = time.perf_counter()
+    chunks = lm.stream_batch(seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p,
+                             num_samples=num_samples, rng_seed=rng_seed)
+    if as_json:
+        columns = list(chunks)
+        elapsed = time.perf_counter() - began
+        samples = [seed + "".join(col[i] for col in columns) for i in range(num_samples)]
+        click.echo(json.dumps({"samples": samples, "checkpoint": str(lm.path),
+                               "chars_per_sec": length * num_samples / elapsed}, ensure_ascii=False))
+        return
+    stdout = sys.stdout
+    stdout.write(seed)
+    rest: list[list[str]] = [[] for _ in range(num_samples - 1)]
+    last_flush = time.perf_counter()
+    for chars in chunks:
+        stdout.write(chars[0])
+        for i, ch in enumerate(chars[1:]):
+            rest[i].append(ch)
+        now = time.perf_counter()
+        if chars[0] == "\n" or now - last_flush > 0.03:
+            stdout.flush()
+            last_flush = now
+    elapsed = time.perf_counter() - began
+    for i, chars in enumerate(rest):
+        stdout.write(f"\n{separator}\n{seed}{''.join(chars)}")
+    stdout.write("\n")
+    stdout.flush()
+    info(f"{length * num_samples:,} characters in {elapsed:.2f}s ({length * num_samples / elapsed:,.0f} chars/s)")
+
+
+# ------------------------------------------------------------------------------------------- perplexity
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("file")
+@_checkpoint_option
+@click.option("--batch-size", type=int, default=64, help="Parallel streams the text is cut into (each at "
+              "least 4096 chars); the B-1 stream starts are scored with less context.")
+@click.option("--unknown", type=click.Choice(["skip", "error"]), default="skip",
+              help="Characters the model never saw: skip (drop and count them) or error.")
+@_device_option
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="fp32",
+              help="bf16 autocast is faster on supporting hardware, with slightly different numbers.")
+@_threads_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@_verbosity
+def perplexity(file: str, checkpoint: Path | None, batch_size: int, unknown: str, device: str, precision: str,
+               threads: int | None, as_json: bool, quiet: bool, verbose: bool) -> None:
+    """Score FILE: cross-entropy (nats/char), perplexity and bits/char under a model."""
+    set_verbosity(quiet=quiet, verbose=verbose)
+    from .corpora import resolve
+    from .errors import ConfigError
+    from .lm import CharLM
+
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be at least 1 (got {batch_size})")
+    path, _ = resolve(file)
+    lm = CharLM.load(checkpoint, device=device, precision=precision, threads=threads)
+    info(f"checkpoint: {lm.path}")
+    m = lm.perplexity(path, batch_size=batch_size, unknown=unknown)  # type: ignore[arg-type]
+    if as_json:
+        click.echo(json.dumps({"chars": m.chars, "unknown": m.unknown, "unknown_chars": m.unknown_chars,
+                               "cross_entropy": m.cross_entropy, "perplexity": m.perplexity, "bpc": m.bpc,
+                               "chars_per_sec": m.chars_per_sec, "checkpoint": str(lm.path), "streams": m.streams},
+                              ensure_ascii=False))
+        return
+    from rich.table import Table
+
+    from .console import out
+    from .vocab import describe_char
+
+    table = Table(title=f"{path}", show_header=False, title_justify="left")
+    table.add_row("characters scored", f"{m.chars:,}")
+    shown = ", ".join(describe_char(c) for c in m.unknown_chars[:8]) + (" ..." if len(m.unknown_chars) > 8 else "")
+    table.add_row("unknown (skipped)", f"{m.unknown:,}" + (f"  ({shown})" if m.unknown else ""))
+    table.add_row("cross-entropy", f"{m.cross_entropy:.4f} nats/char")
+    table.add_row("perplexity", f"{m.perplexity:.4f}")
+    table.add_row("bits/char", f"{m.bpc:.4f}")
+    table.add_row("speed", f"{m.chars_per_sec:,.0f} chars/s ({m.streams} streams)")
+    out.print(table)
+
+
+# ------------------------------------------------------------------------------------------------- info
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the checkpoint's header as JSON.")
+@_verbosity
+def info_cmd(checkpoint: Path | None, as_json: bool, quiet: bool, verbose: bool) -> None:
+    """Describe a checkpoint: model, vocab, corpus, training progress and figures."""
+    set_verbosity(quiet=quiet, verbose=verbose)
+    from . import checkpoint as ckpt
+    from .console import fmt_count, out
+    from .vocab import describe_char
+
+    header = ckpt.read_header(checkpoint if checkpoint is not None else ckpt.newest_checkpoint())
+    if as_json:
+        click.echo(json.dumps(header.to_json(), ensure_ascii=False))
+        return
+    from rich.table import Table
+
+    m, s, met, corpus = header.model, header.state, header.metrics, header.corpus
+    table = Table(title=str(header.path), show_header=False, title_justify="left")
+    table.add_row("model", f"{m.model} {m.num_layers}x{m.hidden_size}, embed {m.embed_size}, dropout {m.dropout:g}, "
+                           f"init {m.init}")
+    table.add_row("parameters", f"{m.num_params():,}")
+    preview = "".join(c if c.isprintable() and not c.isspace() else "" for c in header.vocab.chars[:60])
+    spaces = ", ".join(describe_char(c) for c in header.vocab.chars if c.isspace())
+    table.add_row("vocab", f"{len(header.vocab)} characters: {preview}" + (" ..." if len(header.vocab) > 60 else "")
+                  + (f" + {spaces}" if spaces else ""))
+    if corpus:
+        table.add_row("corpus", f"{corpus.get('name')} ({fmt_count(corpus.get('chars', 0))} chars, "
+                                f"sha256 {str(corpus.get('sha256', ''))[:12]}...)")
+    if s:
+        table.add_row("training", f"step {s.get('step')}, {s.get('chars', 0):,} chars seen, "
+                                  f"{s.get('elapsed', 0):.0f}s, best at step {s.get('best_step')}")
+    if "best_val_loss" in met:
+        v = met["best_val_loss"]
+        table.add_row("best validation", f"{v:.4f} nats/char, perplexity {met['best_val_ppl']:.3f}, "
+                                         f"{met['best_val_bpc']:.4f} bits/char")
+    table.add_row("kind", "resume checkpoint (.last)" if header.kind == "last" else "best weights")
+    table.add_row("file", f"{header.file_size / 1e6:.1f} MB, format version {header.format_version}, "
+                          f"charlm {header.charlm_version}, {header.created}")
+    out.print(table)
+
+
+
+
+# --------------------------------------------------------------------------------------------- runner
+
+
+def _report_bug(exc: BaseException) -> None:
+    log = Path(tempfile.gettempdir()) / f"charlm-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    try:
+        log.write_text(f"charlm {__version__}\nargv: {sys.argv}\n\n" + "".join(traceback.format_exception(exc)))
+        where = f"traceback saved to {log}"
+    except OSError:
+        where = "the traceback could not be saved"
+    error_line(f"internal error ({type(exc).__name__}: {str(exc)[:200]}); this is a bug in charlm, {where} "
+               f"- please report it")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the click group and turns every failure into one line and an exit code."""
+    from .errors import CharlmError
+
+    code = 0
+    try:
+        result = cli.main(args=argv, prog_name="charlm", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except click.exceptions.Abort:
+        code = 130
+    except click.ClickException as e:
+        ctx = getattr(e, "ctx", None)
+        where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        error_line(f"{e.format_message()}{where}")
+        code = 2
+    except CharlmError as e:
+        error_line(str(e))
+        code = e.exit_code
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        code = 130
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # stdout's reader left (e.g. `| head`): exit quietly
+        os.dup2(devnull, sys.stdout.fileno())
+        code = 0
+    except Exception as e:  # a bug: short message, traceback in a file
+        _report_bug(e)
+        code = 1
+    sys.exit(code)

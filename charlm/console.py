@@ -1,0 +1,144 @@
+"""Everything charlm shows a person, on stderr; stdout is left to the product (text, JSON, tables).
+
+On a terminal: colour and a live progress bar. Elsewhere (pipes, CI logs): plain lines, no escape
+codes, one per evaluation. NO_COLOR is honoured (rich reads it).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+LEVEL = {"value": 1}  # 0 quiet, 1 normal, 2 verbose
+
+
+def set_verbosity(*, quiet: bool = False, verbose: bool = False) -> None:
+    LEVEL["value"] = 0 if quiet else 2 if verbose else 1
+
+
+def info(text: str) -> None:
+    if LEVEL["value"] >= 1:
+        err.print(text)
+
+
+def debug(text: str) -> None:
+    if LEVEL["value"] >= 2:
+        err.print(f"[dim]{text}[/dim]")
+
+
+def error_line(message: str) -> None:
+    """One line, always shown, even with --quiet."""
+    text = " ".join(str(message).split())
+    if err.is_terminal:
+        err.print(f"[bold red]error:[/bold red] {escape(text)}")
+    else:
+        sys.stderr.write(f"error: {text}\n")
+        sys.stderr.flush()
+
+
+def fmt_loss(ce: float | None) -> str:
+    if ce is None or not math.isfinite(ce):
+        return "-"
+    return f"{ce:.4f} nats, ppl {math.exp(min(ce, 700)):.3f}, {ce / math.log(2):.4f} bpc"
+
+
+def fmt_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def fmt_count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+class TrainView:
+    """Renders train() events: a progress bar on a terminal, plain lines elsewhere."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+        self.task: Any = None
+        self.started: Any = None
+        self.loss: float | None = None
+
+    def __call__(self, event: Any) -> None:
+        from .train import Evaluated, Note, Progress as StepEvent, Started
+
+        if isinstance(event, Started):
+            self.on_started(event)
+        elif isinstance(event, StepEvent):
+            self.on_progress(event)
+        elif isinstance(event, Evaluated):
+            self.on_eval(event)
+        elif isinstance(event, Note):
+            self.print(f"[yellow]note:[/yellow] {escape(event.text)}")
+
+    def print(self, text: str, *, level: int = 1) -> None:
+        if LEVEL["value"] < level:
+            return
+        (self.bar.console if self.bar else err).print(text)
+
+    def on_started(self, e: Any) -> None:
+        self.started = e
+        m, c = e.model, e.config
+        what = "resuming at step " + str(e.resumed_step) if e.resumed_step is not None else "training"
+        budget = ", ".join(x for x in (f"{c.steps} steps" if c.steps else "",
+                                       f"{c.epochs:g} epochs" if c.epochs else "",
+                                       f"{fmt_duration(c.time)}" if c.time else "") if x) or \
+            f"until validation stops improving ({c.patience} evaluations)"
+        self.print(f"[bold]{what}[/bold] {m.model} {m.num_layers}x{m.hidden_size} (embed {m.embed_size}, "
+                   f"{fmt_count(e.params)} params, vocab {m.vocab_size}) on {escape(e.corpus['name'])}: "
+                   f"{fmt_count(e.train_chars)} train / {fmt_count(e.val_chars)} validation chars; "
+                   f"{e.device} {e.precision}; batch {c.batch_size}x{c.seq_len}; budget {budget}")
+        if e.new_chars:
+            self.print(f"fine-tuning from {escape(str(e.init_from))}: vocab extended by {len(e.new_chars)} characters")
+        self.print(f"checkpoint {escape(str(e.checkpoint))}, evaluating every {e.eval_every} steps", level=2)
+        if err.is_terminal and LEVEL["value"] >= 1:
+            self.bar = Progress(
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=err,
+                transient=True,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("train", total=1000 if c.has_budget() else None, status="")
+
+    def on_progress(self, e: Any) -> None:
+        if e.train_loss is not None:
+            self.loss = e.train_loss
+            if not self.bar:
+                self.print(f"step {e.step:>7}  train {fmt_loss(e.train_loss)}  lr {e.lr:.2e}  "
+                           f"{fmt_count(e.chars_per_sec or 0)} chars/s", level=2)
+        if self.bar:
+            status = f"step {e.step} loss {self.loss:.3f} {fmt_count(e.chars_per_sec or 0)} chars/s" \
+                if self.loss is not None else f"step {e.step}"
+            if e.fraction is not None:
+                self.bar.update(self.task, completed=int(1000 * e.fraction), status=status)
+            else:
+                self.bar.update(self.task, status=status)
+
+    def on_eval(self, e: Any) -> None:
+        mark = " [green]best[/green]" if e.best else f" (best {e.best_val:.4f}, {e.evals_since_best} without gain)"
+        self.print(f"step {e.step:>7}  val {fmt_loss(e.val.cross_entropy)}{mark}  train {fmt_loss(e.train_loss)}")
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+            self.bar = None

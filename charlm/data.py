@@ -1,0 +1,358 @@
+"""Text files -> ids -> batches.
+
+Files are read in fixed-size chunks, so a corpus of any size needs bounded memory: one streaming pass
+counts the characters (building the vocab), a second writes the ids to a cache file that later runs
+memory-map at once. Everything that can be wrong with a file is found here and reported as one line.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, CorpusError, VocabError
+from .vocab import Unknown, Vocab, describe_char, text_to_codes
+
+CHUNK_BYTES = 1 << 24
+CACHE_VERSION = 1
+
+
+def cache_dir() -> Path:
+    """Where encoded corpora live: $CHARLM_CACHE_DIR, else the XDG cache folder."""
+    env = os.environ.get("CHARLM_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "charlm"
+
+
+def check_text_file(path: Path) -> int:
+    """Size in bytes of a readable, non-empty regular file, or a CorpusError saying what is wrong."""
+    if not path.exists():
+        raise CorpusError(f"{path}: no such file", "check the path")
+    if path.is_dir():
+        raise CorpusError(f"{path} is a directory, not a text file", "give the path of a text file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read ({e.strerror})", "check the file's permissions") from None
+    if size == 0:
+        raise CorpusError(f"{path} is empty", "give a file with some text in it")
+    return size
+
+
+def iter_text(path: Path, *, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[bytes, str]]:
+    """(raw bytes, decoded text) chunks of a UTF-8 file with CRLF folded to LF and a leading BOM dropped.
+
+    Raises CorpusError with the byte offset for NUL bytes or invalid UTF-8, and when the file
+    changes size while it is read (it was truncated or replaced under us).
+    """
+    size = check_text_file(path)
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0
+    held_cr = False
+    first = True
+    with open(path, "rb") as f:
+        while True:
+            try:
+                raw = f.read(chunk_bytes)
+            except OSError as e:
+                raise CorpusError(f"{path}: read failed ({e.strerror})", "check the disk and try again") from None
+            final = not raw
+            nul = raw.find(b"\0")
+            if nul >= 0:
+                raise CorpusError(
+                    f"{path} is not a text file: NUL byte at byte offset {offset + nul}",
+                    "give a UTF-8 text file",
+                )
+            buffered = len(decoder.getstate()[0])
+            try:
+                text = decoder.decode(raw, final=final)
+            except UnicodeDecodeError as e:
+                raise CorpusError(
+                    f"{path} is not valid UTF-8: bad byte at byte offset {offset - buffered + e.start}",
+                    "convert it to UTF-8 (for example: iconv -f latin1 -t utf-8)",
+                ) from None
+            offset += len(raw)
+            if first and text:
+                text = text.removeprefix("\ufeff")
+                first = False
+            if held_cr:
+                text = "\r" + text
+            held_cr = text.endswith("\r") and not final
+            if held_cr:
+                text = text[:-1]
+            text = text.replace("\r\n", "\n")
+            if text or raw:
+                yield raw, text
+            if final:
+                break
+    if offset != size:
+        raise CorpusError(f"{path} changed size while it was read", "wait until it is fully written, then retry")
+
+
+def read_text(path: str | os.PathLike[str]) -> str:
+    """A whole (small) text file, checked and normalised exactly as corpora are."""
+    text = "".join(t for _, t in iter_text(Path(path)))
+    if not text:
+        raise CorpusError(f"{path} has no characters (only a byte-order mark)", "give a file with text in it")
+    return text
+
+
+@dataclass
+class Scan:
+    """What one pass over a file learns: identity, size and character counts."""
+
+    sha256: str
+    chars: int
+    counts: dict[int, int]
+
+    def vocab(self, *, min_count: int = 1) -> Vocab:
+        return Vocab.from_codes(c for c, n in self.counts.items() if n >= min_count)
+
+
+def scan_file(path: Path) -> Scan:
+    digest = hashlib.sha256()
+    dense = np.zeros(1 << 16, dtype=np.int64)
+    sparse: dict[int, int] = {}
+    chars = 0
+    for raw, text in iter_text(path):
+        digest.update(raw)
+        codes = text_to_codes(text)
+        chars += codes.size
+        small = codes < (1 << 16)
+        dense += np.bincount(codes[small], minlength=1 << 16)
+        if not small.all():
+            uniq, cnt = np.unique(codes[~small], return_counts=True)
+            for c, n in zip(uniq.tolist(), cnt.tolist(), strict=True):
+                sparse[c] = sparse.get(c, 0) + n
+    if chars == 0:
+        raise CorpusError(f"{path} has no characters (only a byte-order mark)", "give a file with text in it")
+    counts = {int(c): int(dense[c]) for c in np.nonzero(dense)[0]}
+    counts.update(sparse)
+    return Scan(digest.hexdigest(), chars, counts)
+
+
+@dataclass
+class Corpus:
+    """A text as ids, with the identity that checkpoints record."""
+
+    name: str
+    ids: np.ndarray  # [N] smallest unsigned dtype; a read-only memmap for files
+    vocab: Vocab
+    sha256: str
+    path: Path | None = None
+    unknown: int = 0  # characters dropped because the vocab lacks them
+    unknown_chars: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def identity(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256, "chars": len(self)}
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _stat_key(path: Path) -> str:
+    st = path.stat()
+    raw = f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ino}\0{CACHE_VERSION}"
+    return hashlib.sha256(raw.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def cached_scan(path: Path) -> Scan:
+    """scan_file, remembered by path, size and mtime so a second run skips the pass."""
+    folder = cache_dir() / "scans"
+    entry = folder / f"{_stat_key(path)}.json"
+    try:
+        data = json.loads(entry.read_text())
+        return Scan(data["sha256"], data["chars"], {int(k): v for k, v in data["counts"].items()})
+    except (OSError, ValueError, KeyError):
+        pass
+    scan = scan_file(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _atomic_json(entry, {"sha256": scan.sha256, "chars": scan.chars, "counts": scan.counts})
+    except OSError:
+        pass  # a read-only cache only costs speed
+    return scan
+
+
+def _encode_to(path: Path, vocab: Vocab, unknown: Unknown, out) -> tuple[int, dict[int, int]]:
+    """Streams ids into the open binary file `out`; returns (ids written, unknown code point counts)."""
+    written = 0
+    missing: dict[int, int] = {}
+    for _, text in iter_text(path):
+        codes = text_to_codes(text)
+        ids = vocab.lookup(codes)
+        bad = ids < 0
+        if bad.any():
+            uniq, cnt = np.unique(codes[bad], return_counts=True)
+            for c, n in zip(uniq.tolist(), cnt.tolist(), strict=True):
+                missing[c] = missing.get(c, 0) + n
+            if unknown == "error":
+                raise vocab.unknown_error(sorted(missing), what=str(path))
+            ids = ids[~bad]
+        out.write(ids.astype(vocab.dtype).tobytes())
+        written += ids.size
+    return written, missing
+
+
+def encode_file(path: Path, vocab: Vocab, *, sha256: str, unknown: Unknown = "error") -> tuple[np.ndarray, dict]:
+    """The file's ids as a read-only memmap from the cache (written on first use) and unknown stats."""
+    folder = cache_dir() / "ids"
+    stem = f"{sha256[:32]}-{vocab.fingerprint}-{unknown}"
+    meta_path, ids_path = folder / f"{stem}.json", folder / f"{stem}.ids"
+    meta = None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if ids_path.stat().st_size != meta["count"] * vocab.dtype.itemsize:
+            meta = None
+    except (OSError, ValueError, KeyError):
+        meta = None
+    if meta is None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        except OSError:
+            folder = Path(tempfile.mkdtemp(prefix="charlm-"))  # unwritable cache: a private temp copy
+            fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+            meta_path, ids_path = folder / f"{stem}.json", folder / f"{stem}.ids"
+        try:
+            with os.fdopen(fd, "wb") as out:
+                count, missing = _encode_to(path, vocab, unknown, out)
+            os.replace(tmp, ids_path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        meta = {"count": count, "missing": {str(k): v for k, v in missing.items()}}
+        _atomic_json(meta_path, meta)
+    count = meta["count"]
+    ids = np.memmap(ids_path, dtype=vocab.dtype, mode="r", shape=(count,)) if count else np.zeros(0, vocab.dtype)
+    return ids, {int(k): v for k, v in meta["missing"].items()}
+
+
+def load_corpus(
+    source: str | os.PathLike[str],
+    *,
+    vocab: Vocab | None = None,
+    unknown: Unknown = "error",
+    min_count: int = 1,
+    name: str | None = None,
+) -> Corpus:
+    """A file (or built-in corpus name) as ids; builds the vocab from it unless one is given."""
+    from .corpora import resolve
+
+    path, resolved_name = resolve(source)
+    name = name or resolved_name
+    scan = cached_scan(path)
+    if vocab is None:
+        vocab = scan.vocab(min_count=min_count)
+    ids, missing = encode_file(path, vocab, sha256=scan.sha256, unknown=unknown)
+    if len(ids) == 0:
+        raise VocabError(
+            f"every character of {path} is unknown to the model ({len(missing)} distinct, e.g. "
+            f"{', '.join(describe_char(chr(c)) for c in sorted(missing)[:5])})",
+            "score text written in the script the model was trained on",
+        )
+    return Corpus(
+        name=name,
+        ids=ids,
+        vocab=vocab,
+        sha256=scan.sha256,
+        path=path,
+        unknown=sum(missing.values()),
+        unknown_chars=[chr(c) for c in sorted(missing)],
+    )
+
+
+def corpus_from_text(text: str, *, name: str = "text", vocab: Vocab | None = None, unknown: Unknown = "error") -> Corpus:
+    """An in-memory corpus, for the Python API and tests."""
+    text = text.replace("\r\n", "\n")
+    if not text:
+        raise CorpusError("the text is empty", "give some text")
+    vocab = vocab or Vocab.from_text(text)
+    codes = text_to_codes(text)
+    ids = vocab.lookup(codes)
+    bad = ids < 0
+    missing = sorted(set(codes[bad].tolist()))
+    if bad.any() and unknown == "error":
+        raise vocab.unknown_error(missing)
+    kept = ids[~bad].astype(vocab.dtype)
+    if kept.size == 0:
+        raise VocabError("every character of the text is unknown to the model", "give text in the model's script")
+    return Corpus(
+        name=name,
+        ids=kept,
+        vocab=vocab,
+        sha256=hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest(),
+        unknown=int(bad.sum()),
+        unknown_chars=[chr(c) for c in missing],
+    )
+
+
+def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Contiguous split: validation is the tail, so it is text the model never trained on nearby."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be between 0 and 1 (got {val_fraction})")
+    n_val = max(2, int(round(len(ids) * val_fraction)))
+    return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+
+
+@dataclass(frozen=True)
+class Batches:
+    """The training text as `batch_size` side-by-side contiguous streams cut into `seq_len` chunks.
+
+    Chunk k of stream b is text[o + b*S + k*T : ... + T] with y the same shifted by one, so the
+    recurrent state of chunk k is the right starting state for chunk k + 1 (truncated BPTT). The
+    offset o in [0, T) changes each epoch (derived from the seed and the epoch number, so a resumed
+    run sees the same batches without saving any generator state).
+    """
+
+    ids: np.ndarray
+    batch_size: int
+    seq_len: int
+    rng_seed: int = 0
+
+    def __post_init__(self) -> None:
+        need = self.min_chars(self.batch_size, self.seq_len)
+        if len(self.ids) < need:
+            raise CorpusError(
+                f"the training text is too short for one batch: {len(self.ids)} characters, need at "
+                f"least {need} for --batch-size {self.batch_size} and --seq-len {self.seq_len}",
+                "lower --batch-size or --seq-len, or use a longer text",
+            )
+
+    @staticmethod
+    def min_chars(batch_size: int, seq_len: int) -> int:
+        return (batch_size + 1) * seq_len + 1
+
+    def offset(self, epoch: int) -> int:
+        return int(np.random.default_rng([self.rng_seed, epoch]).integers(self.seq_len))
+
+    def stream_len(self, epoch: int) -> int:
+        return (len(self.ids) - self.offset(epoch) - 1) // self.batch_size
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self.stream_len(epoch) // self.seq_len
+
+    def get(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y), each [B, T] int64, for chunk `step` of `epoch`."""
+        stream = self.stream_len(epoch)
+        starts = self.offset(epoch) + np.arange(self.batch_size) * stream + step * self.seq_len
+        window = self.ids[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)  # [B, T+1]
+        return window[:, :-1], window[:, 1:]

@@ -1,0 +1,148 @@
+"""Characters <-> ids.
+
+A character is one Unicode code point. The vocab is the sorted set of code points of the training
+text, so the same text always gives the same ids, and it travels inside every checkpoint.
+Encoding works on whole numpy arrays of code points: no Python loop per character.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import unicodedata
+from collections.abc import Iterable, Sequence
+from typing import Literal
+
+import numpy as np
+
+from .errors import VocabError
+
+Unknown = Literal["error", "skip"]
+
+_DENSE_LIMIT = 1 << 16  # code points below this map through a flat table; the rest by binary search
+
+
+def text_to_codes(text: str) -> np.ndarray:
+    """The code points of `text` as uint32, via one C-level encode."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+
+
+def codes_to_text(codes: np.ndarray) -> str:
+    return np.ascontiguousarray(codes, dtype="<u4").tobytes().decode("utf-32-le", "surrogatepass")
+
+
+def describe_char(ch: str) -> str:
+    """A character as a user can read it in a one-line message, escaped when unprintable."""
+    if ch.isprintable() and not ch.isspace():
+        return repr(ch)
+    name = unicodedata.name(ch, "")
+    escaped = ch.encode("unicode_escape").decode("ascii")
+    return f"'{escaped}'" + (f" ({name})" if name else "")
+
+
+def id_dtype(size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every id of a vocab of `size` characters."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if size <= np.iinfo(dtype).max + 1:
+            return np.dtype(dtype)
+    raise VocabError(f"vocab of {size} characters is too large")
+
+
+class Vocab:
+    """An ordered set of characters; id i is `chars[i]`."""
+
+    def __init__(self, chars: Sequence[str]) -> None:
+        chars = list(chars)
+        if not chars:
+            raise VocabError("empty vocab", "the text has no characters")
+        if any(not isinstance(c, str) or len(c) != 1 for c in chars):
+            raise VocabError("a vocab entry is not a single character")
+        if len(set(chars)) != len(chars):
+            raise VocabError("the vocab lists a character twice")
+        self.chars: tuple[str, ...] = tuple(chars)
+        self._codes = np.array([ord(c) for c in chars], dtype=np.uint32)
+        self._order = np.argsort(self._codes, kind="stable")
+        self._sorted_codes = self._codes[self._order]
+        self._dense = np.full(_DENSE_LIMIT, -1, dtype=np.int64)
+        small = self._codes < _DENSE_LIMIT
+        self._dense[self._codes[small]] = np.nonzero(small)[0]
+        self.dtype = id_dtype(len(chars))
+
+    @classmethod
+    def from_text(cls, text: str) -> Vocab:
+        return cls.from_codes(np.unique(text_to_codes(text)))
+
+    @classmethod
+    def from_codes(cls, codes: Iterable[int]) -> Vocab:
+        """Sorted by code point, so the ids depend only on the set of characters."""
+        return cls([chr(int(c)) for c in sorted(set(int(c) for c in codes))])
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def __contains__(self, ch: object) -> bool:
+        return isinstance(ch, str) and len(ch) == 1 and self.lookup(text_to_codes(ch))[0] >= 0
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocab) and self.chars == other.chars
+
+    def __hash__(self) -> int:
+        return hash(self.chars)
+
+    def __repr__(self) -> str:
+        preview = "".join(self.chars[:40])
+        return f"Vocab({len(self)} chars: {preview!r}{'...' if len(self) > 40 else ''})"
+
+    @property
+    def start_id(self) -> int:
+        """The id that stands before the first character of a text: newline if known, else id 0."""
+        ids = self.lookup(text_to_codes("\n"))
+        return int(ids[0]) if ids[0] >= 0 else 0
+
+    @property
+    def start_char(self) -> str:
+        return self.chars[self.start_id]
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the character list, for cache keys and compatibility checks."""
+        return hashlib.sha256("\0".join(self.chars).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+    def lookup(self, codes: np.ndarray) -> np.ndarray:
+        """Ids (int64) for an array of code points; -1 where the character is unknown."""
+        codes = np.asarray(codes, dtype=np.uint32)
+        ids = np.full(codes.shape, -1, dtype=np.int64)
+        small = codes < _DENSE_LIMIT
+        ids[small] = self._dense[codes[small]]
+        if not small.all():
+            big = codes[~small]
+            pos = np.searchsorted(self._sorted_codes, big).clip(max=len(self._sorted_codes) - 1)
+            found = self._sorted_codes[pos] == big
+            ids[~small] = np.where(found, self._order[pos], -1)
+        return ids
+
+    def encode(self, text: str, *, unknown: Unknown = "error") -> np.ndarray:
+        """Ids in the vocab's smallest dtype. Unknown characters raise, or are dropped with 'skip'."""
+        ids = self.lookup(text_to_codes(text))
+        missing = ids < 0
+        if missing.any():
+            if unknown == "error":
+                raise self.unknown_error(np.unique(text_to_codes(text)[missing]))
+            ids = ids[~missing]
+        return ids.astype(self.dtype)
+
+    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+        ids = np.asarray(list(ids) if not isinstance(ids, np.ndarray) else ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            raise VocabError(f"id out of range for a vocab of {len(self)} characters")
+        return codes_to_text(self._codes[ids])
+
+    def unknown_error(self, codes: Iterable[int], *, what: str = "the text") -> VocabError:
+        """One line naming the characters the model never saw, and what to do about it."""
+        chars = [chr(int(c)) for c in codes]
+        shown = ", ".join(describe_char(c) for c in chars[:10])
+        more = f" and {len(chars) - 10} more" if len(chars) > 10 else ""
+        return VocabError(
+            f"{what} has {len(chars)} character{'s' if len(chars) != 1 else ''} the model never saw: "
+            f"{shown}{more}",
+            "remove or replace them, or train on text that contains them",
+        )
