@@ -18,9 +18,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "CharLM": "lm",
-    "train": "train",
-    "TrainConfig": "train",
-    "TrainResult": "train",
+    "train": "trainer",
+    "TrainConfig": "trainer",
+    "TrainResult": "trainer",
     "ModelConfig": "model",
     "CharRNN": "model",
     "Metrics": "evaluate",
@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from .evaluate import Metrics
     from .lm import CharLM
     from .model import CharRNN, ModelConfig
-    from .train import TrainConfig, TrainResult, train
+    from .trainer import TrainConfig, TrainResult, train
     from .vocab import Vocab
 
 

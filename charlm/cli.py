@@ -116,8 +116,8 @@ def train(corpus: str, cell: str, layers: int, hidden: int, embed: int, dropout:
     from . import checkpoint as ckpt
     from .console import TrainView, fmt_loss
     from .model import ModelConfig
-    from .train import TrainConfig, default_paths, parse_duration
-    from .train import train as run
+    from .trainer import TrainConfig, default_paths, parse_duration
+    from .trainer import train as run
 
     if resume is not None and init_from is not None:
         raise click.UsageError("--resume and --init-from do not go together: resume continues a run, "

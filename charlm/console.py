@@ -74,7 +74,7 @@ class TrainView:
         self.loss: float | None = None
 
     def __call__(self, event: Any) -> None:
-        from .train import Evaluated, Note, Progress as StepEvent, Started
+        from .trainer import Evaluated, Note, Progress as StepEvent, Started
 
         if isinstance(event, Started):
             self.on_started(event)

@@ -51,13 +51,14 @@ def check_text_file(path: Path) -> int:
     return size
 
 
-def iter_text(path: Path, *, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[bytes, str]]:
+def iter_text(path: Path, *, chunk_bytes: int | None = None) -> Iterator[tuple[bytes, str]]:
     """(raw bytes, decoded text) chunks of a UTF-8 file with CRLF folded to LF and a leading BOM dropped.
 
     Raises CorpusError with the byte offset for NUL bytes or invalid UTF-8, and when the file
     changes size while it is read (it was truncated or replaced under us).
     """
     size = check_text_file(path)
+    chunk_bytes = chunk_bytes or CHUNK_BYTES
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset = 0
     held_cr = False

@@ -1,0 +1,147 @@
+"""The model and the trainer: chunked == whole, loss falls, determinism, exact resume, checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from charlm import CharLM, ModelConfig, TrainConfig, train
+from charlm import checkpoint as ckpt
+from charlm.errors import CheckpointError, ConfigError
+from charlm.model import CharRNN
+from charlm.trainer import Progress
+
+TINY = dict(hidden_size=32, embed_size=16, num_layers=2)
+
+
+def tiny_config(**overrides: object) -> TrainConfig:
+    base = dict(batch_size=8, seq_len=32, eval_every=20, lr=1e-2, warmup=5, precision="fp32", device="cpu",
+                steps=40)
+    base.update(overrides)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "rnn-relu"])
+def test_whole_sequence_equals_chunks_with_carried_state(cell: str) -> None:
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=20, model=cell, **TINY)).eval()  # type: ignore[arg-type]
+    ids = torch.randint(0, 20, (3, 24))
+    whole, whole_state = model(ids)
+    state = None
+    parts = []
+    for chunk in ids.split(5, dim=1):
+        logits, state = model(chunk, state)
+        parts.append(logits)
+    torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=1e-5, atol=1e-5)
+    for a, b in zip(state, whole_state, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "xavier", "he", "pytorch"])
+def test_initialisations(init: str) -> None:
+    model = CharRNN(ModelConfig(vocab_size=10, init=init, **TINY))  # type: ignore[arg-type]
+    if init == "orthogonal":
+        w = model.rnn.weight_hh_l0[:32]
+        torch.testing.assert_close(w @ w.T, torch.eye(32), atol=1e-5, rtol=0)
+    if init != "pytorch":
+        assert torch.all(model.rnn.bias_ih_l0[32:64] == 1.0)  # LSTM forget gate open
+
+
+def test_bad_model_options() -> None:
+    with pytest.raises(ConfigError, match=r"--dropout must be in \[0, 1\) \(got 1.5\)"):
+        ModelConfig(vocab_size=5, dropout=1.5)
+    with pytest.raises(ConfigError, match="--hidden must be a whole number from 1 to 65536"):
+        ModelConfig(vocab_size=5, hidden_size=-3)
+
+
+def test_loss_falls_and_checkpoint_reloads_identically(text_file: Path, tmp_path: Path) -> None:
+    result = train(text_file, model=ModelConfig(vocab_size=1, **TINY), config=tiny_config(steps=80),
+                   out=tmp_path / "m.safetensors")
+    header = ckpt.read_header(result.checkpoint)
+    uniform = torch.log(torch.tensor(float(len(header.vocab)))).item()
+    assert result.val_loss < 0.75 * uniform  # learned well beyond the uniform guess
+    assert result.train_loss is not None and result.train_loss < 0.8 * uniform
+    lm = CharLM.load(result.checkpoint, device="cpu")
+    reloaded = CharLM.load(result.checkpoint, device="cpu")
+    ids = torch.randint(0, len(header.vocab), (2, 17))
+    assert torch.equal(lm.model(ids)[0], reloaded.model(ids)[0])
+    assert header.corpus["name"] == "corpus" and header.corpus["chars"] == 40_000
+    assert lm.perplexity(text_file).cross_entropy > 0
+
+
+def test_same_seed_gives_identical_weights(text_file: Path, tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        r = train(text_file, model=ModelConfig(vocab_size=1, dropout=0.1, **TINY), config=tiny_config(steps=25),
+                  out=tmp_path / f"{name}.safetensors")
+        runs.append(ckpt.read_tensors(ckpt.read_header(r.last_checkpoint)))
+    assert runs[0].keys() == runs[1].keys()
+    for key in runs[0]:
+        assert torch.equal(runs[0][key], runs[1][key]), key
+
+
+def test_interrupted_and_resumed_run_ends_bit_identical(text_file: Path, tmp_path: Path) -> None:
+    model = ModelConfig(vocab_size=1, dropout=0.1, **TINY)
+    config = tiny_config(steps=50, eval_every=15)
+    whole = train(text_file, model=model, config=config, out=tmp_path / "whole.safetensors")
+
+    def interrupt_at_23(event: object) -> None:
+        if isinstance(event, Progress) and event.step == 23:
+            os.kill(os.getpid(), signal.SIGINT)  # the real Ctrl-C path: stop at the next step boundary
+
+    part = train(text_file, model=model, config=config, out=tmp_path / "part.safetensors", on_event=interrupt_at_23)
+    assert part.stopped == "interrupted" and part.steps == 23
+    resumed = train(text_file, model=model, config=config, out=tmp_path / "part.safetensors", resume=True)
+    assert resumed.steps == 50
+    a = ckpt.read_tensors(ckpt.read_header(whole.last_checkpoint))
+    b = ckpt.read_tensors(ckpt.read_header(resumed.last_checkpoint))
+    for key in a:
+        if key.startswith(("model.", "optim.", "hidden.")):
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_refuses_other_corpus_or_options(text_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.safetensors"
+    train(text_file, model=ModelConfig(vocab_size=1, **TINY), config=tiny_config(steps=20), out=out)
+    other = tmp_path / "other.txt"
+    other.write_text(text_file.read_text()[::-1])
+    with pytest.raises(CheckpointError, match="--resume: the corpus differs from the one this run trained on"):
+        train(other, config=tiny_config(steps=30), out=out, resume=True)
+    with pytest.raises(CheckpointError, match=r"--resume: options differ from the interrupted run: --lr 0.5 \(was 0.01\)"):
+        train(text_file, config=tiny_config(steps=30, lr=0.5), out=out, resume=True)
+
+
+def test_fine_tune_extends_vocab_keeping_old_ids(text_file: Path, tmp_path: Path) -> None:
+    first = train(text_file, model=ModelConfig(vocab_size=1, **TINY), config=tiny_config(steps=20),
+                  out=tmp_path / "base.safetensors")
+    new_text = tmp_path / "new.txt"
+    new_text.write_text(text_file.read_text()[:20_000] + "Ω and ж are new here.\n" * 50)
+    tuned = train(new_text, config=tiny_config(steps=20), out=tmp_path / "tuned.safetensors",
+                  init_from=first.checkpoint)
+    old, new = ckpt.read_header(first.checkpoint), ckpt.read_header(tuned.checkpoint)
+    assert new.vocab.chars[: len(old.vocab)] == old.vocab.chars
+    assert set(new.vocab.chars[len(old.vocab):]) == {"Ω", "ж"}
+
+
+def test_nonfinite_steps_are_skipped_and_never_saved(text_file: Path, tmp_path: Path) -> None:
+    from charlm.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="not finite for 10 steps in a row"):
+        train(text_file, model=ModelConfig(vocab_size=1, **TINY), config=tiny_config(steps=40, lr=1e30, clip=0,
+                                                                                      warmup=0, log_every=5),
+              out=tmp_path / "nan.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists() or all(
+        torch.isfinite(t).all() for k, t in ckpt.read_tensors(ckpt.read_header(tmp_path / "nan.safetensors")).items()
+        if k.startswith("model."))
+
+
+def test_checkpoint_header_reads_without_tensors(tiny_checkpoint: Path) -> None:
+    header = ckpt.read_header(tiny_checkpoint)
+    assert header.kind == "best" and header.model.hidden_size == 48
+    assert "best_val_loss" in header.metrics
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        ckpt.read_header(tiny_checkpoint.with_name("missing.safetensors"))
