@@ -238,8 +238,9 @@ def sample(checkpoint: Path | None, seed: str, length: int, temperature: float, 
 @click.option("--unknown", type=click.Choice(["skip", "error"]), default="skip",
               help="Characters the model never saw: skip (drop and count them) or error.")
 @_device_option
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="fp32",
-              help="bf16 autocast is faster on supporting hardware, with slightly different numbers.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+              help="auto = bf16 autocast where the hardware is fast at it, as in training, so the validation "
+              "figure of `train` is reproduced; fp32 for the exact float32 score.")
 @_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @_verbosity

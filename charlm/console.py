@@ -74,7 +74,8 @@ class TrainView:
         self.loss: float | None = None
 
     def __call__(self, event: Any) -> None:
-        from .trainer import Evaluated, Note, Progress as StepEvent, Started
+        from .trainer import Evaluated, Note, Started
+        from .trainer import Progress as StepEvent
 
         if isinstance(event, Started):
             self.on_started(event)

@@ -92,6 +92,6 @@ def resolve(source: str | os.PathLike[str]) -> tuple[Path, str]:
     if text in BUILTIN:
         return builtin_path(text), text
     if os.sep not in text and "." not in text and "/" not in text:
-        known = ", ".join(f"{n} ({d})" for n, (d, _) in BUILTIN.items())
+        known = ", ".join(BUILTIN)
         raise CorpusError(f"{text}: no such file and no built-in corpus of that name", f"known corpora: {known}")
     raise CorpusError(f"{text}: no such file", "check the path")

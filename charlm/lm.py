@@ -6,8 +6,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-
-
 from . import checkpoint as ckpt
 from .data import corpus_from_text, load_corpus
 from .device import configure_cpu, resolve_device, resolve_precision
@@ -31,13 +29,15 @@ class CharLM:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, device: str = "auto",
-             precision: str = "fp32", threads: int | None = None) -> CharLM:
+             precision: str = "auto", threads: int | None = None) -> CharLM:
         """Loads a checkpoint (default: the newest in ./checkpoints) onto `device`, whatever device
-        it was trained on."""
+        it was trained on. precision 'auto' scores with the precision the model was trained with."""
         configure_cpu(threads)
         header = ckpt.read_header(path if path is not None else ckpt.newest_checkpoint())
         model = ckpt.build_model(header)
         dev = resolve_device(device)
+        if precision == "auto":  # score as training validated, so `perplexity` reproduces train's figure
+            precision = str(header.train.get("precision", "auto"))
         return cls(model.to(dev), header.vocab, header=header, precision=resolve_precision(precision, dev))
 
     @property

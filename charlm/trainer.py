@@ -34,7 +34,7 @@ from .device import (
     seed_everything,
     set_rng_state,
 )
-from .errors import CheckpointError, ConfigError, TrainingError
+from .errors import CheckpointError, ConfigError, CorpusError, TrainingError
 from .evaluate import Metrics, evaluate
 from .model import CharRNN, ModelConfig, State, cross_entropy_sum
 from .vocab import Vocab
@@ -429,7 +429,6 @@ def train(
                                   f"resume from {last_path.name}, or fine-tune with --init-from {resume_path}")
     elif init_from is not None:
         init_header = ckpt.read_header(init_from)
-    _check_writable(best_path.parent)
 
     # --- text -> vocab -> ids
     new_chars: list[str] = []
@@ -448,10 +447,17 @@ def train(
         data = load_corpus(corpus_path, vocab=vocab, name=name)
     if resume_header is not None:
         _check_resume(resume_header, data, config)
+    need = math.ceil(Batches.min_chars(config.batch_size, config.seq_len) / (1 - config.val_fraction)) + 2
+    if len(data) < need:
+        raise CorpusError(
+            f"{data.name} is too short to train on: {len(data)} characters, need at least {need} for "
+            f"--batch-size {config.batch_size}, --seq-len {config.seq_len} and --val-fraction {config.val_fraction}",
+            "lower --batch-size or --seq-len, or use a longer text")
     train_ids, val_ids = split(data.ids, config.val_fraction)
     batches = Batches(train_ids, config.batch_size, config.seq_len, config.rng_seed)
     if len(val_ids) < 2:
         raise ConfigError("the validation split is too small", "raise --val-fraction or use a longer text")
+    _check_writable(best_path.parent)
 
     # --- model and optimizer
     seed_everything(config.rng_seed)

@@ -1,0 +1,155 @@
+"""Sampling and scoring: exact lengths, reproducibility, decoding filters, exact cross-entropy."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from charlm import CharLM, ModelConfig
+from charlm.errors import ConfigError, VocabError
+from charlm.evaluate import evaluate, score
+from charlm.model import CharRNN
+from charlm.sample import filter_logits
+from charlm.vocab import Vocab
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_checkpoint: Path) -> CharLM:
+    return CharLM.load(tiny_checkpoint, device="cpu", precision="fp32")
+
+
+def test_length_and_prefix_are_exact(lm: CharLM) -> None:
+    text = lm.sample("The man", length=123, rng_seed=1)
+    assert text.startswith("The man") and len(text) == len("The man") + 123
+    assert len(lm.sample("", length=5, rng_seed=1)) == 5
+
+
+def test_same_rng_seed_same_text(lm: CharLM) -> None:
+    assert lm.sample("A", length=80, rng_seed=7) == lm.sample("A", length=80, rng_seed=7)
+    assert lm.sample("A", length=80, rng_seed=7) != lm.sample("A", length=80, rng_seed=8)
+
+
+def test_top_k_1_equals_greedy_equals_temperature_0(lm: CharLM) -> None:
+    greedy = lm.sample("When", length=60, temperature=0)
+    assert lm.sample("When", length=60, top_k=1, rng_seed=3) == greedy
+    assert lm.sample("When", length=60, top_k=1, temperature=2.0, rng_seed=4) == greedy
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    kept = filter_logits(logits, temperature=1.0, top_k=None, top_p=0.8)
+    torch.testing.assert_close(kept, torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    kept = filter_logits(logits, temperature=1.0, top_k=None, top_p=0.81)
+    torch.testing.assert_close(kept, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+    kept = filter_logits(logits, temperature=1.0, top_k=None, top_p=0.4)
+    torch.testing.assert_close(kept, torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    kept = filter_logits(logits, temperature=1.0, top_k=3, top_p=1.0)
+    torch.testing.assert_close(kept, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
+
+
+def test_priming_equals_feeding_one_character_at_a_time(lm: CharLM) -> None:
+    seed = "Which other words"
+    primed = lm.sample(seed, length=50, rng_seed=11)
+    sampler = lm._sampler
+    ids = torch.from_numpy(lm.vocab.encode(seed).astype(np.int64))[None]
+    state = None
+    for i in range(ids.shape[1]):
+        logits, state = lm.model(ids[:, i : i + 1], state)
+    one_by_one_logits, _ = sampler.prime(seed, 1)
+    torch.testing.assert_close(logits[:, -1], one_by_one_logits, rtol=1e-5, atol=1e-5)
+    assert primed == lm.sample(seed, length=50, rng_seed=11)
+
+
+def test_batched_samples_match_their_count_and_length(lm: CharLM) -> None:
+    samples = lm.sample_many("It", num_samples=3, length=40, rng_seed=2)
+    assert len(samples) == 3 and all(len(s) == 42 and s.startswith("It") for s in samples)
+
+
+def test_unknown_seed_characters_are_named_with_a_suggestion(lm: CharLM) -> None:
+    with pytest.raises(VocabError) as info:
+        lm.sample("Thé cat\x07", length=5)
+    assert str(info.value) == ("the seed has 2 characters the model never saw: '\\x07', 'é': "
+                               "try --seed 'The cat'")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"length": 0}, "--length must be at least 1 (got 0)"),
+        ({"temperature": -1.0}, "--temperature must be 0 (greedy) or more (got -1.0)"),
+        ({"top_k": 0}, "--top-k must be at least 1 (got 0)"),
+        ({"top_p": 1.5}, "--top-p must be in (0, 1] (got 1.5)"),
+    ],
+)
+def test_bad_sampling_options(lm: CharLM, options: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        lm.sample("a", **options)
+    assert str(info.value) == message
+
+
+def _uniform_model(vocab_size: int) -> CharRNN:
+    model = CharRNN(ModelConfig(vocab_size=vocab_size, hidden_size=8, embed_size=4, num_layers=1))
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    return model
+
+
+def test_uniform_model_has_perplexity_equal_to_vocab_size() -> None:
+    vocab = Vocab.from_text("abcdefghijklmnopq")
+    ids = np.random.default_rng(0).integers(0, len(vocab), 10_000).astype(np.uint8)
+    m = evaluate(_uniform_model(len(vocab)), ids, start_id=0, batch_size=4)
+    assert m.chars == 10_000
+    assert m.perplexity == pytest.approx(len(vocab), rel=1e-6)
+    assert m.bpc == pytest.approx(math.log2(len(vocab)), rel=1e-6)
+    assert m.perplexity == math.exp(m.cross_entropy) and m.bpc == m.cross_entropy / math.log(2)
+
+
+def test_streams_score_exactly_their_own_slices(lm: CharLM) -> None:
+    """B streams == the sum of B independent single-stream scores; one stream == one plain pass."""
+    ids = lm.vocab.encode(("Which words may find the way. " * 600)[:17_000])
+    start = lm.vocab.start_id
+    nats_1, n = score(lm.model, ids, start_id=start, batch_size=1)
+    x = torch.tensor(np.concatenate([[start], ids[:-1]]).astype(np.int64))[None]
+    logits, _ = lm.model(x)
+    plain = torch.nn.functional.cross_entropy(logits[0], torch.tensor(ids.astype(np.int64)), reduction="sum")
+    assert n == len(ids) and nats_1 == pytest.approx(plain.item(), rel=1e-5)
+    nats_4, _ = score(lm.model, ids, start_id=start, batch_size=4)  # 17000 // 4096 = 4 streams
+    parts = 0.0
+    for b in range(4):
+        lo, hi = b * len(ids) // 4, (b + 1) * len(ids) // 4
+        piece = ids[lo:hi]
+        first = start if lo == 0 else int(ids[lo - 1])
+        x = torch.tensor(np.concatenate([[first], piece[:-1]]).astype(np.int64))[None]
+        logits, _ = lm.model(x)
+        parts += torch.nn.functional.cross_entropy(logits[0], torch.tensor(piece.astype(np.int64)),
+                                                   reduction="sum").item()
+    assert nats_4 == pytest.approx(parts, rel=1e-5)
+    assert abs(nats_4 - nats_1) / nats_1 < 0.01  # the stream-start effect is small
+
+
+def test_unknown_characters_are_skipped_and_counted(lm: CharLM) -> None:
+    m = lm.perplexity("The man ☃ said ☃ no ζ.")
+    assert m.unknown == 3 and m.unknown_chars == ["ζ", "☃"]
+    assert m.chars == len("The man  said  no .")
+    with pytest.raises(VocabError, match="never saw"):
+        lm.perplexity("snow ☃", unknown="error")
+    with pytest.raises(VocabError, match="every character of the text is unknown"):
+        lm.perplexity("☃☃")
+
+
+def test_perplexity_on_the_validation_tail_reproduces_train(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from charlm import checkpoint as ckpt
+
+    header = ckpt.read_header(tiny_checkpoint)
+    corpus_text = (tiny_checkpoint.parent / "words.txt").read_text()
+    tail = corpus_text[-header.corpus["val_chars"]:]
+    (tmp_path / "tail.txt").write_text(tail)
+    lm = CharLM.load(tiny_checkpoint, device="cpu")
+    m = lm.perplexity(tmp_path / "tail.txt", batch_size=header.train["eval_batch_size"])
+    assert m.cross_entropy == pytest.approx(header.metrics["best_val_loss"], abs=1e-4)
