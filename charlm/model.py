@@ -28,7 +28,7 @@ MAX_VOCAB = 0x110000
 class ModelConfig:
     """Everything needed to rebuild the network; stored in every checkpoint."""
 
-    vocab_size: int
+    vocab_size: int = 0  # 0: filled in from the training text by train()
     model: Cell = "lstm"
     hidden_size: int = 512
     num_layers: int = 2
@@ -37,7 +37,7 @@ class ModelConfig:
     init: Init = "orthogonal"
 
     def __post_init__(self) -> None:
-        _check_int("vocab size", self.vocab_size, 1, MAX_VOCAB)
+        _check_int("vocab size", self.vocab_size, 0, MAX_VOCAB)
         _check_choice("--model", self.model, Cell)
         _check_choice("--init", self.init, Init)
         _check_int("--hidden", self.hidden_size, 1, 65536)
@@ -88,6 +88,8 @@ def _check_choice(what: str, value: object, choices: object) -> None:
 class CharRNN(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if config.vocab_size < 1:
+            raise ConfigError("ModelConfig.vocab_size is 0", "train() fills it in; set it to build a model directly")
         self.config = config
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.embed_size)

@@ -401,7 +401,7 @@ def train(
     """
     config = config or TrainConfig()
     emit = on_event or (lambda event: None)
-    model_config = model or ModelConfig(vocab_size=1)
+    model_config = model or ModelConfig()
     configure_cpu(config.threads)
     device = resolve_device(config.device)
     precision = resolve_precision(config.precision, device)

@@ -153,3 +153,18 @@ def test_perplexity_on_the_validation_tail_reproduces_train(tiny_checkpoint: Pat
     lm = CharLM.load(tiny_checkpoint, device="cpu")
     m = lm.perplexity(tmp_path / "tail.txt", batch_size=header.train["eval_batch_size"])
     assert m.cross_entropy == pytest.approx(header.metrics["best_val_loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "rnn-relu"])
+def test_one_step_cells_match_the_fused_layer(cell: str) -> None:
+    from charlm.sample import StepModel
+
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=12, model=cell, hidden_size=24, embed_size=8, num_layers=3)).eval()
+    ids = torch.randint(0, 12, (4, 9))
+    expected, _ = model(ids)
+    step = StepModel(model)
+    state = model.initial_state(4)
+    for t in range(9):
+        logits, state = step(ids[:, t], state)
+        torch.testing.assert_close(logits, expected[:, t], rtol=1e-5, atol=1e-5)
