@@ -60,7 +60,7 @@ def cli() -> None:
 # ------------------------------------------------------------------------------------------------ train
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Train a model on a text file or a built-in corpus.")
 @click.argument("corpus")
 @click.option("--model", "cell", type=click.Choice(["lstm", "gru", "rnn", "rnn-relu"]), default="lstm",
               help="Recurrent cell: LSTM, GRU, or Elman RNN with tanh (rnn) or ReLU (rnn-relu).")
@@ -103,16 +103,22 @@ def cli() -> None:
               help="Continue the interrupted run (its .last.safetensors, or PATH).")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
               help="Fine-tune: start from this checkpoint's weights (its vocab is extended if needed).")
+@click.option("--tensorboard", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
+              help="Also log losses, bits/char and the learning rate for TensorBoard to DIR (needs the tensorboard "
+              "package).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
 @_verbosity
 def train(corpus: str, cell: str, layers: int, hidden: int, embed: int, dropout: float, init: str,
           time_budget: str | None, save_every: str, resume: str | None, init_from: Path | None, out: Path | None,
-          as_json: bool, quiet: bool, verbose: bool, **options: Any) -> None:
+          tensorboard: Path | None, as_json: bool, quiet: bool, verbose: bool, **options: Any) -> None:
     """Train a model on CORPUS: a UTF-8 text file, or a built-in corpus name (shakespeare, python-stdlib).
 
     Reports cross-entropy (nats/char), perplexity (e^CE) and bits/char (CE / ln 2) on the held-out tail.
     """
-    set_verbosity(quiet=quiet, verbose=verbose)
+    from . import distributed
+
+    rank0 = distributed.from_environment().is_main  # under torchrun only rank 0 talks
+    set_verbosity(quiet=quiet or not rank0, verbose=verbose)
     from . import checkpoint as ckpt
     from .console import TrainView, fmt_loss
     from .model import ModelConfig
@@ -148,12 +154,23 @@ def train(corpus: str, cell: str, layers: int, hidden: int, embed: int, dropout:
             model = None if not model_given else model
     config = TrainConfig(**settings)
     view = TrainView()
+    sinks: list[Any] = [view]  # each takes every event and has close()
+    if tensorboard is not None:
+        from .tensorboard import TensorBoardLog
+
+        sinks.append(TensorBoardLog(tensorboard))
+
+    def on_event(event: Any) -> None:
+        for sink in sinks:
+            sink(event)
+
     try:
         result = run(corpus, model=model, config=config, out=out, resume=resume_arg, init_from=init_from,
-                     on_event=view)
+                     on_event=on_event)
     finally:
-        view.close()
-    if as_json:
+        for sink in sinks:
+            sink.close()
+    if as_json and rank0:
         click.echo(json.dumps(result.to_dict()))
     why = {"steps": "step budget reached", "epochs": "epoch budget reached", "time": "time budget reached",
            "patience": "validation stopped improving", "interrupted": "interrupted; resume with --resume"}
@@ -161,12 +178,18 @@ def train(corpus: str, cell: str, layers: int, hidden: int, embed: int, dropout:
          f"{result.elapsed_s:.0f}s, {result.chars_per_sec:,.0f} chars/s)")
     info(f"best validation (step {result.best_step}): {fmt_loss(result.val_loss)}")
     info(f"checkpoint: {result.checkpoint}  (resume file: {result.last_checkpoint})")
+    from .console import LEVEL, err
+
+    if err.is_terminal and LEVEL["value"] >= 1:
+        from .plot import show_training_curve
+
+        show_training_curve(result.metrics_log, sys.stderr, color=not err.no_color)
 
 
 # ----------------------------------------------------------------------------------------------- sample
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Generate text that continues a seed.")
 @_checkpoint_option
 @click.option("--seed", "-s", default="", help="Text to continue. Empty: start as at the beginning of a text "
               "(the model is primed with a newline).")
@@ -230,7 +253,7 @@ def sample(checkpoint: Path | None, seed: str, length: int, temperature: float, 
 # ------------------------------------------------------------------------------------------- perplexity
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Score a file: cross-entropy, perplexity, bits/char.")
 @click.argument("file")
 @_checkpoint_option
 @click.option("--batch-size", type=int, default=64, help="Parallel streams the text is cut into (each at "
@@ -283,7 +306,7 @@ def perplexity(file: str, checkpoint: Path | None, batch_size: int, unknown: str
 # ------------------------------------------------------------------------------------------------- info
 
 
-@cli.command(context_settings=CONTEXT)
+@cli.command(context_settings=CONTEXT, short_help="Describe a checkpoint: model, vocab, training, figures.")
 @click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the checkpoint's header as JSON.")
 @_verbosity
@@ -325,6 +348,31 @@ def info_cmd(checkpoint: Path | None, as_json: bool, quiet: bool, verbose: bool)
     out.print(table)
 
 
+# ------------------------------------------------------------------------------------------------- plot
+
+
+@cli.command(context_settings=CONTEXT, short_help="Draw learning curves: bits/char vs characters seen.")
+@click.argument("source", required=False, type=click.Path(path_type=Path))
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the picture to this .png, .svg or .pdf file (needs matplotlib: pip install "
+              "'charlm[plot]').  [default: draw it in the terminal]")
+@_verbosity
+def plot(source: Path | None, out: Path | None, quiet: bool, verbose: bool) -> None:
+    """Draw a run's learning curves: bits/char against characters seen, and the learning rate.
+
+    SOURCE is a checkpoint, its .metrics.jsonl log, or a folder of checkpoints (its newest is used).
+    [default: the newest checkpoint in ./checkpoints]
+    """
+    set_verbosity(quiet=quiet, verbose=verbose)
+    from .console import out as stdout
+    from .plot import read_curves, terminal_plot, write_image
+
+    curves = read_curves(source)
+    if out is None:
+        click.echo(terminal_plot(curves, color=stdout.is_terminal and not stdout.no_color))
+    else:
+        info(f"wrote {write_image(curves, out)}")
+    info(f"from {curves.source} ({len(curves.train_bpc)} train and {len(curves.val_bpc)} validation points)")
 
 
 # --------------------------------------------------------------------------------------------- runner

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .device import autocast
+from .distributed import Dist
 from .model import CharRNN, cross_entropy_sum
 
 MIN_STREAM_CHARS = 4096  # streams shorter than this would make the stream-start effect visible
@@ -69,18 +70,26 @@ def score(
     precision: str = "fp32",
     chunk: int = CHUNK,
     progress: Callable[[int], None] | None = None,
-) -> tuple[float, int]:
-    """(summed nats, characters scored) for every character of `ids`."""
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[torch.Tensor, int]:
+    """(summed nats as a float64 tensor, characters scored) over the streams of this shard.
+
+    shard (rank, world) keeps streams rank, rank + world, ...: the same streams a single process
+    scores, so summing the shards gives the single-process figure.
+    """
     n = len(ids)
     device = device or next(model.parameters()).device
     streams = stream_count(n, batch_size)
-    lo = np.array([b * n // streams for b in range(streams)], dtype=np.int64)
-    hi = np.array([(b + 1) * n // streams for b in range(streams)], dtype=np.int64)
+    mine = np.arange(shard[0], streams, shard[1])
+    lo = np.array([b * n // streams for b in mine], dtype=np.int64)
+    hi = np.array([(b + 1) * n // streams for b in mine], dtype=np.int64)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    if len(mine) == 0:
+        return total, 0
     longest = int((hi - lo).max())
     was_training = model.training
     model.eval()
-    state = model.initial_state(streams, device)
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    state = model.initial_state(len(mine), device)
     try:
         for k in range(0, longest, chunk):
             width = min(chunk, longest - k)
@@ -100,7 +109,7 @@ def score(
                 progress(int(valid.sum()))
     finally:
         model.train(was_training)
-    return float(total.item()), n
+    return total, int((hi - lo).sum())
 
 
 def evaluate(
@@ -114,13 +123,18 @@ def evaluate(
     unknown: int = 0,
     unknown_chars: list[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    dist: Dist | None = None,
 ) -> Metrics:
+    """Metrics for the whole of `ids`; under torchrun each rank scores its share of the streams and
+    the summed nats are reduced exactly."""
+    dist = dist or Dist()
     started = time.perf_counter()
-    nats, count = score(model, ids, start_id=start_id, batch_size=batch_size, device=device,
-                        precision=precision, progress=progress)
+    nats, _ = score(model, ids, start_id=start_id, batch_size=batch_size, device=device,
+                    precision=precision, progress=progress, shard=(dist.rank, dist.world))
+    count = len(ids)
     return Metrics(
         chars=count,
-        cross_entropy=nats / count,
+        cross_entropy=float(dist.sum(nats).item()) / count,
         unknown=unknown,
         unknown_chars=list(unknown_chars or []),
         elapsed_s=time.perf_counter() - started,

@@ -24,6 +24,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from .data import Batches, Corpus, cached_scan, load_corpus, split
 from .device import (
     autocast,
@@ -397,171 +398,276 @@ def train(
 
     `model` gives the architecture (its vocab_size is filled in from the text); `resume` continues
     the `.last` checkpoint beside `out` (or the path given); `init_from` starts from another
-    checkpoint's weights, extending its vocab with the new text's characters.
+    checkpoint's weights, extending its vocab with the new text's characters. Under torchrun each
+    process trains `config.batch_size` of the streams (global batch = processes x batch size).
     """
-    config = config or TrainConfig()
-    emit = on_event or (lambda event: None)
-    model_config = model or ModelConfig()
-    configure_cpu(config.threads)
-    device = resolve_device(config.device)
-    precision = resolve_precision(config.precision, device)
+    run = _Run(corpus, model=model, config=config or TrainConfig(), out=out, resume=resume, init_from=init_from,
+               on_event=on_event)
+    try:
+        return run.loop()
+    finally:
+        distributed.teardown(run.dist)
 
-    # --- where things go, and what we continue from
-    resume_header = init_header = None
-    if isinstance(corpus, Corpus):
-        name = corpus.name
-    else:
-        from .corpora import resolve
 
-        corpus_path, name = resolve(corpus)
-    best_path = default_paths(name, out)
-    if best_path.suffix != ".safetensors":
-        best_path = best_path.with_name(best_path.name + ".safetensors")
-    last_path, metrics_path = ckpt.sibling_paths(best_path)
-    if resume:
-        resume_path = last_path if resume is True else Path(resume)
-        if not resume_path.exists():
-            raise CheckpointError(f"--resume: no resume checkpoint at {resume_path}",
-                                  "start without --resume, or give the .last.safetensors file to continue")
-        resume_header = ckpt.read_header(resume_path)
-        if resume_header.kind != "last" or "optim_groups" not in resume_header.state:
-            raise CheckpointError(f"--resume: {resume_path} holds no training state (it is a best checkpoint)",
-                                  f"resume from {last_path.name}, or fine-tune with --init-from {resume_path}")
-    elif init_from is not None:
-        init_header = ckpt.read_header(init_from)
+class _Run:
+    """One training session: set-up in __init__, then loop(); state lives in `self.st` so that a
+    checkpoint of it (plus weights, optimizer, RNG and recurrent state) continues the run exactly."""
 
-    # --- text -> vocab -> ids
-    new_chars: list[str] = []
-    if isinstance(corpus, Corpus):
-        data = corpus
-        if resume_header is not None and data.vocab != resume_header.vocab:
-            raise CheckpointError("--resume: the text's vocab differs from the checkpoint's")
-    else:
-        scan = cached_scan(corpus_path)
-        if resume_header is not None:
-            vocab = resume_header.vocab
-        elif init_header is not None:
-            vocab, new_chars = extend_vocab(init_header.vocab, scan.counts)
+    def __init__(self, corpus: str | os.PathLike[str] | Corpus, *, model: ModelConfig | None, config: TrainConfig,
+                 out: str | os.PathLike[str] | None, resume: bool | str | os.PathLike[str],
+                 init_from: str | os.PathLike[str] | None, on_event: Callable[[Event], None] | None) -> None:
+        configure_cpu(config.threads)
+        device = resolve_device(config.device)
+        self.dist, self.device = distributed.setup(device)
+        self.precision = resolve_precision(config.precision, self.device)
+        listener = on_event or (lambda event: None)
+        self.emit = listener if self.dist.is_main else (lambda event: None)
+
+        # --- where things go, and what we continue from
+        resume_header = init_header = None
+        if isinstance(corpus, Corpus):
+            name = corpus.name
         else:
-            vocab = scan.vocab()
-        data = load_corpus(corpus_path, vocab=vocab, name=name)
-    if resume_header is not None:
-        _check_resume(resume_header, data, config)
-    need = math.ceil(Batches.min_chars(config.batch_size, config.seq_len) / (1 - config.val_fraction)) + 2
-    if len(data) < need:
-        raise CorpusError(
-            f"{data.name} is too short to train on: {len(data)} characters, need at least {need} for "
-            f"--batch-size {config.batch_size}, --seq-len {config.seq_len} and --val-fraction {config.val_fraction}",
-            "lower --batch-size or --seq-len, or use a longer text")
-    train_ids, val_ids = split(data.ids, config.val_fraction)
-    batches = Batches(train_ids, config.batch_size, config.seq_len, config.rng_seed)
-    if len(val_ids) < 2:
-        raise ConfigError("the validation split is too small", "raise --val-fraction or use a longer text")
-    _check_writable(best_path.parent)
+            from .corpora import resolve
 
-    # --- model and optimizer
-    seed_everything(config.rng_seed)
-    tensors: dict[str, torch.Tensor] = {}
-    if resume_header is not None:
-        tensors = ckpt.read_tensors(resume_header)
-        net = ckpt.build_model(resume_header, tensors)
-        if model is not None and replace(model, vocab_size=net.config.vocab_size) != net.config:
-            raise CheckpointError("--resume: the model options differ from the checkpoint's",
-                                  "drop the model options when resuming")
-    elif init_header is not None:
-        net = ckpt.build_model(init_header)
-        if len(data.vocab) > net.config.vocab_size:
-            net = grow_model(net, len(data.vocab))
-    else:
-        net = CharRNN(replace(model_config, vocab_size=len(data.vocab)))
-    net.to(device)
-    net.train()
-    opt = make_optimizer(net, config, device)
-    params = sum(p.numel() for p in net.parameters())
+            corpus_path, name = resolve(corpus)
+        best_path = default_paths(name, out)
+        if best_path.suffix != ".safetensors":
+            best_path = best_path.with_name(best_path.name + ".safetensors")
+        self.best_path = best_path
+        self.last_path, self.metrics_path = ckpt.sibling_paths(best_path)
+        if resume:
+            resume_path = self.last_path if resume is True else Path(resume)
+            if not resume_path.exists():
+                raise CheckpointError(f"--resume: no resume checkpoint at {resume_path}",
+                                      "start without --resume, or give the .last.safetensors file to continue")
+            resume_header = ckpt.read_header(resume_path)
+            if resume_header.kind != "last" or "optim_groups" not in resume_header.state:
+                raise CheckpointError(f"--resume: {resume_path} holds no training state (it is a best checkpoint)",
+                                      f"resume from {self.last_path.name}, or fine-tune with --init-from {resume_path}")
+            config = _rebatch(resume_header, config, self.dist.world)
+        elif init_from is not None:
+            init_header = ckpt.read_header(init_from)
+        self.config = config
 
-    # --- training state
-    st: dict[str, Any] = {"step": 0, "epoch": 0, "chunk": 0, "chars": 0, "elapsed": 0.0, "best_val": math.inf,
-                          "best_step": 0, "evals_since_best": 0, "plateau_scale": 1.0, "plateau_best": math.inf,
-                          "plateau_bad": 0, "skipped": 0, "last_eval_step": -1, "train_loss": None}
-    state: State = net.initial_state(config.batch_size, device)
-    if resume_header is not None:
-        saved = resume_header.state
-        st.update({k: saved[k] for k in st if k in saved})
-        load_optimizer(opt, tensors, saved["optim_groups"])
-        set_rng_state({k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}, device)
-        hidden = [tensors[f"hidden.{i}"] for i in range(len(state)) if f"hidden.{i}" in tensors]
-        if len(hidden) == len(state) and all(h.shape == s.shape for h, s in zip(hidden, state, strict=True)):
-            state = tuple(h.to(device) for h in hidden)
+        # --- text -> vocab -> ids
+        new_chars: list[str] = []
+        if isinstance(corpus, Corpus):
+            data = corpus
+            if resume_header is not None and data.vocab != resume_header.vocab:
+                raise CheckpointError("--resume: the text's vocab differs from the checkpoint's")
+        else:
+            scan = cached_scan(corpus_path)
+            if resume_header is not None:
+                vocab = resume_header.vocab
+            elif init_header is not None:
+                vocab, new_chars = extend_vocab(init_header.vocab, scan.counts)
+            else:
+                vocab = scan.vocab()
+            data = load_corpus(corpus_path, vocab=vocab, name=name)
+        if resume_header is not None:
+            _check_resume(resume_header, data, config, self.dist.world)
+        self.global_batch = config.batch_size * self.dist.world
+        need = math.ceil(Batches.min_chars(self.global_batch, config.seq_len) / (1 - config.val_fraction)) + 2
+        if len(data) < need:
+            raise CorpusError(
+                f"{data.name} is too short to train on: {len(data)} characters, need at least {need} for "
+                f"--batch-size {self.global_batch}, --seq-len {config.seq_len} and --val-fraction "
+                f"{config.val_fraction}", "lower --batch-size or --seq-len, or use a longer text")
+        self.train_ids, self.val_ids = split(data.ids, config.val_fraction)
+        self.batches = Batches(self.train_ids, self.global_batch, config.seq_len, config.rng_seed)
+        self.rows = slice(self.dist.rank * config.batch_size, (self.dist.rank + 1) * config.batch_size)
+        if self.dist.is_main:
+            _check_writable(best_path.parent)
+        self.data = data
 
-    eval_every = auto_eval_every(len(val_ids), config)
-    corpus_info = {**data.identity(), "train_chars": len(train_ids), "val_chars": len(val_ids)}
-    header_common = {"model": net.config.to_dict(), "vocab": list(data.vocab.chars), "train": config.to_dict(),
-                     "corpus": corpus_info}
-    if best_path.exists() and resume_header is None:
-        emit(Note(f"replacing {best_path} (use --resume to continue a run instead)"))
-    emit(Started(model=net.config, config=config, params=params, device=str(device), precision=precision,
-                 corpus=corpus_info, train_chars=len(train_ids), val_chars=len(val_ids), eval_every=eval_every,
-                 checkpoint=best_path, resumed_step=st["step"] if resume_header is not None else None,
-                 init_from=str(init_from) if init_from is not None else None, new_chars=new_chars))
+        # --- model and optimizer
+        seed_everything(config.rng_seed)
+        tensors: dict[str, torch.Tensor] = {}
+        if resume_header is not None:
+            tensors = ckpt.read_tensors(resume_header)
+            net = ckpt.build_model(resume_header, tensors)
+            if model is not None and replace(model, vocab_size=net.config.vocab_size) != net.config:
+                raise CheckpointError("--resume: the model options differ from the checkpoint's",
+                                      "drop the model options when resuming")
+        elif init_header is not None:
+            net = ckpt.build_model(init_header)
+            if len(data.vocab) > net.config.vocab_size:
+                net = grow_model(net, len(data.vocab))
+        else:
+            net = CharRNN(replace(model or ModelConfig(), vocab_size=len(data.vocab)))
+        self.net = net.to(self.device).train()
+        self.forward: torch.nn.Module = self.net
+        if self.dist.active:
+            from torch.nn.parallel import DistributedDataParallel
 
-    log = _MetricsLog(metrics_path, resume_step=st["step"] if resume_header is not None else None)
-    session_start = time.perf_counter()
-    elapsed_before = st["elapsed"]
-    non_train_time = 0.0
-    session_chars = 0
-    last_save = time.perf_counter()
-    loss_sum = torch.zeros((), device=device)
-    loss_steps = 0
-    bad_run = torch.zeros((), device=device)
-    skipped = torch.zeros((), device=device)
-    params_list = list(net.parameters())
-    fused = bool(opt.defaults.get("fused"))
-    steps_in_epoch = batches.steps_in_epoch(st["epoch"])
-    last_val: Metrics | None = None
-    stopped = ""
+            torch.manual_seed(config.rng_seed + self.dist.rank)  # each rank its own dropout masks
+            self.forward = DistributedDataParallel(self.net, device_ids=[self.device] if self.device.type == "cuda"
+                                                   else None)
+        self.opt = make_optimizer(self.net, config, self.device)
+        self.params = sum(p.numel() for p in self.net.parameters())
 
-    def elapsed() -> float:
-        return elapsed_before + time.perf_counter() - session_start
+        # --- training state
+        self.st: dict[str, Any] = {
+            "step": 0, "epoch": 0, "chunk": 0, "chars": 0, "elapsed": 0.0, "best_val": math.inf, "best_step": 0,
+            "evals_since_best": 0, "plateau_scale": 1.0, "plateau_best": math.inf, "plateau_bad": 0, "skipped": 0,
+            "last_eval_step": -1, "train_loss": None, "world": self.dist.world}
+        self.state: State = self.net.initial_state(config.batch_size, self.device)
+        if resume_header is not None:
+            saved = resume_header.state
+            self.st.update({k: saved[k] for k in self.st if k in saved and k != "world"})
+            load_optimizer(self.opt, tensors, saved["optim_groups"])
+            if self.dist.is_main:
+                set_rng_state({k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}, self.device)
+            hidden = [tensors.get(f"hidden.{i}") for i in range(len(self.state))]
+            if all(h is not None and h.shape[1] == self.global_batch for h in hidden):
+                self.state = tuple(h[:, self.rows].to(self.device) for h in hidden)  # type: ignore[index]
 
-    def epoch_float() -> float:
-        return st["epoch"] + st["chunk"] / max(1, steps_in_epoch)
+        self.eval_every = auto_eval_every(len(self.val_ids), config)
+        corpus_info = {**data.identity(), "train_chars": len(self.train_ids), "val_chars": len(self.val_ids)}
+        self.header_common = {"model": self.net.config.to_dict(), "vocab": list(data.vocab.chars),
+                              "train": config.to_dict(), "corpus": corpus_info}
+        if best_path.exists() and resume_header is None:
+            self.emit(Note(f"replacing {best_path} (use --resume to continue a run instead)"))
+        if self.dist.active:
+            self.emit(Note(f"data-parallel on {self.dist.world} processes: global batch {self.global_batch} "
+                           f"streams ({config.batch_size} per process)"))
+        self.emit(Started(model=self.net.config, config=config, params=self.params, device=str(self.device),
+                          precision=self.precision, corpus=corpus_info, train_chars=len(self.train_ids),
+                          val_chars=len(self.val_ids), eval_every=self.eval_every, checkpoint=best_path,
+                          resumed_step=self.st["step"] if resume_header is not None else None,
+                          init_from=str(init_from) if init_from is not None else None, new_chars=new_chars))
+        self.log = _MetricsLog(self.metrics_path, resume_step=self.st["step"] if resume_header is not None else None) \
+            if self.dist.is_main else None
 
-    def fraction() -> float | None:
-        parts = []
-        if config.steps:
-            parts.append(st["step"] / config.steps)
-        if config.epochs:
-            parts.append(epoch_float() / config.epochs)
-        if config.time:
-            parts.append(elapsed() / config.time)
+        # --- session counters (not checkpointed)
+        self.session_start = time.perf_counter()
+        self.elapsed_before = self.st["elapsed"]
+        self.non_train_time = 0.0
+        self.session_chars = 0
+        self.last_save = time.perf_counter()
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_steps = 0
+        self.bad_run = torch.zeros((), device=self.device)
+        self.skipped = torch.zeros((), device=self.device)
+        self.steps_in_epoch = self.batches.steps_in_epoch(self.st["epoch"])
+        self.last_val: Metrics | None = None
+
+    # --- clocks and schedule
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.session_start
+
+    def train_time(self) -> float:
+        return max(1e-9, time.perf_counter() - self.session_start - self.non_train_time)
+
+    def epoch_float(self) -> float:
+        return self.st["epoch"] + self.st["chunk"] / max(1, self.steps_in_epoch)
+
+    def fraction(self) -> float | None:
+        c, parts = self.config, []
+        if c.steps:
+            parts.append(self.st["step"] / c.steps)
+        if c.epochs:
+            parts.append(self.epoch_float() / c.epochs)
+        if c.time:
+            parts.append(self.elapsed() / c.time)
         return min(1.0, max(parts)) if parts else None
 
-    def current_lr() -> float:
-        return learning_rate(config, step=st["step"], fraction=fraction(), epoch=epoch_float(),
-                             plateau_scale=st["plateau_scale"])
+    def current_lr(self) -> float:
+        return learning_rate(self.config, step=self.st["step"], fraction=self.fraction(), epoch=self.epoch_float(),
+                             plateau_scale=self.st["plateau_scale"])
 
-    def save(kind: str) -> None:
-        nonlocal last_save, non_train_time
-        began = time.perf_counter()
-        meta = {**header_common, "kind": kind, "state": {**st, "elapsed": elapsed()},
-                "metrics": _metrics_summary(st, last_val)}
-        tensors_out = ckpt.model_tensors(net)
-        if kind == "last":
-            opt_tensors, groups = optimizer_tensors(opt)
-            meta["state"]["optim_groups"] = groups
-            tensors_out.update(opt_tensors)
-            tensors_out.update({f"rng.{k}": v for k, v in rng_state(device).items()})
-            tensors_out.update({f"hidden.{i}": s for i, s in enumerate(state)})
-            last_save = time.perf_counter()
-        ckpt.write(best_path if kind == "best" else last_path, tensors_out, meta)
-        non_train_time += time.perf_counter() - began
+    def budget_reached(self) -> str:
+        c, st = self.config, self.st
+        if c.steps is not None and st["step"] >= c.steps:
+            return "steps"
+        if c.epochs is not None and self.epoch_float() >= c.epochs:
+            return "epochs"
+        if c.time is not None and self.elapsed() >= c.time:
+            return "time"
+        if c.patience and st["evals_since_best"] >= c.patience:
+            return "patience"
+        return ""
 
-    def run_eval() -> None:
-        nonlocal non_train_time, last_val
-        began = time.perf_counter()
-        metrics = evaluate(net, val_ids, start_id=data.vocab.start_id, batch_size=config.eval_batch_size,
-                           device=device, precision=precision)
-        last_val = metrics
+    # --- the work
+
+    def step(self) -> None:
+        """One optimizer step on the next chunk of every stream. No host sync on the fast path:
+        a non-finite loss or gradient is skipped by the fused optimizer itself (found_inf)."""
+        st, lr = self.st, self.current_lr()
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        x_np, y_np = self.batches.get(st["epoch"], st["chunk"])
+        x = torch.from_numpy(x_np[self.rows]).to(self.device, non_blocking=True)
+        y = torch.from_numpy(y_np[self.rows]).to(self.device, non_blocking=True)
+        with autocast(self.device, self.precision):
+            logits, new_state = self.forward(x, self.state)  # [B, T, V]
+        loss = cross_entropy_sum(logits, y) / y.numel()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages the gradients across ranks here
+        params = [p for p in self.net.parameters() if p.grad is not None]
+        if self.config.clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.config.clip, foreach=True)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        bad = ~(torch.isfinite(norm) & torch.isfinite(loss))
+        if self.opt.defaults.get("fused"):
+            self.opt.found_inf = bad.float()  # the fused kernel skips the update (and the step count)
+            self.opt.step()
+        elif not bool(bad):
+            self.opt.step()
+        self.state = tuple(torch.where(bad, old.to(new.dtype), new.detach())
+                           for old, new in zip(self.state, new_state, strict=True))
+        self.loss_sum += torch.where(bad, 0.0, loss.detach())
+        self.bad_run = (self.bad_run + 1) * bad
+        self.skipped += bad
+        self.loss_steps += 1
+        st["step"] += 1
+        st["chunk"] += 1
+        st["chars"] += x_np.size
+        self.session_chars += x_np.size
+        if st["chunk"] >= self.steps_in_epoch:
+            st["epoch"] += 1
+            st["chunk"] = 0
+            self.steps_in_epoch = self.batches.steps_in_epoch(st["epoch"])
+            self.state = self.net.initial_state(self.config.batch_size, self.device)
+        report = st["step"] % self.config.log_every == 0
+        if report:
+            self.report(lr)
+        self.emit(Progress(step=st["step"], epoch=self.epoch_float(), chars=st["chars"], elapsed_s=self.elapsed(),
+                           fraction=self.fraction(), lr=lr, train_loss=st["train_loss"] if report else None,
+                           chars_per_sec=self.session_chars / self.train_time()))
+
+    def report(self, lr: float) -> None:
+        """Every log_every steps: the one host sync, the training loss, and the divergence check."""
+        st = self.st
+        n_bad = int(self.skipped.item())
+        if self.loss_steps > n_bad:
+            st["train_loss"] = float(self.dist.sum(self.loss_sum).item()) / self.dist.world / (self.loss_steps - n_bad)
+        if n_bad:
+            st["skipped"] += n_bad
+            self.emit(Note(f"skipped {n_bad} step(s) with a non-finite loss or gradient (total {st['skipped']})"))
+        self.loss_sum.zero_()
+        self.skipped.zero_()
+        self.loss_steps = 0
+        if int(self.bad_run.item()) >= MAX_BAD_STEPS:
+            raise TrainingError(
+                f"the loss or gradients were not finite for {MAX_BAD_STEPS} steps in a row (step {st['step']}); "
+                "the last good checkpoint is kept",
+                f"lower --lr (now {self.config.lr:g}) or --clip (now {self.config.clip:g}), or try --precision fp32")
+        if self.log:
+            self.log.write({"event": "train", "step": st["step"], "epoch": round(self.epoch_float(), 5),
+                            "chars": st["chars"], "elapsed_s": round(self.elapsed(), 3), "lr": lr,
+                            **_loss_record("train", st["train_loss"] or 0.0),
+                            "chars_per_sec": self.session_chars / self.train_time()})
+
+    def evaluate(self) -> None:
+        st, began = self.st, time.perf_counter()
+        metrics = evaluate(self.net, self.val_ids, start_id=self.data.vocab.start_id,
+                           batch_size=self.config.eval_batch_size, device=self.device, precision=self.precision,
+                           dist=self.dist)
+        self.last_val = metrics
         st["last_eval_step"] = st["step"]
         improved = metrics.cross_entropy < st["best_val"]
         if improved:
@@ -572,131 +678,91 @@ def train(
             st.update(plateau_best=metrics.cross_entropy, plateau_bad=0)
         else:
             st["plateau_bad"] += 1
-            if st["plateau_bad"] > config.plateau_patience:
-                st.update(plateau_scale=max(config.min_lr_ratio, st["plateau_scale"] * config.plateau_factor),
+            if st["plateau_bad"] > self.config.plateau_patience:
+                st.update(plateau_scale=max(self.config.min_lr_ratio, st["plateau_scale"] * self.config.plateau_factor),
                           plateau_bad=0)
-        non_train_time += time.perf_counter() - began
-        log.write({"event": "eval", "step": st["step"], "epoch": round(epoch_float(), 5), "chars": st["chars"],
-                   "elapsed_s": round(elapsed(), 3), "lr": current_lr(), **_loss_record("val", metrics.cross_entropy),
-                   **({} if st["train_loss"] is None else _loss_record("train", st["train_loss"]))})
+        self.non_train_time += time.perf_counter() - began
+        if self.log:
+            self.log.write({"event": "eval", "step": st["step"], "epoch": round(self.epoch_float(), 5),
+                            "chars": st["chars"], "elapsed_s": round(self.elapsed(), 3), "lr": self.current_lr(),
+                            **_loss_record("val", metrics.cross_entropy),
+                            **({} if st["train_loss"] is None else _loss_record("train", st["train_loss"]))})
         if improved:
-            save("best")
-        save("last")
-        emit(Evaluated(step=st["step"], val=metrics, train_loss=st["train_loss"], best=improved,
-                       best_val=st["best_val"], evals_since_best=st["evals_since_best"]))
+            self.save("best")
+        self.save("last")
+        self.emit(Evaluated(step=st["step"], val=metrics, train_loss=st["train_loss"], best=improved,
+                            best_val=st["best_val"], evals_since_best=st["evals_since_best"]))
 
-    def budget_reached() -> str:
-        if config.steps is not None and st["step"] >= config.steps:
-            return "steps"
-        if config.epochs is not None and epoch_float() >= config.epochs:
-            return "epochs"
-        if config.time is not None and elapsed() >= config.time:
-            return "time"
-        if config.patience and st["evals_since_best"] >= config.patience:
-            return "patience"
-        return ""
+    def save(self, kind: str) -> None:
+        """Rank 0 writes; under torchrun every rank must call this (the recurrent state is gathered)."""
+        began = time.perf_counter()
+        hidden = [self.dist.gather_rows(s) for s in self.state] if kind == "last" else []
+        if self.dist.is_main:
+            meta = {**self.header_common, "kind": kind, "state": {**self.st, "elapsed": self.elapsed()},
+                    "metrics": _metrics_summary(self.st, self.last_val)}
+            tensors = ckpt.model_tensors(self.net)
+            if kind == "last":
+                opt_tensors, groups = optimizer_tensors(self.opt)
+                meta["state"]["optim_groups"] = groups
+                tensors.update(opt_tensors)
+                tensors.update({f"rng.{k}": v for k, v in rng_state(self.device).items()})
+                tensors.update({f"hidden.{i}": s for i, s in enumerate(hidden)})
+            ckpt.write(self.best_path if kind == "best" else self.last_path, tensors, meta)
+        if kind == "last":
+            self.last_save = time.perf_counter()
+        self.non_train_time += time.perf_counter() - began
 
-    try:
-        with _graceful_stop() as stop_requested:
-            while True:
-                stopped = budget_reached()
-                if stopped:
-                    break
-                if stop_requested.is_set():
-                    stopped = "interrupted"
-                    break
-                lr = current_lr()
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                x_np, y_np = batches.get(st["epoch"], st["chunk"])
-                x = torch.from_numpy(x_np).to(device, non_blocking=True)
-                y = torch.from_numpy(y_np).to(device, non_blocking=True)
-                with autocast(device, precision):
-                    logits, new_state = net(x, state)  # [B, T, V]
-                loss = cross_entropy_sum(logits, y) / y.numel()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.clip > 0:
-                    norm = torch.nn.utils.clip_grad_norm_(params_list, config.clip, foreach=True)
-                else:
-                    norm = torch.nn.utils.get_total_norm([p.grad for p in params_list if p.grad is not None])
-                bad = ~(torch.isfinite(norm) & torch.isfinite(loss))
-                if fused:
-                    opt.found_inf = bad.float()  # the fused kernel skips the update (and the step count)
-                    opt.step()
-                elif not bool(bad):
-                    opt.step()
-                state = tuple(torch.where(bad, old.to(new.dtype), new.detach())
-                              for old, new in zip(state, new_state, strict=True))
-                loss_sum += torch.where(bad, 0.0, loss.detach())
-                bad_run = (bad_run + 1) * bad
-                skipped += bad
-                loss_steps += 1
-                st["step"] += 1
-                st["chunk"] += 1
-                st["chars"] += y.numel()
-                session_chars += y.numel()
-                if st["chunk"] >= steps_in_epoch:
-                    st["epoch"] += 1
-                    st["chunk"] = 0
-                    steps_in_epoch = batches.steps_in_epoch(st["epoch"])
-                    state = net.initial_state(config.batch_size, device)
-                report = st["step"] % config.log_every == 0
-                if report:
-                    n_bad = int(skipped.item())
-                    if loss_steps > n_bad:
-                        st["train_loss"] = float(loss_sum.item()) / (loss_steps - n_bad)
-                    if n_bad:
-                        st["skipped"] += n_bad
-                        emit(Note(f"skipped {n_bad} step(s) with a non-finite loss or gradient "
-                                  f"(total {st['skipped']})"))
-                    loss_sum.zero_()
-                    skipped.zero_()
-                    loss_steps = 0
-                    if int(bad_run.item()) >= MAX_BAD_STEPS:
-                        raise TrainingError(
-                            f"the loss or gradients were not finite for {MAX_BAD_STEPS} steps in a row "
-                            f"(step {st['step']}); the last good checkpoint is kept",
-                            f"lower --lr (now {config.lr:g}) or --clip (now {config.clip:g}), or try --precision fp32")
-                    train_time = max(1e-9, time.perf_counter() - session_start - non_train_time)
-                    log.write({"event": "train", "step": st["step"], "epoch": round(epoch_float(), 5),
-                               "chars": st["chars"], "elapsed_s": round(elapsed(), 3), "lr": lr,
-                               **_loss_record("train", st["train_loss"] or 0.0),
-                               "chars_per_sec": session_chars / train_time})
-                emit(Progress(step=st["step"], epoch=epoch_float(), chars=st["chars"], elapsed_s=elapsed(),
-                              fraction=fraction(), lr=lr, train_loss=st["train_loss"] if report else None,
-                              chars_per_sec=session_chars / max(1e-9, time.perf_counter() - session_start
-                                                                - non_train_time)))
-                if st["step"] % eval_every == 0:
-                    run_eval()
-                elif time.perf_counter() - last_save >= config.save_every:
-                    save("last")
-            if st["last_eval_step"] != st["step"]:
-                run_eval()
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-        save("last")
-    finally:
-        log.close()
-    if not math.isfinite(st["best_val"]):
-        raise TrainingError("training stopped before the first evaluation, so no checkpoint was written",
-                            "train for longer")
-    train_time = max(1e-9, time.perf_counter() - session_start - non_train_time)
-    return TrainResult(
-        checkpoint=best_path,
-        last_checkpoint=last_path,
-        metrics_log=metrics_path,
-        steps=st["step"],
-        epochs=epoch_float(),
-        params=params,
-        train_loss=st["train_loss"],
-        val_loss=st["best_val"],
-        best_step=st["best_step"],
-        chars_per_sec=session_chars / train_time,
-        elapsed_s=elapsed(),
-        stopped=stopped,
-        skipped_steps=st["skipped"],
-    )
+    def loop(self) -> TrainResult:
+        stopped = ""
+        stop_codes = ["", "steps", "epochs", "time", "patience", "interrupted"]
+        try:
+            with _graceful_stop() as stop_requested:
+                while True:
+                    stopped = "interrupted" if stop_requested.is_set() else self.budget_reached()
+                    save_due = time.perf_counter() - self.last_save >= self.config.save_every
+                    code = self.dist.decide(stop_codes.index(stopped) * 2 + save_due, self.device)
+                    stopped, save_due = stop_codes[code // 2], bool(code % 2)
+                    if stopped:
+                        break
+                    if save_due and self.st["step"] % self.eval_every:
+                        self.save("last")
+                    self.step()
+                    if self.st["step"] % self.eval_every == 0:
+                        self.evaluate()
+                if self.st["last_eval_step"] != self.st["step"]:
+                    self.evaluate()
+        except KeyboardInterrupt:  # a second Ctrl-C: stop now, keeping the work done so far
+            stopped = "interrupted"
+            if not self.dist.active:
+                self.save("last")
+        finally:
+            if self.log:
+                self.log.close()
+        st = self.st
+        if not math.isfinite(st["best_val"]):
+            raise TrainingError("training stopped before the first evaluation, so no checkpoint was written",
+                                "train for longer")
+        return TrainResult(checkpoint=self.best_path, last_checkpoint=self.last_path, metrics_log=self.metrics_path,
+                           steps=st["step"], epochs=self.epoch_float(), params=self.params,
+                           train_loss=st["train_loss"], val_loss=st["best_val"], best_step=st["best_step"],
+                           chars_per_sec=self.session_chars / self.train_time(), elapsed_s=self.elapsed(),
+                           stopped=stopped, skipped_steps=st["skipped"])
+
+
+def _rebatch(header: ckpt.Header, config: TrainConfig, world: int) -> TrainConfig:
+    """Resuming with another number of processes keeps the global batch, so the data and the
+    optimizer see the same run: per-process batch = saved global batch / processes now."""
+    saved_world = int(header.state.get("world", 1))
+    saved_batch = header.train.get("batch_size")
+    if not isinstance(saved_batch, int) or saved_world == world:
+        return config
+    global_batch = saved_batch * saved_world
+    if global_batch % world:
+        raise CheckpointError(f"--resume: the run's global batch of {global_batch} streams does not split over "
+                              f"{world} processes", f"resume with a number of processes that divides {global_batch}")
+    if config.batch_size not in (saved_batch, global_batch // world):
+        return config  # _check_resume reports the conflicting --batch-size
+    return replace(config, batch_size=global_batch // world)
 
 
 def _metrics_summary(st: dict, val: Metrics | None) -> dict:
@@ -720,7 +786,7 @@ def _check_writable(folder: Path) -> None:
                           "choose a writable place with --out") from None
 
 
-def _check_resume(header: ckpt.Header, data: Corpus, config: TrainConfig) -> None:
+def _check_resume(header: ckpt.Header, data: Corpus, config: TrainConfig, world: int = 1) -> None:
     """Refuse a resume that could not continue the same run, saying exactly what differs."""
     was = header.corpus
     if was.get("sha256") and was.get("sha256") != data.sha256:
@@ -731,7 +797,11 @@ def _check_resume(header: ckpt.Header, data: Corpus, config: TrainConfig) -> Non
             f"resume with the original text, or fine-tune with --init-from {header.path}")
     before = header.train
     diffs = [f"--{k.replace('_', '-')} {getattr(config, k)!r} (was {before[k]!r})"
-             for k in RESUME_FIXED if k in before and before[k] != getattr(config, k)]
+             for k in RESUME_FIXED if k in before and k != "batch_size" and before[k] != getattr(config, k)]
+    saved_global = before.get("batch_size", config.batch_size) * int(header.state.get("world", 1))
+    if saved_global != config.batch_size * world:
+        diffs.insert(0, f"--batch-size {config.batch_size} (was {before.get('batch_size')!r}"
+                        f"{' per process' if world > 1 or saved_global != before.get('batch_size') else ''})")
     if diffs:
         raise CheckpointError(f"--resume: options differ from the interrupted run: {', '.join(diffs)}",
                               "drop them to continue the same run, or start a new one with --init-from")

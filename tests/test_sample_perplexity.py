@@ -118,7 +118,7 @@ def test_streams_score_exactly_their_own_slices(lm: CharLM) -> None:
     x = torch.tensor(np.concatenate([[start], ids[:-1]]).astype(np.int64))[None]
     logits, _ = lm.model(x)
     plain = torch.nn.functional.cross_entropy(logits[0], torch.tensor(ids.astype(np.int64)), reduction="sum")
-    assert n == len(ids) and nats_1 == pytest.approx(plain.item(), rel=1e-5)
+    assert n == len(ids) and nats_1.item() == pytest.approx(plain.item(), rel=1e-5)
     nats_4, _ = score(lm.model, ids, start_id=start, batch_size=4)  # 17000 // 4096 = 4 streams
     parts = 0.0
     for b in range(4):
@@ -129,8 +129,8 @@ def test_streams_score_exactly_their_own_slices(lm: CharLM) -> None:
         logits, _ = lm.model(x)
         parts += torch.nn.functional.cross_entropy(logits[0], torch.tensor(piece.astype(np.int64)),
                                                    reduction="sum").item()
-    assert nats_4 == pytest.approx(parts, rel=1e-5)
-    assert abs(nats_4 - nats_1) / nats_1 < 0.01  # the stream-start effect is small
+    assert nats_4.item() == pytest.approx(parts, rel=1e-5)
+    assert abs(nats_4.item() - nats_1.item()) / nats_1.item() < 0.01  # the stream-start effect is small
 
 
 def test_unknown_characters_are_skipped_and_counted(lm: CharLM) -> None:
