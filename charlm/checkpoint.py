@@ -60,6 +60,7 @@ class Header:
             "model": self.model.to_dict(),
             "params": self.model.num_params(),
             "vocab": list(self.vocab.chars),
+            "folded": list(self.vocab.folded),
             "train": self.train,
             "state": self.state,
             "metrics": self.metrics,
@@ -132,7 +133,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     chars = _json_field(meta, "vocab", list, path)
     if len(chars) > MAX_VOCAB or len(chars) != model.vocab_size:
         raise _bad(path, f"has a vocab of {len(chars)} characters but a model for {model.vocab_size}")
-    vocab = Vocab(chars)
+    folded = _json_field(meta, "folded", list, path) if "folded" in meta else []
+    vocab = Vocab(chars, folded)
     tensors: dict[str, tuple[str, list[int]]] = {}
     end = 0
     for name, info in data.items():

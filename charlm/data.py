@@ -119,7 +119,7 @@ class Scan:
     counts: dict[int, int]
 
     def vocab(self, *, min_count: int = 1) -> Vocab:
-        return Vocab.from_codes(c for c, n in self.counts.items() if n >= min_count)
+        return Vocab.from_counts(self.counts, min_count=min_count)
 
 
 def scan_file(path: Path) -> Scan:

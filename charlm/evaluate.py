@@ -71,6 +71,7 @@ def score(
     chunk: int = CHUNK,
     progress: Callable[[int], None] | None = None,
     shard: tuple[int, int] = (0, 1),
+    fold: tuple[int, float] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """(summed nats as a float64 tensor, characters scored) over the streams of this shard.
 
@@ -105,6 +106,8 @@ def score(
             with autocast(device, precision):
                 logits, state = model(x, state)
             total += cross_entropy_sum(logits, y).double()
+            if fold is not None:  # each folded character: P(unknown symbol) spread over all of them
+                total += (y == fold[0]).sum() * fold[1]
             if progress is not None:
                 progress(int(valid.sum()))
     finally:
@@ -124,13 +127,14 @@ def evaluate(
     unknown_chars: list[str] | None = None,
     progress: Callable[[int], None] | None = None,
     dist: Dist | None = None,
+    fold: tuple[int, float] | None = None,
 ) -> Metrics:
     """Metrics for the whole of `ids`; under torchrun each rank scores its share of the streams and
     the summed nats are reduced exactly."""
     dist = dist or Dist()
     started = time.perf_counter()
     nats, _ = score(model, ids, start_id=start_id, batch_size=batch_size, device=device,
-                    precision=precision, progress=progress, shard=(dist.rank, dist.world))
+                    precision=precision, progress=progress, shard=(dist.rank, dist.world), fold=fold)
     count = len(ids)
     return Metrics(
         chars=count,

@@ -83,7 +83,7 @@ class CharLM:
             corpus = load_corpus(source, vocab=self.vocab, unknown=unknown)
         return evaluate(self.model, corpus.ids, start_id=self.vocab.start_id, batch_size=batch_size,
                         device=self.device, precision=self.precision, unknown=corpus.unknown,
-                        unknown_chars=corpus.unknown_chars)
+                        unknown_chars=corpus.unknown_chars, fold=self.vocab.fold_penalty)
 
     def __repr__(self) -> str:
         c = self.model.config

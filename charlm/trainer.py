@@ -66,6 +66,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_batch_size: int = 64
     val_fraction: float = 0.1
+    min_count: int = 1
     log_every: int = 10
     save_every: float = 300.0
     rng_seed: int = 1337
@@ -82,7 +83,7 @@ class TrainConfig:
                 need = "zero or more" if allow_zero else "greater than zero"
                 raise ConfigError(f"--{name.replace('_', '-')} must be {need} (got {value!r})")
 
-        for name in ("seq_len", "batch_size", "eval_batch_size", "log_every"):
+        for name in ("seq_len", "batch_size", "eval_batch_size", "log_every", "min_count"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > 1 << 24:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number of at least 1 (got {value!r})")
@@ -131,7 +132,7 @@ class TrainConfig:
 
 # Options that decide which numbers a resumed run computes; changing them breaks exact resume.
 RESUME_FIXED = ("seq_len", "batch_size", "lr", "weight_decay", "clip", "schedule", "warmup", "min_lr_ratio",
-                "lr_decay", "plateau_factor", "plateau_patience", "val_fraction", "rng_seed")
+                "lr_decay", "plateau_factor", "plateau_patience", "val_fraction", "rng_seed", "min_count")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$")
 
@@ -307,7 +308,7 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
 def extend_vocab(old: Vocab, counts: dict[int, int]) -> tuple[Vocab, list[str]]:
     """The old vocab with the new text's unseen characters appended: old ids keep their meaning."""
     new = sorted(chr(c) for c in counts if chr(c) not in old)
-    return Vocab(list(old.chars) + new), new
+    return Vocab(list(old.chars) + new, old.folded), new
 
 
 def grow_model(model: CharRNN, vocab_size: int) -> CharRNN:
@@ -463,7 +464,7 @@ class _Run:
             elif init_header is not None:
                 vocab, new_chars = extend_vocab(init_header.vocab, scan.counts)
             else:
-                vocab = scan.vocab()
+                vocab = scan.vocab(min_count=config.min_count)
             data = load_corpus(corpus_path, vocab=vocab, name=name)
         if resume_header is not None:
             _check_resume(resume_header, data, config, self.dist.world)
@@ -526,6 +527,7 @@ class _Run:
         self.eval_every = auto_eval_every(len(self.val_ids), config)
         corpus_info = {**data.identity(), "train_chars": len(self.train_ids), "val_chars": len(self.val_ids)}
         self.header_common = {"model": self.net.config.to_dict(), "vocab": list(data.vocab.chars),
+                              "folded": list(data.vocab.folded),
                               "train": config.to_dict(), "corpus": corpus_info}
         if best_path.exists() and resume_header is None:
             self.emit(Note(f"replacing {best_path} (use --resume to continue a run instead)"))
@@ -643,7 +645,8 @@ class _Run:
         """Every log_every steps: the one host sync, the training loss, and the divergence check."""
         st = self.st
         n_bad = int(self.skipped.item())
-        if self.loss_steps > n_bad:
+        has_loss = self.loss_steps > n_bad  # a window of only skipped steps has no loss to report
+        if has_loss:
             st["train_loss"] = float(self.dist.sum(self.loss_sum).item()) / self.dist.world / (self.loss_steps - n_bad)
         if n_bad:
             st["skipped"] += n_bad
@@ -656,17 +659,17 @@ class _Run:
                 f"the loss or gradients were not finite for {MAX_BAD_STEPS} steps in a row (step {st['step']}); "
                 "the last good checkpoint is kept",
                 f"lower --lr (now {self.config.lr:g}) or --clip (now {self.config.clip:g}), or try --precision fp32")
-        if self.log:
+        if self.log and has_loss:
             self.log.write({"event": "train", "step": st["step"], "epoch": round(self.epoch_float(), 5),
                             "chars": st["chars"], "elapsed_s": round(self.elapsed(), 3), "lr": lr,
-                            **_loss_record("train", st["train_loss"] or 0.0),
+                            **_loss_record("train", st["train_loss"]),
                             "chars_per_sec": self.session_chars / self.train_time()})
 
     def evaluate(self) -> None:
         st, began = self.st, time.perf_counter()
         metrics = evaluate(self.net, self.val_ids, start_id=self.data.vocab.start_id,
                            batch_size=self.config.eval_batch_size, device=self.device, precision=self.precision,
-                           dist=self.dist)
+                           dist=self.dist, fold=self.data.vocab.fold_penalty)
         self.last_val = metrics
         st["last_eval_step"] = st["step"]
         improved = metrics.cross_entropy < st["best_val"]

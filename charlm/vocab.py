@@ -8,6 +8,7 @@ Encoding works on whole numpy arrays of code points: no Python loop per characte
 from __future__ import annotations
 
 import hashlib
+import math
 import unicodedata
 from collections.abc import Iterable, Sequence
 from typing import Literal
@@ -47,25 +48,49 @@ def id_dtype(size: int) -> np.dtype:
     raise VocabError(f"vocab of {size} characters is too large")
 
 
-class Vocab:
-    """An ordered set of characters; id i is `chars[i]`."""
+UNK = "\ufffd"  # stands for every rare character folded away by --min-count
 
-    def __init__(self, chars: Sequence[str]) -> None:
-        chars = list(chars)
+
+class Vocab:
+    """An ordered set of characters; id i is `chars[i]`.
+
+    `folded` lists rare characters that are not modelled one by one: they all share the id of the
+    unknown symbol U+FFFD, whose probability the scorer spreads evenly over them (so the reported
+    cross-entropy still prices each of those characters honestly).
+    """
+
+    def __init__(self, chars: Sequence[str], folded: Sequence[str] = ()) -> None:
+        chars, folded = list(chars), list(folded)
         if not chars:
             raise VocabError("empty vocab", "the text has no characters")
-        if any(not isinstance(c, str) or len(c) != 1 for c in chars):
+        if any(not isinstance(c, str) or len(c) != 1 for c in chars + folded):
             raise VocabError("a vocab entry is not a single character")
-        if len(set(chars)) != len(chars):
+        if len(set(chars + folded)) != len(chars) + len(folded):
             raise VocabError("the vocab lists a character twice")
+        if folded and UNK not in chars:
+            raise VocabError("a vocab with folded characters needs the unknown symbol U+FFFD")
         self.chars: tuple[str, ...] = tuple(chars)
+        self.folded: tuple[str, ...] = tuple(folded)
+        self.unk_id: int | None = chars.index(UNK) if folded else None
         self._codes = np.array([ord(c) for c in chars], dtype=np.uint32)
-        self._order = np.argsort(self._codes, kind="stable")
-        self._sorted_codes = self._codes[self._order]
+        all_codes = np.array([ord(c) for c in chars + folded], dtype=np.uint32)
+        all_ids = np.concatenate([np.arange(len(chars)), np.full(len(folded), self.unk_id or 0)]).astype(np.int64)
+        order = np.argsort(all_codes, kind="stable")
+        self._sorted_codes, self._sorted_ids = all_codes[order], all_ids[order]
         self._dense = np.full(_DENSE_LIMIT, -1, dtype=np.int64)
-        small = self._codes < _DENSE_LIMIT
-        self._dense[self._codes[small]] = np.nonzero(small)[0]
+        small = all_codes < _DENSE_LIMIT
+        self._dense[all_codes[small]] = all_ids[small]
         self.dtype = id_dtype(len(chars))
+
+    @classmethod
+    def from_counts(cls, counts: dict[int, int], *, min_count: int = 1) -> Vocab:
+        """Characters seen at least `min_count` times, sorted by code point; the rest are folded."""
+        keep = sorted(c for c, n in counts.items() if n >= min_count)
+        rare = sorted(c for c, n in counts.items() if n < min_count and chr(c) != UNK)
+        if not rare:
+            return cls([chr(c) for c in keep])
+        chars = sorted({chr(c) for c in keep} | {UNK})
+        return cls(chars, [chr(c) for c in rare])
 
     @classmethod
     def from_text(cls, text: str) -> Vocab:
@@ -83,14 +108,22 @@ class Vocab:
         return isinstance(ch, str) and len(ch) == 1 and self.lookup(text_to_codes(ch))[0] >= 0
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Vocab) and self.chars == other.chars
+        return isinstance(other, Vocab) and self.chars == other.chars and self.folded == other.folded
 
     def __hash__(self) -> int:
-        return hash(self.chars)
+        return hash((self.chars, self.folded))
 
     def __repr__(self) -> str:
         preview = "".join(self.chars[:40])
         return f"Vocab({len(self)} chars: {preview!r}{'...' if len(self) > 40 else ''})"
+
+    @property
+    def fold_penalty(self) -> tuple[int, float] | None:
+        """(unknown-symbol id, ln of the number of folded characters): the extra nats each folded
+        character costs when the unknown symbol's probability is spread evenly over them."""
+        if self.unk_id is None:
+            return None
+        return self.unk_id, math.log(len(self.folded))
 
     @property
     def start_id(self) -> int:
@@ -105,7 +138,8 @@ class Vocab:
     @property
     def fingerprint(self) -> str:
         """A short hash of the character list, for cache keys and compatibility checks."""
-        return hashlib.sha256("\0".join(self.chars).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        joined = "\0".join(self.chars) + "\1" + "\0".join(self.folded)
+        return hashlib.sha256(joined.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
     def lookup(self, codes: np.ndarray) -> np.ndarray:
         """Ids (int64) for an array of code points; -1 where the character is unknown."""
@@ -117,7 +151,7 @@ class Vocab:
             big = codes[~small]
             pos = np.searchsorted(self._sorted_codes, big).clip(max=len(self._sorted_codes) - 1)
             found = self._sorted_codes[pos] == big
-            ids[~small] = np.where(found, self._order[pos], -1)
+            ids[~small] = np.where(found, self._sorted_ids[pos], -1)
         return ids
 
     def encode(self, text: str, *, unknown: Unknown = "error") -> np.ndarray:

@@ -119,3 +119,15 @@ def test_split_is_contiguous_tail() -> None:
     ids = np.arange(1000)
     train, val = split(ids, 0.1)
     assert len(val) == 100 and np.array_equal(np.concatenate([train, val]), ids)
+
+
+def test_min_count_folds_rare_characters_into_the_unknown_symbol() -> None:
+    from charlm.vocab import UNK
+
+    counts = {ord("a"): 10, ord("b"): 5, ord("中"): 1, ord("🙂"): 1}
+    vocab = Vocab.from_counts(counts, min_count=2)
+    assert vocab.chars == ("a", "b", UNK) and vocab.folded == ("中", "🙂")
+    assert vocab.decode(vocab.encode("a中🙂b")) == f"a{UNK}{UNK}b"
+    assert vocab.fold_penalty == (2, pytest.approx(np.log(2)))
+    with pytest.raises(VocabError):
+        vocab.encode("z")
