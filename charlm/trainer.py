@@ -472,7 +472,7 @@ class _Run:
         need = math.ceil(Batches.min_chars(self.global_batch, config.seq_len) / (1 - config.val_fraction)) + 2
         if len(data) < need:
             raise CorpusError(
-                f"{data.name} is too short to train on: {len(data)} characters, need at least {need} for "
+                f"{data.path or data.name} is too short to train on: {len(data)} characters, need at least {need} for "
                 f"--batch-size {self.global_batch}, --seq-len {config.seq_len} and --val-fraction "
                 f"{config.val_fraction}", "lower --batch-size or --seq-len, or use a longer text")
         self.train_ids, self.val_ids = split(data.ids, config.val_fraction)
@@ -779,6 +779,10 @@ def _metrics_summary(st: dict, val: Metrics | None) -> dict:
 
 
 def _check_writable(folder: Path) -> None:
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise ConfigError(f"cannot write checkpoints to {folder}/: {blocker} is a file, not a folder",
+                          "choose another place with --out")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".charlm-write-test-{os.getpid()}"

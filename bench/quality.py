@@ -1,0 +1,145 @@
+"""Model quality per minute: `charlm train` with default settings against a textbook LSTM loop.
+
+    python bench/quality.py              # 5-minute budget per run
+    python bench/quality.py --minutes 20 # the long form
+    python bench/quality.py --corpora shakespeare --minutes 1
+
+For each corpus, charlm trains with its defaults for a fixed wall-clock budget and reports the
+validation bits/char, the corpus's unigram entropy (what a model that ignores context gets) and
+chars/s. On Shakespeare a plain 2x512 LSTM loop with textbook settings (AdamW 2e-3, clip 1,
+seq 128, batch 64, fp32) runs for the same time in the same process, on the same split, scored by
+the same exact evaluator: the ratio between the two is the figure that matters.
+
+Corpora: the built-in `shakespeare` (pip install 'charlm[demo]'), the built-in `python-stdlib`
+(source code) and Debian's fortunes-zh Chinese text (apt-get install fortunes-zh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from charlm.data import Batches, cached_scan, load_corpus, split  # noqa: E402
+from charlm.device import configure_cpu  # noqa: E402
+from charlm.evaluate import evaluate  # noqa: E402
+from charlm.model import CharRNN, ModelConfig  # noqa: E402
+
+CORPORA = {
+    "shakespeare": "shakespeare",
+    "python-stdlib": "python-stdlib",
+    "chinese": "/usr/share/games/fortunes/chinese",
+}
+
+
+def unigram_bits(source: str) -> float:
+    from charlm.corpora import resolve
+
+    counts = np.array(list(cached_scan(resolve(source)[0]).counts.values()), dtype=np.float64)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def run_charlm(source: str, minutes: float, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        cmd = [sys.executable, "-m", "charlm", "train", source, "--time", f"{minutes * 60:.0f}s", "--json",
+               "--out", f"{folder}/q.safetensors", *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"charlm train failed on {source}: {done.stderr[-2000:]}")
+        result = json.loads(done.stdout)
+        header = json.loads(subprocess.run([sys.executable, "-m", "charlm", "info", result["checkpoint"], "--json"],
+                                           capture_output=True, text=True, check=True).stdout)
+    result["model"] = header["model"]
+    result["vocab"] = len(header["vocab"])
+    return result
+
+
+def run_textbook(source: str, minutes: float) -> dict:
+    """The reference loop, as the char-rnn tutorials write it: embedding -> 2x512 nn.LSTM -> linear,
+    AdamW 2e-3, clip 1, seq 128, batch 64, fp32, contiguous streams with carried state."""
+    torch.manual_seed(0)
+    corpus = load_corpus(source)
+    train_ids, val_ids = split(corpus.ids, 0.1)
+    batches = Batches(train_ids, 64, 128, rng_seed=0)
+    model = CharRNN(ModelConfig(vocab_size=len(corpus.vocab), hidden_size=512, num_layers=2, embed_size=64,
+                                init="pytorch"))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    state, epoch, chunk, steps = None, 0, 0, 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < minutes * 60:
+        x, y = (torch.from_numpy(a) for a in batches.get(epoch, chunk))
+        logits, state = model(x, state)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        state = tuple(s.detach() for s in state)
+        steps, chunk = steps + 1, chunk + 1
+        if chunk >= batches.steps_in_epoch(epoch):
+            epoch, chunk, state = epoch + 1, 0, None
+    train_s = time.perf_counter() - start
+    val = evaluate(model, val_ids, start_id=corpus.vocab.start_id, precision="fp32")
+    return {"val_bpc": val.bpc, "val_loss": val.cross_entropy, "steps": steps,
+            "chars_per_sec": steps * 64 * 128 / train_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--corpora", default=",".join(CORPORA))
+    parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--extra", default="", help="extra `charlm train` options, e.g. '--hidden 256'")
+    args = parser.parse_args()
+    configure_cpu()
+    rows, results = [], {"date": dt.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
+                         "cpu_threads": torch.get_num_threads(), "minutes": args.minutes, "runs": {}}
+    for name in args.corpora.split(","):
+        source = CORPORA.get(name, name)
+        if not source.startswith("/") or os.path.exists(source):
+            ours = run_charlm(source, args.minutes, args.extra.split())
+        else:
+            print(f"skipping {name}: {source} is missing (apt-get install fortunes-zh)", file=sys.stderr)
+            continue
+        entropy = unigram_bits(source)
+        entry = {"charlm": ours, "unigram_bits": entropy}
+        model = ours["model"]
+        rows.append((name, f"charlm defaults ({model['model']} {model['num_layers']}x{model['hidden_size']})",
+                     f"{ours['val_bpc']:.3f}", f"{entropy:.3f}", f"{ours['chars_per_sec']:,.0f}", f"vocab {ours['vocab']}"))
+        if name == "shakespeare" and not args.no_baseline:
+            base = run_textbook(source, args.minutes)
+            entry["textbook"] = base
+            entry["improvement"] = 1 - ours["val_bpc"] / base["val_bpc"]
+            rows.append((name, "textbook LSTM 2x512 fp32", f"{base['val_bpc']:.3f}", f"{entropy:.3f}",
+                         f"{base['chars_per_sec']:,.0f}", f"charlm {entry['improvement']:+.1%} better"))
+        results["runs"][name] = entry
+    header = ("corpus", "model", "val bpc", "unigram bits", "chars/s", "")
+    width = [max(len(str(r[i])) for r in [header, *rows]) for i in range(6)]
+    print(f"quality after {args.minutes:g} min of training, {torch.get_num_threads()} CPU threads")
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(width[i]) for i, c in enumerate(row)))
+    results["table"] = rows
+    out = HERE / "results" / f"quality-{args.minutes:g}min-{dt.date.today().isoformat()}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out.relative_to(HERE.parent)}")
+
+
+if __name__ == "__main__":
+    main()
