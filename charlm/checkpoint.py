@@ -8,7 +8,9 @@ in it is treated as untrusted input and validated before anything is allocated.
 from __future__ import annotations
 
 import datetime as _dt
+import glob
 import json
+import math
 import os
 import struct
 import tempfile
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import CheckpointError
+from .errors import CharlmError, CheckpointError
 from .vocab import Vocab
 
 if TYPE_CHECKING:
@@ -110,6 +112,29 @@ def _json_field(meta: dict, key: str, kind: type, path: Path) -> Any:
     return value
 
 
+# Training counters in a .last header and the smallest value each may take.
+_STATE_COUNTS = {"step": 0, "epoch": 0, "chunk": 0, "chars": 0, "best_step": 0, "evals_since_best": 0,
+                 "plateau_bad": 0, "skipped": 0, "last_eval_step": -1, "world": 1}
+_STATE_REALS = ("elapsed", "best_val", "plateau_scale", "plateau_best")
+
+
+def _checked_state(state: dict, path: Path) -> dict:
+    """The training state is untrusted too: a resume does arithmetic on every value in it."""
+    for key, low in _STATE_COUNTS.items():
+        value = state.get(key, low)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise _bad(path, f"has an invalid training state ({key} = {value!r})")
+    for key in (*_STATE_REALS, "train_loss"):
+        value = state.get(key, 0.0)
+        if value is None and key == "train_loss":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise _bad(path, f"has an invalid training state ({key} = {value!r})")
+    if not isinstance(state.get("optim_groups", []), list):
+        raise _bad(path, "has an invalid training state (optim_groups)")
+    return state
+
+
 def read_header(path: str | os.PathLike[str]) -> Header:
     """The validated metadata of a checkpoint, without reading its tensors (and without torch)."""
     from .model import MAX_VOCAB, ModelConfig
@@ -120,21 +145,28 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     meta = data.pop("__metadata__", None)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise _bad(path, "is a safetensors file but not a charlm checkpoint", "give a checkpoint written by `charlm train`")
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        raise _bad(path, "has an unreadable format_version") from None
+    raw_version = meta.get("format_version")
+    if not isinstance(raw_version, str) or not (raw_version.isascii() and raw_version.isdigit()) \
+            or len(raw_version) > 9:
+        raise _bad(path, "has an unreadable format_version")
+    version = int(raw_version)
     if version > FORMAT_VERSION:
         raise _bad(path, f"uses checkpoint format version {version}, newer than this charlm reads ({FORMAT_VERSION})",
                    "upgrade charlm: pip install -U charlm")
     if version < 1:
         raise _bad(path, f"has an invalid format_version {version}")
-    model = ModelConfig.from_dict(_json_field(meta, "model", dict, path))
+    model_dict = _json_field(meta, "model", dict, path)
     chars = _json_field(meta, "vocab", list, path)
-    if len(chars) > MAX_VOCAB or len(chars) != model.vocab_size:
-        raise _bad(path, f"has a vocab of {len(chars)} characters but a model for {model.vocab_size}")
     folded = _json_field(meta, "folded", list, path) if "folded" in meta else []
-    vocab = Vocab(chars, folded)
+    try:
+        model = ModelConfig.from_dict(model_dict)
+        if len(chars) > MAX_VOCAB or len(chars) != model.vocab_size:
+            raise _bad(path, f"has a vocab of {len(chars)} characters but a model for {model.vocab_size}")
+        vocab = Vocab(chars, folded)
+    except CharlmError as e:  # ModelConfig and Vocab know what is wrong, not in which file
+        if e.message.startswith(f"{path} "):
+            raise
+        raise CheckpointError(f"{path}: {e.message}", e.hint or "give a checkpoint written by `charlm train`") from None
     tensors: dict[str, tuple[str, list[int]]] = {}
     end = 0
     for name, info in data.items():
@@ -162,7 +194,7 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         created=str(meta.get("created", "")),
         file_size=size,
         train=_json_field(meta, "train", dict, path) if "train" in meta else {},
-        state=_json_field(meta, "state", dict, path) if "state" in meta else {},
+        state=_checked_state(_json_field(meta, "state", dict, path), path) if "state" in meta else {},
         metrics=_json_field(meta, "metrics", dict, path) if "metrics" in meta else {},
         corpus=_json_field(meta, "corpus", dict, path) if "corpus" in meta else {},
         tensors=tensors,
@@ -222,6 +254,8 @@ def write(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], header
             os.close(dir_fd)
     except OSError:
         pass  # not every filesystem lets a directory be fsynced
+    for stale in folder.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by writers killed mid-write
+        stale.unlink(missing_ok=True)
 
 
 def read_tensors(header: Header) -> dict[str, torch.Tensor]:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
+
+# Tiny models run fastest on one thread, and parallel test processes must not oversubscribe the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
@@ -48,8 +52,6 @@ def text_file(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small LSTM trained briefly on generated text; shared by the sample/perplexity/compress tests."""
-    import os
-
     from charlm import ModelConfig, TrainConfig, train
 
     folder = tmp_path_factory.mktemp("tiny")

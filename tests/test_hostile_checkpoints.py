@@ -297,11 +297,9 @@ def test_other_header_values_are_validated(change: Callable[[dict], None], probl
     assert problem in message, message
 
 
-# ------------------------------------------------------------------------------------ known gaps (xfail)
+# -------------------------------------------------------------------------- header values of the wrong type
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint.read_header: int() of a non-string format_version raises "
-                                       "TypeError, caught only as ValueError -> internal error, exit 1")
 @pytest.mark.parametrize("value", [[1], None, {"v": 1}])
 def test_format_version_of_the_wrong_json_type(value: object, tiny_checkpoint: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
@@ -309,8 +307,6 @@ def test_format_version_of_the_wrong_json_type(value: object, tiny_checkpoint: P
     assert refused(["info", str(path)], capsys) == f"{path} has an unreadable format_version: {GIVE_CHARLM}"
 
 
-@pytest.mark.xfail(strict=True, reason="read_header does not name the file when the model config or the vocab "
-                                       "is invalid (errors from ModelConfig.from_dict / Vocab pass through)")
 @pytest.mark.parametrize("change", [set_json_field("model", hidden_size=10**9),
                                     set_meta("vocab", json.dumps(["ab"] * 52))])
 def test_invalid_config_or_vocab_errors_name_the_file(change: Callable[[dict], None], tiny_checkpoint: Path,
@@ -319,8 +315,6 @@ def test_invalid_config_or_vocab_errors_name_the_file(change: Callable[[dict], N
     assert refused(["info", str(path)], capsys).startswith(str(path))
 
 
-@pytest.mark.xfail(strict=True, reason="trainer resume copies the .last header's state values unchecked: a "
-                                       "string step/best_val/elapsed crashes with TypeError (exit 1)")
 @pytest.mark.parametrize("field", ["step", "best_val", "elapsed"])
 def test_resume_state_values_are_validated(field: str, tiny_checkpoint: Path, corpus_for: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str]) -> None:
