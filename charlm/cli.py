@@ -375,6 +375,64 @@ def plot(source: Path | None, out: Path | None, quiet: bool, verbose: bool) -> N
     info(f"from {curves.source} ({len(curves.train_bpc)} train and {len(curves.val_bpc)} validation points)")
 
 
+# ------------------------------------------------------------------------------------ compress, decompress
+
+
+def _force_option(f: Callable) -> Callable:
+    return click.option("--force", "-f", is_flag=True, help="Overwrite the output file if it exists.")(f)
+
+
+@cli.command(context_settings=CONTEXT, short_help="Compress a UTF-8 text file with a model (FILE.clm).")
+@click.argument("file")
+@click.option("--out", "-o", default=None, help="Archive to write ('-' = stdout).  [default: FILE.clm]")
+@_checkpoint_option
+@click.option("--threads", type=int, default=1, help="torch threads while coding; recorded in the archive so "
+              "that decompression repeats the very same arithmetic.")
+@_force_option
+@click.option("--json", "as_json", is_flag=True, help="Print sizes, bits/char achieved and the model's "
+              "cross-entropy, and what zlib, bz2 and lzma make of the same file, as one JSON object.")
+@_verbosity
+def compress(file: str, out: str | None, checkpoint: Path | None, threads: int, force: bool, as_json: bool,
+             quiet: bool, verbose: bool) -> None:
+    """Compress FILE ('-' = stdin): the model's next-character probabilities drive a range coder, so the
+    archive holds about its cross-entropy in bits per character.
+
+    Decompressing needs the same checkpoint, and the same charlm and torch on the same kind of CPU.
+    """
+    set_verbosity(quiet=quiet, verbose=verbose)
+    from .compress import STDIO, compress_file, output_path
+
+    if as_json and output_path(file, out, compressing=True) == STDIO:
+        raise click.UsageError("--json and the archive cannot both go to stdout: give -o FILE")
+    r = compress_file(file, out, checkpoint=checkpoint, threads=threads, force=force, baselines=as_json)
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
+    info(f"{r.input} -> {r.output}: {r.original_bytes:,} -> {r.compressed_bytes:,} bytes, "
+         f"{r.bits_per_char:.3f} bits/char (model cross-entropy {r.model_bits_per_char:.3f}), "
+         f"{r.chars_per_sec:,.0f} chars/s")
+
+
+@cli.command(context_settings=CONTEXT, short_help="Restore a file made by `charlm compress`.")
+@click.argument("file")
+@click.option("--out", "-o", default=None, help="File to write ('-' = stdout).  [default: FILE without .clm]")
+@click.option("--checkpoint", "-c", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PATH",
+              help="The checkpoint FILE was compressed with.  [default: checkpoints/<the name FILE records>, "
+              "else the newest in ./checkpoints]")
+@_force_option
+@_verbosity
+def decompress(file: str, out: str | None, checkpoint: Path | None, force: bool, quiet: bool, verbose: bool) -> None:
+    """Restore the original of FILE ('-' = stdin), checked against the checksum the archive carries.
+
+    Nothing is written unless the whole file decodes and verifies.
+    """
+    set_verbosity(quiet=quiet, verbose=verbose)
+    from .compress import decompress_file
+
+    r = decompress_file(file, out, checkpoint=checkpoint, force=force)
+    info(f"{r.input} -> {r.output}: {r.original_bytes:,} bytes, {r.chars_per_sec:,.0f} chars/s "
+         f"(checkpoint {r.checkpoint})")
+
+
 # --------------------------------------------------------------------------------------------- runner
 
 

@@ -39,3 +39,7 @@ class ConfigError(CharlmError):
 
 class TrainingError(CharlmError):
     """Training cannot go on (for example the loss stays non-finite)."""
+
+
+class ArchiveError(CharlmError):
+    """A .clm archive that is damaged, foreign, or needs another model; input that cannot be compressed."""

@@ -1,0 +1,257 @@
+"""charlm compress / decompress: byte-exact round trips, the model's bound, refusals that leave no output."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_text
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from charlm import CharLM
+from charlm import checkpoint as ckpt
+from charlm.cli import main
+from charlm.compress import (
+    MAGIC,
+    compress_bytes,
+    decompress_bytes,
+    file_sha256,
+    load_model,
+    quantize,
+    read_header,
+)
+from charlm.errors import ArchiveError, CharlmError
+
+pytest.importorskip("constriction")
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint: Path) -> tuple[CharLM, str]:
+    return load_model(tiny_checkpoint)
+
+
+def round_trip(data: bytes, model: tuple[CharLM, str], **options: int) -> bytes:
+    lm, sha = model
+    archive, _ = compress_bytes(data, lm, model_sha256=sha, **options)
+    assert decompress_bytes(archive, lm, model_sha256=sha) == data
+    return archive
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out, captured.err
+
+
+# ------------------------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "a",
+    "\n",
+    "The man said hello.\n",
+    "naïve café — “quoted” ✓ 中文\n",  # characters the model never saw go through the escape
+    "astral: \U0001F600 \U00010348 \U0010FFFF end",
+    "crlf line\r\nanother\r\n",
+    "mixed\r\nline ends\nand a lone\rcarriage return",
+    "\ufeffa byte order mark, a NUL \x00 and a DEL \x7f",
+], ids=["empty", "one", "newline", "known", "unknown", "astral", "crlf", "mixed-eol", "bom-nul"])
+def test_round_trip_is_byte_exact(text: str, model: tuple[CharLM, str]) -> None:
+    round_trip(text.encode("utf-8"), model)
+
+
+def test_long_file_over_many_segments(model: tuple[CharLM, str]) -> None:
+    data = (make_text(6000, seed=11) + "ünïcödé 😀\r\n").encode("utf-8")
+    archive = round_trip(data, model, min_segment_chars=100)
+    assert len(read_header(archive).segment_words) == 60
+
+
+def test_threads_are_recorded_and_reused(model: tuple[CharLM, str]) -> None:
+    archive = round_trip(make_text(500, seed=12).encode(), model, threads=2)
+    assert read_header(archive).threads == 2
+
+
+def test_same_input_same_archive(model: tuple[CharLM, str]) -> None:
+    lm, sha = model
+    data = make_text(800, seed=13).encode()
+    assert compress_bytes(data, lm, model_sha256=sha)[0] == compress_bytes(data, lm, model_sha256=sha)[0]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=24))
+def test_any_unicode_string_round_trips(text: str, model: tuple[CharLM, str]) -> None:
+    round_trip(text.encode("utf-8"), model)
+
+
+# ------------------------------------------------------------------------------------------- the bound
+
+
+def test_quantised_weights_sum_exactly_and_keep_every_symbol() -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.full(70, 0.05), size=32).astype(np.float32)
+    weights = quantize(probs)
+    assert (weights.sum(axis=1) == (1 << 24) - 71).all() and (weights >= 0).all()
+    assert (weights == np.floor(weights)).all()
+
+
+def test_bits_per_char_match_the_models_cross_entropy(model: tuple[CharLM, str]) -> None:
+    lm, sha = model
+    text = make_text(9000, seed=14)
+    archive, report = compress_bytes(text.encode(), lm, model_sha256=sha)
+    flush = 64 * report.segments / report.original_chars  # a range coder's last words
+    assert abs(report.payload_bits_per_char - report.model_bits_per_char) < 0.01 * report.model_bits_per_char + flush
+    assert report.compressed_bytes == len(archive) == report.header_bytes + report.payload_bytes
+    # the same streams `charlm perplexity` scores; only each segment's first input differs (start symbol there)
+    assert report.model_bits_per_char == pytest.approx(lm.perplexity(text).bpc, rel=2e-3)
+
+
+# ------------------------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_cli_round_trip_json_and_default_names(in_tmp: Path, tiny_checkpoint: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    source = in_tmp / "notes.txt"
+    source.write_text(make_text(3000, seed=15) + "é\n", encoding="utf-8")
+    code, out, err = run(["compress", "notes.txt", "--json", "-c", str(tiny_checkpoint)], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["output"] == "notes.txt.clm" and report["original_chars"] == 3002 and report["unknown_chars"] == 1
+    assert report["compressed_bytes"] == (in_tmp / "notes.txt.clm").stat().st_size
+    assert set(report["baselines"]) == {"zlib-9", "bz2-9", "lzma-9"}
+    assert math.isclose(report["bits_per_char"], 8 * report["compressed_bytes"] / 3002)
+    original = source.read_bytes()
+    source.unlink()
+    (in_tmp / "checkpoints").mkdir()  # without --checkpoint: checkpoints/<the name the archive records>
+    shutil.copy(tiny_checkpoint, in_tmp / "checkpoints" / tiny_checkpoint.name)
+    code, out, err = run(["decompress", "notes.txt.clm"], capsys)
+    assert code == 0 and out == "", err
+    assert source.read_bytes() == original
+
+
+def test_cli_streams_stdin_to_stdout(in_tmp: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    data = make_text(400, seed=16).encode()
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    with pytest.raises(SystemExit) as done:
+        main(["compress", "-", "-c", str(tiny_checkpoint)])
+    archive = capsysbinary.readouterr().out
+    assert done.value.code == 0 and archive.startswith(MAGIC)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(archive)))
+    with pytest.raises(SystemExit) as done:
+        main(["decompress", "-", "-c", str(tiny_checkpoint)])
+    assert done.value.code == 0 and capsysbinary.readouterr().out == data
+
+
+def test_existing_output_is_not_overwritten_without_force(in_tmp: Path, tiny_checkpoint: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (in_tmp / "a.txt").write_text("hello\n")
+    (in_tmp / "a.txt.clm").write_bytes(b"keep me")
+    code, _, err = run(["compress", "a.txt", "-c", str(tiny_checkpoint)], capsys)
+    assert code == 2 and err == "error: a.txt.clm already exists: pass --force to overwrite it, or choose another -o\n"
+    assert (in_tmp / "a.txt.clm").read_bytes() == b"keep me"
+    assert run(["compress", "a.txt", "-c", str(tiny_checkpoint), "--force"], capsys)[0] == 0
+    code, _, err = run(["decompress", "a.txt", "-c", str(tiny_checkpoint)], capsys)
+    assert code == 2 and "a.txt does not end in .clm" in err
+
+
+def test_non_utf8_input_is_refused(in_tmp: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (in_tmp / "latin1.txt").write_bytes("café\n".encode("latin-1"))
+    code, _, err = run(["compress", "latin1.txt", "-c", str(tiny_checkpoint)], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "latin1.txt is not UTF-8 text (byte 0xe9 at offset 3 is invalid)" in err
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["latin1.txt"]
+
+
+def other_model(tiny_checkpoint: Path, folder: Path) -> Path:
+    """The same weights under different metadata: a file with another sha256."""
+    header = ckpt.read_header(tiny_checkpoint)
+    path = folder / "other.safetensors"
+    ckpt.write(path, ckpt.read_tensors(header), {"model": header.model.to_dict(), "vocab": list(header.vocab.chars),
+                                                 "kind": "best", "corpus": {"name": "other"}})
+    return path
+
+
+def test_wrong_model_is_refused_by_name(in_tmp: Path, tiny_checkpoint: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    (in_tmp / "t.txt").write_text(make_text(300, seed=17))
+    assert run(["compress", "t.txt", "-c", str(tiny_checkpoint)], capsys)[0] == 0
+    other = other_model(tiny_checkpoint, in_tmp)
+    code, _, err = run(["decompress", "t.txt.clm", "-o", "back.txt", "-c", str(other)], capsys)
+    sha = file_sha256(tiny_checkpoint)
+    assert code == 2 and err.count("\n") == 1
+    assert (f"t.txt.clm was compressed with the model {tiny_checkpoint.name} (sha256 {sha[:16]}...), not {other}"
+            in err)
+    assert f"pass --checkpoint with the {tiny_checkpoint.name} it was compressed with" in err
+    assert not (in_tmp / "back.txt").exists()
+
+
+def damage(archive: bytes, where: str) -> bytes:
+    if where == "truncated":
+        return archive[:-3]
+    if where == "trailing":
+        return archive + b"\0"
+    position = 20 if where == "header" else len(archive) - 5  # a model-sha byte, or inside the last segment
+    return archive[:position] + bytes([archive[position] ^ 0x40]) + archive[position + 1:]
+
+
+@pytest.mark.parametrize("where, message", [
+    ("truncated", "is truncated"),
+    ("trailing", "is corrupt: 1 unexpected bytes after its end"),
+    ("header", "is corrupt: its header fails its checksum"),
+    ("payload", "is corrupt: the decoded text does not match its checksum"),
+])
+def test_damaged_archive_is_refused_without_output(where: str, message: str, in_tmp: Path, tiny_checkpoint: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    (in_tmp / "t.txt").write_text(make_text(2000, seed=18))
+    assert run(["compress", "t.txt", "-c", str(tiny_checkpoint)], capsys)[0] == 0
+    archive = in_tmp / "t.txt.clm"
+    archive.write_bytes(damage(archive.read_bytes(), where))
+    code, out, err = run(["decompress", "t.txt.clm", "-o", "back.txt", "-c", str(tiny_checkpoint)], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["t.txt", "t.txt.clm"]  # no output, no temp file
+
+
+def test_other_arithmetic_is_named_as_the_cause(model: tuple[CharLM, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    lm, sha = model
+    with monkeypatch.context() as patch:  # as if the encoder's first step had given other bits
+        patch.setattr("charlm.compress.fingerprint", lambda logits: b"\xff" * 8)
+        archive, _ = compress_bytes(make_text(500, seed=19).encode(), lm, model_sha256=sha)
+    with pytest.raises(ArchiveError, match="it was compressed on a machine whose arithmetic differs .*torch"):
+        decompress_bytes(damage(archive, "payload"), lm, model_sha256=sha)
+
+
+def test_not_an_archive(in_tmp: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (in_tmp / "x.clm").write_text("just text")
+    code, _, err = run(["decompress", "x.clm", "-c", str(tiny_checkpoint)], capsys)
+    assert code == 2 and "x.clm is not a charlm archive (no .clm signature)" in err
+    assert not (in_tmp / "x").exists()
+
+
+def test_missing_constriction_says_how_to_install(model: tuple[CharLM, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "constriction", None)
+    lm, sha = model
+    with pytest.raises(CharlmError, match=r"pip install 'charlm\[compress\]'"):
+        compress_bytes(b"hello", lm, model_sha256=sha)
+
+
+def test_api_refuses_another_models_archive(model: tuple[CharLM, str]) -> None:
+    lm, sha = model
+    archive, _ = compress_bytes(b"hello", lm, model_sha256=sha)
+    with pytest.raises(ArchiveError, match="was compressed with the model"):
+        decompress_bytes(archive, lm, model_sha256="0" * 64)
