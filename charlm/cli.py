@@ -89,6 +89,8 @@ def cli() -> None:
 @click.option("--eval-every", type=int, default=0,
               help="Steps between validations (0 = auto: validation costs about 10% of the time).")
 @click.option("--val-fraction", type=float, default=0.1, help="Tail of the text held out for validation.")
+@click.option("--min-count", type=int, default=1, help="Characters seen fewer times share one unknown symbol "
+              "(for vocabularies of thousands); scores spread its probability evenly over them.")
 @click.option("--save-every", default="5m", help="Longest time between resume checkpoints (they are also "
               "written at every evaluation and on Ctrl-C).")
 @click.option("--rng-seed", type=int, default=1337, help="Random seed: the same seed on the same CPU gives "

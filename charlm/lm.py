@@ -6,6 +6,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from . import checkpoint as ckpt
 from .data import corpus_from_text, load_corpus
 from .device import configure_cpu, resolve_device, resolve_precision
@@ -19,13 +21,14 @@ class CharLM:
     """A model with its vocab and the checkpoint header it came from."""
 
     def __init__(self, model: CharRNN, vocab: Vocab, *, header: ckpt.Header | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", threads: int | None = None) -> None:
         self.model = model.eval()
         self.vocab = vocab
         self.header = header
         self.device = next(model.parameters()).device
         self.precision = precision
-        self._sampler = Sampler(self.model, vocab)
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # bf16 halves the bytes read per step
+        self._sampler = Sampler(self.model, vocab, dtype=dtype, threads=threads)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, device: str = "auto",
@@ -38,7 +41,8 @@ class CharLM:
         dev = resolve_device(device)
         if precision == "auto":  # score as training validated, so `perplexity` reproduces train's figure
             precision = str(header.train.get("precision", "auto"))
-        return cls(model.to(dev), header.vocab, header=header, precision=resolve_precision(precision, dev))
+        return cls(model.to(dev), header.vocab, header=header, precision=resolve_precision(precision, dev),
+                   threads=threads)
 
     @property
     def path(self) -> Path | None:

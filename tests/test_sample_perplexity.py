@@ -168,3 +168,13 @@ def test_one_step_cells_match_the_fused_layer(cell: str) -> None:
     for t in range(9):
         logits, state = step(ids[:, t], state)
         torch.testing.assert_close(logits, expected[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_draw_follows_the_distribution_and_never_picks_zero_probability() -> None:
+    from charlm.sample import draw
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).expand(20_000, -1)
+    picks = draw(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(picks, minlength=6).float() / 20_000
+    assert counts[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(counts, probs[0], atol=0.015, rtol=0)
