@@ -30,6 +30,13 @@ Container, little-endian: magic, format version u16, model sha256, text sha256, 
 char count u64, segment count u32, threads u8, flags u8, fingerprint (8 bytes), info JSON (u16
 length: model file name, charlm, torch, machine, instruction set), one u32 per segment (its length
 in 32-bit words), crc32 of all the above; then each segment's words in order.
+
+Every header value is untrusted until checked: the character count sizes the decoding loop, yet a
+short payload can hold a long text. Each character costs at least MIN_BITS_PER_CHAR (the escape's
+share of the mass caps any symbol's probability), and the range coder packs no more than 32 bits a
+word plus its final flush, so a count beyond that is refused; the decoder also tallies the bits each
+segment has consumed and stops as soon as that exceeds what the segment's words hold, and it keeps
+what it has decoded in blocks that grow with the decoding, never with the header's claim.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import functools
 import hashlib
 import json
 import lzma
+import math
 import os
 import platform
 import struct
@@ -69,9 +77,10 @@ PRECISION = 24  # constriction's default coders: 32-bit words, probabilities in 
 TOTAL = 1 << PRECISION
 ESCAPE_WEIGHT = 1 << 8  # 2^-16 of the mass: 16 bits per unknown character, 2e-5 bits/char for the rest
 MAX_VOCAB = 1 << 20  # every symbol needs weight >= 1 out of 2^24 with room to spare
+MIN_BITS_PER_CHAR = -math.log2(1 - (ESCAPE_WEIGHT + 1) / TOTAL)  # 2.2e-5: the most predictable character's cost
 MAX_SEGMENTS = 64
 MIN_SEGMENT_CHARS = 4096
-ENCODE_BLOCK = 256  # steps the encoder collects before handing each segment's symbols to its coder
+ENCODE_BLOCK = 256  # steps per block: the encoder hands its coders, the decoder stores, a block at a time
 FLAG_CRLF = 1
 SUFFIX = ".clm"
 STDIO = "-"
@@ -98,7 +107,8 @@ class ArchiveHeader:
 
     @property
     def model_name(self) -> str:
-        return str(self.info.get("model", "?"))
+        name = self.info.get("model", "?")
+        return name if name.isprintable() else ascii(name)  # the archive's text, shown in one-line messages
 
     @property
     def payload_bytes(self) -> int:
@@ -342,6 +352,8 @@ def compress_bytes(data: bytes, lm: CharLM, *, model_sha256: str, threads: int =
     """A .clm archive of UTF-8 `data`, and what it achieved. The model runs step by step over all
     segments at once (never the fast whole-sequence pass) so that decompression can repeat it exactly."""
     _constriction()
+    if not 1 <= max_segments <= MAX_SEGMENTS:
+        raise ConfigError(f"max_segments must be from 1 to {MAX_SEGMENTS} (got {max_segments})")
     started = time.perf_counter()
     _check_model(lm)
     text, flags = _fold_newlines(decode_utf8(data, what), lm.vocab)
@@ -455,7 +467,8 @@ def decompress_bytes(archive: bytes, lm: CharLM, *, model_sha256: str, progress:
 
 def _decode_segments(lm: CharLM, payloads: list[np.ndarray], header: ArchiveHeader,
                      progress: Progress | None) -> tuple[np.ndarray | None, bool]:
-    """(decoded code points or None when an escape held no UTF-8, whether step 0 matched the fingerprint).
+    """(decoded code points or None when the payload cannot be what an encoder wrote, whether step 0
+    matched the fingerprint).
 
     The mirror of `_encode_segments`: the same steps, but each character must be decoded before the
     next step can be computed, so the coders are asked one symbol at a time.
@@ -466,25 +479,40 @@ def _decode_segments(lm: CharLM, payloads: list[np.ndarray], header: ArchiveHead
     vocab_codes = text_to_codes("".join(lm.vocab.chars))
     n, segments, escape = header.char_count, len(payloads), len(lm.vocab)
     lo, hi = segment_bounds(n, segments)
-    codes = np.zeros(n, dtype=np.uint32)
+    budget = [segment_bits(len(words)) for words in payloads]
+    spent = [0.0] * segments  # sum of -log2 p over each segment's decoded symbols
+    blocks: list[np.ndarray] = []  # [ENCODE_BLOCK, S] code points: memory follows the decoding, not the header
     stepper = Stepper(lm.model, lm.vocab, segments)
     steps = int((hi - lo).max()) if segments else 0
     same_arithmetic = True
     for k in range(steps):
+        if k % ENCODE_BLOCK == 0:
+            blocks.append(np.zeros((ENCODE_BLOCK, segments), dtype=np.uint32))
         weights, logits = stepper.step()
         same_arithmetic = fingerprint(logits) == header.fingerprint if k == 0 else same_arithmetic
         coded = np.full(segments, -1, dtype=np.int64)
         for row in np.flatnonzero(lo + k < hi):
-            symbol = int(decoders[row].decode(family, weights[row:row + 1])[0])
-            code = vocab_codes[symbol] if symbol < escape else _decode_escape(decoders[row], byte_model)
-            if code < 0:
+            try:
+                symbol = int(decoders[row].decode(family, weights[row:row + 1])[0])
+                code = vocab_codes[symbol] if symbol < escape else _decode_escape(decoders[row], byte_model)
+            except AssertionError:  # constriction's way of saying no encoder could have written these words
+                return None, same_arithmetic
+            spent[row] += PRECISION - math.log2(weights[row, symbol] + 1)  # constriction codes with weight + 1
+            if code < 0 or spent[row] > budget[row]:  # no UTF-8 after an escape, or reading past the real data
                 return None, same_arithmetic
             coded[row] = symbol if symbol < escape else -1
-            codes[lo[row] + k] = code
+            blocks[-1][k % ENCODE_BLOCK, row] = code
         stepper.feed(coded)
         if progress is not None and (k % ENCODE_BLOCK == ENCODE_BLOCK - 1 or k == steps - 1):
             progress(int((np.minimum(lo + k + 1, hi) - lo).sum()), n)
-    return codes, same_arithmetic
+    by_step = np.concatenate(blocks or [np.zeros((0, segments), dtype=np.uint32)])[:steps]  # [steps, S]
+    return by_step.T[np.arange(steps) < (hi - lo)[:, None]], same_arithmetic  # segment after segment
+
+
+def segment_bits(words: int) -> int:
+    """The most information a segment of `words` 32-bit words can hold: the coder's state carries up to
+    a word beyond those it has written, and one more word covers rounding in the decoder's tally."""
+    return 32 * (words + 2)
 
 
 def _verify(codes: np.ndarray, header: ArchiveHeader, what: str, same_arithmetic: bool) -> bytes:
@@ -552,15 +580,18 @@ def read_header(archive: bytes, what: str = "the archive") -> ArchiveHeader:
         raise ArchiveError(f"{what} is corrupt: its header fails its checksum", "use another copy")
     try:
         info = json.loads(archive[body_end:body_end + info_len].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deeply nested JSON
         info = None
-    plausible = chars <= byte_length <= 5 * chars and (segments == 0) == (chars == 0) and segments <= chars
-    if not isinstance(info, dict) or not plausible or threads < 1 or flags & ~FLAG_CRLF:
+    words = [int(w) for w in np.frombuffer(archive[body_end + info_len:table_end], dtype=_WORD)]
+    plausible = (chars <= byte_length <= 5 * chars and (segments == 0) == (chars == 0)
+                 and segments <= min(chars, MAX_SEGMENTS) and 1 <= threads
+                 and chars * MIN_BITS_PER_CHAR <= sum(segment_bits(w) for w in words))
+    strings = isinstance(info, dict) and all(isinstance(value, str) for value in info.values())
+    if not strings or not plausible or flags & ~FLAG_CRLF:
         raise ArchiveError(f"{what} is corrupt: its header is inconsistent", "use another copy")
-    words = np.frombuffer(archive[body_end + info_len:table_end], dtype=_WORD)
     return ArchiveHeader(model_sha256=model_sha.hex(), text_sha256=text_sha.hex(), byte_length=byte_length,
                          char_count=chars, threads=threads, flags=flags, fingerprint=probe, info=info,
-                         segment_words=tuple(int(w) for w in words), header_bytes=table_end + 4)
+                         segment_words=tuple(words), header_bytes=table_end + 4)
 
 
 def check_payload(header: ArchiveHeader, size: int, what: str) -> None:

@@ -6,7 +6,9 @@ import io
 import json
 import math
 import shutil
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -18,13 +20,18 @@ from charlm import CharLM
 from charlm import checkpoint as ckpt
 from charlm.cli import main
 from charlm.compress import (
+    _BODY,
+    _HEAD,
     MAGIC,
+    MIN_BITS_PER_CHAR,
+    _models,
     compress_bytes,
     decompress_bytes,
     file_sha256,
     load_model,
     quantize,
     read_header,
+    segment_bits,
 )
 from charlm.errors import ArchiveError, CharlmError
 
@@ -206,6 +213,9 @@ def damage(archive: bytes, where: str) -> bytes:
         return archive[:-3]
     if where == "trailing":
         return archive + b"\0"
+    if where == "payload-ones":  # words no range coder writes: constriction notices before the checksum does
+        start = read_header(archive).header_bytes
+        return archive[:start] + b"\xff" * (len(archive) - start)
     position = 20 if where == "header" else len(archive) - 5  # a model-sha byte, or inside the last segment
     return archive[:position] + bytes([archive[position] ^ 0x40]) + archive[position + 1:]
 
@@ -215,6 +225,7 @@ def damage(archive: bytes, where: str) -> bytes:
     ("trailing", "is corrupt: 1 unexpected bytes after its end"),
     ("header", "is corrupt: its header fails its checksum"),
     ("payload", "is corrupt: the decoded text does not match its checksum"),
+    ("payload-ones", "is corrupt: the decoded text does not match its checksum"),
 ])
 def test_damaged_archive_is_refused_without_output(where: str, message: str, in_tmp: Path, tiny_checkpoint: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -255,3 +266,120 @@ def test_api_refuses_another_models_archive(model: tuple[CharLM, str]) -> None:
     archive, _ = compress_bytes(b"hello", lm, model_sha256=sha)
     with pytest.raises(ArchiveError, match="was compressed with the model"):
         decompress_bytes(archive, lm, model_sha256="0" * 64)
+
+
+# ------------------------------------------------------------------------------------------- forged headers
+
+BODY_FIELDS = ("model_sha", "text_sha", "byte_length", "chars", "segments", "threads", "flags", "probe", "info_len")
+
+
+def forge(archive: bytes, *, info: bytes | None = None, words: list[int] | None = None, **fields: int) -> bytes:
+    """`archive` with header fields replaced and its crc32 recomputed, as a deliberate forger would:
+    the checksum then passes and only the checks of the values themselves stand in the way."""
+    header = read_header(archive)
+    body = dict(zip(BODY_FIELDS, _BODY.unpack_from(archive, _HEAD.size), strict=True))
+    start = _HEAD.size + _BODY.size
+    info = archive[start:start + body["info_len"]] if info is None else info
+    words = list(header.segment_words) if words is None else words
+    body.update(info_len=len(info), segments=len(words))
+    body.update(fields)
+    head = archive[:_HEAD.size] + _BODY.pack(*body.values()) + info + struct.pack(f"<{len(words)}I", *words)
+    return head + struct.pack("<I", zlib.crc32(head)) + archive[header.header_bytes:]
+
+
+@pytest.fixture(scope="module")
+def two_segments(model: tuple[CharLM, str]) -> bytes:
+    lm, sha = model
+    archive, report = compress_bytes(make_text(9000, seed=20).encode(), lm, model_sha256=sha)
+    assert report.segments == 2
+    return archive
+
+
+def shifted(archive: bytes, first: int, second: int) -> list[int]:
+    words = read_header(archive).segment_words
+    return [words[0] + first, words[1] + second]
+
+
+INCONSISTENT = "is corrupt: its header is inconsistent"
+FORGERIES = {  # name: (the forged fields, or a function of the archive giving them; the message)
+    "huge char count": (dict(chars=1 << 60, byte_length=1 << 60), INCONSISTENT),
+    "largest char count": (dict(chars=(1 << 64) - 1, byte_length=(1 << 64) - 1), INCONSISTENT),
+    "no segments for the text": (dict(words=[]), INCONSISTENT),
+    "100 segments": (lambda a: dict(words=shifted(a, 0, 0) + [0] * 98), INCONSISTENT),
+    "segment count past the end": (dict(segments=(1 << 32) - 1), "is truncated"),
+    "segment lengths past the end": (lambda a: dict(words=shifted(a, 1, 0)), "its header promises"),
+    "segment lengths short of the end": (lambda a: dict(words=shifted(a, 0, -1)), "4 unexpected bytes after its end"),
+    "segment lengths moved": (lambda a: dict(words=shifted(a, 1, -1)), "the decoded text does not match its checksum"),
+    "zero threads": (dict(threads=0), INCONSISTENT),
+    "unknown flag": (dict(flags=0x80), INCONSISTENT),
+    "info length past the end": (dict(info_len=65535), "is truncated"),
+    "info nested deeply": (dict(info=b"[" * 60000), INCONSISTENT),
+    "info not a dict": (dict(info=b'["model"]'), INCONSISTENT),
+    "info value not a string": (dict(info=b'{"model": {"x": 1}}'), INCONSISTENT),
+}
+
+
+@pytest.mark.parametrize("name", FORGERIES)
+def test_forged_header_is_refused_without_output(name: str, two_segments: bytes, in_tmp: Path,
+                                                 tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fields, message = FORGERIES[name]
+    (in_tmp / "t.clm").write_bytes(forge(two_segments, **(fields(two_segments) if callable(fields) else fields)))
+    code, out, err = run(["decompress", "t.clm", "-o", "back.txt", "-c", str(tiny_checkpoint)], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
+    assert sorted(p.name for p in in_tmp.iterdir()) == ["t.clm"]
+
+
+def test_forger_sees_the_same_archive_when_nothing_changes(two_segments: bytes) -> None:
+    assert forge(two_segments) == two_segments
+
+
+def test_thread_count_cannot_exceed_a_byte(two_segments: bytes) -> None:
+    with pytest.raises(struct.error):  # the format holds 0..255; 0 is refused, 1..255 are what --threads allows
+        forge(two_segments, threads=10**6)
+
+
+def test_decoding_stops_where_the_payload_runs_out(model: tuple[CharLM, str]) -> None:
+    """A count the header checks cannot rule out (a short payload may hold a long, predictable text)
+    costs no more decoding than the payload really holds."""
+    lm, sha = model
+    archive, _ = compress_bytes(make_text(2000, seed=21).encode(), lm, model_sha256=sha)
+    forged = forge(archive, chars=2_000_000, byte_length=2_000_000)
+    assert read_header(forged).char_count == 2_000_000
+    done: list[int] = []
+    with pytest.raises(ArchiveError, match="the decoded text does not match its checksum"):
+        decompress_bytes(forged, lm, model_sha256=sha, progress=lambda chars, total: done.append(chars))
+    assert max(done, default=0) <= 2000 + 256
+
+
+def test_the_bit_floor_and_the_word_budget_hold_at_their_tightest() -> None:
+    """Every character costs at least MIN_BITS_PER_CHAR, and a segment's words hold at most
+    segment_bits of them, even for a run of the likeliest symbol: the facts the decoder's limits rest on."""
+    import constriction
+    import numpy as np
+
+    family, _ = _models()
+    probs = np.zeros((1, 1), dtype=np.float32)
+    probs[0, 0] = 1  # a one-character vocab: the most mass any symbol can get
+    weights = quantize(probs)
+    count = 200_000
+    encoder = constriction.stream.queue.RangeEncoder()
+    encoder.encode(np.zeros(count, dtype=np.int32), family, np.repeat(weights, count, axis=0))
+    bits = count * (24 - math.log2(weights[0, 0] + 1))
+    assert count * MIN_BITS_PER_CHAR <= bits <= segment_bits(len(encoder.get_compressed()))
+
+
+def test_unprintable_model_name_stays_on_one_line(two_segments: bytes) -> None:
+    header = read_header(forge(two_segments, info=json.dumps({"model": "a\nb\x1b[2J"}).encode()))
+    assert header.model_name == "'a\\nb\\x1b[2J'"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chars=st.integers(0, (1 << 64) - 1), byte_length=st.integers(0, (1 << 64) - 1), threads=st.integers(0, 2),
+       flags=st.integers(0, 255), words=st.lists(st.integers(0, (1 << 32) - 1), max_size=3))
+def test_any_forged_header_is_an_archive_error(chars: int, byte_length: int, threads: int, flags: int,
+                                               words: list[int], two_segments: bytes,
+                                               model: tuple[CharLM, str]) -> None:
+    lm, sha = model
+    forged = forge(two_segments, chars=chars, byte_length=byte_length, threads=threads, flags=flags, words=words)
+    with pytest.raises(ArchiveError):
+        decompress_bytes(forged, lm, model_sha256=sha)
