@@ -62,23 +62,24 @@ def cli() -> None:
 
 @cli.command(context_settings=CONTEXT, short_help="Train a model on a text file or a built-in corpus.")
 @click.argument("corpus")
-@click.option("--model", "cell", type=click.Choice(["lstm", "gru", "rnn", "rnn-relu"]), default="lstm",
+@click.option("--model", "cell", type=click.Choice(["lstm", "gru", "rnn", "rnn-relu"]), default="gru",
               help="Recurrent cell: LSTM, GRU, or Elman RNN with tanh (rnn) or ReLU (rnn-relu).")
 @click.option("--layers", type=int, default=2, help="Stacked recurrent layers.")
-@click.option("--hidden", type=int, default=512, help="Hidden units per layer.")
+@click.option("--hidden", type=int, default=None, help="Hidden units per layer.  [default: from the budget: "
+              "256 for --time up to 6m, 384 up to 30m, else 512]")
 @click.option("--embed", type=int, default=64, help="Character embedding size.")
 @click.option("--dropout", type=float, default=0.0, help="Dropout on embeddings, between layers and before the output.")
 @click.option("--init", type=click.Choice(["orthogonal", "xavier", "he", "pytorch"]), default="orthogonal",
               help="Weight initialisation (orthogonal = orthogonal recurrent, Xavier input weights).")
 @click.option("--seq-len", type=int, default=128, help="Characters per chunk: the truncated-BPTT length.")
 @click.option("--batch-size", type=int, default=64, help="Parallel text streams per step.")
-@click.option("--lr", type=float, default=2e-3, help="Peak learning rate (AdamW).")
+@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW).  [default: 2e-3 x 512 / --hidden]")
 @click.option("--weight-decay", type=float, default=0.01, help="AdamW weight decay on weight matrices.")
 @click.option("--clip", type=float, default=1.0, help="Clip the global gradient norm to this (0 = off).")
 @click.option("--schedule", type=click.Choice(["auto", "constant", "cosine", "exponential", "plateau"]),
               default="auto", help="Learning-rate decay after warmup; auto = cosine to the budget when there "
               "is one, else reduce-on-plateau.")
-@click.option("--warmup", type=int, default=100, help="Linear warmup steps.")
+@click.option("--warmup", type=int, default=30, help="Linear warmup steps.")
 @click.option("--min-lr-ratio", type=float, default=0.1, help="Floor of every decay, as a fraction of --lr.")
 @click.option("--lr-decay", type=float, default=0.95, help="Exponential schedule: factor per epoch.")
 @click.option("--steps", type=int, default=None, help="Stop after this many steps.")
@@ -110,7 +111,7 @@ def cli() -> None:
               "package).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
 @_verbosity
-def train(corpus: str, cell: str, layers: int, hidden: int, embed: int, dropout: float, init: str,
+def train(corpus: str, cell: str, layers: int, hidden: int | None, embed: int, dropout: float, init: str,
           time_budget: str | None, save_every: str, resume: str | None, init_from: Path | None, out: Path | None,
           tensorboard: Path | None, as_json: bool, quiet: bool, verbose: bool, **options: Any) -> None:
     """Train a model on CORPUS: a UTF-8 text file, or a built-in corpus name (shakespeare, python-stdlib).
@@ -124,7 +125,7 @@ def train(corpus: str, cell: str, layers: int, hidden: int, embed: int, dropout:
     from . import checkpoint as ckpt
     from .console import TrainView, fmt_loss
     from .model import ModelConfig
-    from .trainer import TrainConfig, default_paths, parse_duration
+    from .trainer import TrainConfig, default_model, default_paths, parse_duration
     from .trainer import train as run
 
     if resume is not None and init_from is not None:
@@ -134,8 +135,9 @@ def train(corpus: str, cell: str, layers: int, hidden: int, embed: int, dropout:
     given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     settings = dict(options, time=parse_duration(time_budget) if time_budget else None,
                     save_every=parse_duration(save_every))
-    model = ModelConfig(vocab_size=1, model=cell, hidden_size=hidden, num_layers=layers, embed_size=embed,
-                        dropout=dropout, init=init)
+    budget_default = default_model(TrainConfig(time=settings["time"]))
+    model = ModelConfig(model=cell, hidden_size=hidden or budget_default.hidden_size, num_layers=layers,
+                        embed_size=embed, dropout=dropout, init=init)
     resume_arg: bool | Path = False
     if resume is not None:
         resume_arg = Path(resume) if resume else True

@@ -50,11 +50,11 @@ class TrainConfig:
 
     seq_len: int = 128
     batch_size: int = 64
-    lr: float = 2e-3
+    lr: float | None = None  # None: default_lr(hidden size)
     weight_decay: float = 0.01
     clip: float = 1.0
     schedule: Schedule = "auto"
-    warmup: int = 100
+    warmup: int = 30
     min_lr_ratio: float = 0.1
     lr_decay: float = 0.95
     plateau_factor: float = 0.5
@@ -87,7 +87,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > 1 << 24:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a whole number of at least 1 (got {value!r})")
-        positive("lr", self.lr)
+        positive("lr", self.lr, optional=True)
         positive("weight_decay", self.weight_decay, allow_zero=True)
         positive("clip", self.clip, allow_zero=True)
         positive("warmup", self.warmup, allow_zero=True)
@@ -135,6 +135,24 @@ RESUME_FIXED = ("seq_len", "batch_size", "lr", "weight_decay", "clip", "schedule
                 "lr_decay", "plateau_factor", "plateau_patience", "val_fraction", "rng_seed", "min_count")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$")
+
+
+def default_model(config: TrainConfig) -> ModelConfig:
+    """The architecture for a run when none is given, chosen from its time budget.
+
+    Measured on 2 CPU cores on Shakespeare (bench/quality.py): within a few minutes a small model
+    sees several times more text than a large one and ends lower; the larger model only pays off
+    when the budget lets it see enough text. GRU beat LSTM of the same width at every budget tried.
+    """
+    minutes = config.time / 60 if config.time else math.inf
+    hidden = 256 if minutes <= 6 else 384 if minutes <= 30 else 512
+    return ModelConfig(model="gru", hidden_size=hidden, num_layers=2, embed_size=64)
+
+
+def default_lr(hidden_size: int) -> float:
+    """Peak rate when none is given: 2e-3 at 512 units, scaled inversely with the width (narrower
+    layers take larger steps; 4e-3 at 256 measured best at a 2.5-minute budget)."""
+    return 2e-3 * 512 / hidden_size
 
 
 def parse_duration(text: str) -> float:
@@ -447,6 +465,8 @@ class _Run:
                 raise CheckpointError(f"--resume: {resume_path} holds no training state (it is a best checkpoint)",
                                       f"resume from {self.last_path.name}, or fine-tune with --init-from {resume_path}")
             config = _rebatch(resume_header, config, self.dist.world)
+            if config.lr is None:
+                config = replace(config, lr=resume_header.train.get("lr"))
         elif init_from is not None:
             init_header = ckpt.read_header(init_from)
         self.config = config
@@ -496,7 +516,9 @@ class _Run:
             if len(data.vocab) > net.config.vocab_size:
                 net = grow_model(net, len(data.vocab))
         else:
-            net = CharRNN(replace(model or ModelConfig(), vocab_size=len(data.vocab)))
+            net = CharRNN(replace(model or default_model(config), vocab_size=len(data.vocab)))
+        if config.lr is None:
+            config = self.config = replace(config, lr=default_lr(net.config.hidden_size))
         self.net = net.to(self.device).train()
         self.forward: torch.nn.Module = self.net
         if self.dist.active:

@@ -56,7 +56,7 @@ def test_train_sample_perplexity_info_end_to_end(in_tmp: Path, text_file: Path, 
     code, out, _ = run(["info", "--json"], capsys)
     assert json.loads(out)["model"]["hidden_size"] == 32
     code, out, _ = run(["info"], capsys)
-    assert code == 0 and "lstm 1x32" in out
+    assert code == 0 and "gru 1x32" in out
 
 
 def write(path: Path, content: bytes) -> Path:

@@ -28,7 +28,7 @@ def charlm(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """`python -m charlm ARGS` in a subprocess whose stdout and stderr are pipes, not terminals."""
     env = {**os.environ, "CHARLM_CACHE_DIR": str(cwd / "cache")}
     return subprocess.run([sys.executable, "-m", "charlm", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=300)
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
