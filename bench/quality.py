@@ -121,7 +121,8 @@ def main() -> None:
         entry = {"charlm": ours, "unigram_bits": entropy}
         model = ours["model"]
         rows.append((name, f"charlm defaults ({model['model']} {model['num_layers']}x{model['hidden_size']})",
-                     f"{ours['val_bpc']:.3f}", f"{entropy:.3f}", f"{ours['chars_per_sec']:,.0f}", f"vocab {ours['vocab']}"))
+                     f"{ours['val_bpc']:.3f}", f"{entropy:.3f}", f"{ours['chars_per_sec']:,.0f}",
+                     f"vocab {ours['vocab']}"))
         if name == "shakespeare" and not args.no_baseline:
             base = run_textbook(source, args.minutes)
             entry["textbook"] = base

@@ -8,17 +8,16 @@ in it is treated as untrusted input and validated before anything is allocated.
 from __future__ import annotations
 
 import datetime as _dt
-import glob
 import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import CharlmError, CheckpointError
+from .files import atomic_write
 from .vocab import Vocab
 
 if TYPE_CHECKING:
@@ -144,7 +143,8 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     size = path.stat().st_size
     meta = data.pop("__metadata__", None)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise _bad(path, "is a safetensors file but not a charlm checkpoint", "give a checkpoint written by `charlm train`")
+        raise _bad(path, "is a safetensors file but not a charlm checkpoint",
+                   "give a checkpoint written by `charlm train`")
     raw_version = meta.get("format_version")
     if not isinstance(raw_version, str) or not (raw_version.isascii() and raw_version.isdigit()) \
             or len(raw_version) > 9:
@@ -223,39 +223,11 @@ def write(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], header
     for key, value in header.items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     blob = save(flat, metadata=meta)
-    folder = path.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        atomic_write(path, blob)
     except OSError as e:
-        raise CheckpointError(f"cannot write checkpoints in {folder} ({e.strerror})",
-                              "choose a writable folder with --out") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make checkpoints private by accident
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise CheckpointError(f"cannot write {path} ({e.strerror}); the previous checkpoint is intact",
                               "free some disk space or choose another --out") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # not every filesystem lets a directory be fsynced
-    for stale in folder.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by writers killed mid-write
-        stale.unlink(missing_ok=True)
 
 
 def read_tensors(header: Header) -> dict[str, torch.Tensor]:
@@ -310,7 +282,8 @@ def model_tensors(model: CharRNN) -> dict[str, torch.Tensor]:
 def newest_checkpoint(folder: str | os.PathLike[str] = "checkpoints") -> Path:
     """The most recently written best checkpoint (not a .last resume file) in `folder`."""
     folder = Path(folder)
-    found = [p for p in folder.glob("*.safetensors") if not p.name.endswith(".last.safetensors")] if folder.is_dir() else []
+    found = [p for p in folder.glob("*.safetensors") if not p.name.endswith(".last.safetensors")] \
+        if folder.is_dir() else []
     if not found:
         raise CheckpointError(f"no checkpoint in {folder}/",
                               "train one first (charlm train FILE) or pass --checkpoint PATH")

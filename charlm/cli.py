@@ -247,7 +247,7 @@ def sample(checkpoint: Path | None, seed: str, length: int, temperature: float, 
             stdout.flush()
             last_flush = now
     elapsed = time.perf_counter() - began
-    for i, chars in enumerate(rest):
+    for chars in rest:
         stdout.write(f"\n{separator}\n{seed}{''.join(chars)}")
     stdout.write("\n")
     stdout.flush()

@@ -51,7 +51,6 @@ import os
 import platform
 import struct
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -63,6 +62,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ArchiveError, CharlmError, CheckpointError, ConfigError
+from .files import atomic_write
 from .vocab import Vocab, codes_to_text, text_to_codes
 
 if TYPE_CHECKING:
@@ -683,26 +683,10 @@ def write_output(out: str, data: bytes) -> None:
         return
     path = Path(out)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.",
-                                   suffix=".tmp")
+        atomic_write(path, data)
     except OSError as e:
-        raise ConfigError(f"cannot write in {path.parent} ({e.strerror})", "choose a writable folder with -o") from None
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the output private by accident
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise ConfigError(f"cannot write {path} ({e.strerror}); nothing was written",
                           "free some disk space or choose another -o") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def baseline_sizes(data: bytes) -> dict[str, int]:

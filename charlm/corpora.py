@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import CorpusError
+from .files import atomic_write
 
 _NAME = re.compile(r"^\*\*(.+?)\*\*\s*$")
 _ESCAPE = re.compile(r"\\(.)")
@@ -76,10 +77,7 @@ def builtin_path(name: str) -> Path:
     if path.exists():
         return path
     text = "".join(build())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, text.encode("utf-8"), durable=False)
     return path
 
 

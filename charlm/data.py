@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, CorpusError, VocabError
+from .files import atomic_write
 from .vocab import Unknown, Vocab, describe_char, text_to_codes
 
 CHUNK_BYTES = 1 << 24
@@ -164,9 +165,7 @@ class Corpus:
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data).encode(), durable=False)
 
 
 def _stat_key(path: Path) -> str:
@@ -281,7 +280,8 @@ def load_corpus(
     )
 
 
-def corpus_from_text(text: str, *, name: str = "text", vocab: Vocab | None = None, unknown: Unknown = "error") -> Corpus:
+def corpus_from_text(text: str, *, name: str = "text", vocab: Vocab | None = None,
+                     unknown: Unknown = "error") -> Corpus:
     """An in-memory corpus, for the Python API and tests."""
     text = text.replace("\r\n", "\n")
     if not text:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from .errors import CheckpointError, ConfigError
+from .files import atomic_write
 
 COMMON_KEYS = ("event", "step", "epoch", "chars", "elapsed_s", "lr")
 TRAIN_KEYS = (*COMMON_KEYS, "train_loss", "train_ppl", "train_bpc", "chars_per_sec")
@@ -205,24 +205,7 @@ def write_image(curves: Curves, path: str | os.PathLike[str]) -> Path:
 
 
 def _write_atomically(path: Path, fill: Callable[[IO[bytes]], object]) -> None:
-    folder = path.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        atomic_write(path, fill)
     except OSError as e:
         raise ConfigError(f"cannot write {path} ({e.strerror})", "choose another -o path") from None
-    try:
-        with os.fdopen(fd, "wb") as stream:
-            fill(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        raise ConfigError(f"cannot write {path} ({e.strerror})", "choose another -o path") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -37,6 +37,7 @@ from .device import (
 )
 from .errors import CheckpointError, ConfigError, CorpusError, TrainingError
 from .evaluate import Metrics, evaluate
+from .files import atomic_write
 from .model import CharRNN, ModelConfig, State, cross_entropy_sum
 from .vocab import Vocab
 
@@ -270,7 +271,8 @@ Event = Started | Progress | Evaluated | Note
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def learning_rate(config: TrainConfig, *, step: int, fraction: float | None, epoch: float, plateau_scale: float) -> float:
+def learning_rate(config: TrainConfig, *, step: int, fraction: float | None, epoch: float,
+                  plateau_scale: float) -> float:
     """The rate for `step`: linear warmup, then the chosen decay (nanoGPT's get_lr, generalised)."""
     warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
     schedule = config.effective_schedule()
@@ -383,9 +385,7 @@ class _MetricsLog:
                         kept.append(line + "\n")
                 except ValueError:
                     continue
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
+            atomic_write(path, "".join(kept).encode("utf-8"))
         self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
 
     def write(self, record: dict) -> None:

@@ -87,7 +87,8 @@ def write(path: Path, content: bytes) -> Path:
          "error: --dropout must be in [0, 1) (got 1.5)"),
         (lambda d: write(d / "ok.txt", b"x" * 50_000), ["--time", "5x"],
          "error: --time '5x' is not a duration: write it like 90s, 5m or 2h"),
-        (lambda d: write(d / "ok.txt", b"x" * 50_000), ["--lr", "-1"], "error: --lr must be greater than zero (got -1.0)"),
+        (lambda d: write(d / "ok.txt", b"x" * 50_000), ["--lr", "-1"],
+         "error: --lr must be greater than zero (got -1.0)"),
         (lambda d: write(d / "ok.txt", b"x" * 50_000), ["--hidden", "abc"],
          "error: Invalid value for '--hidden': 'abc' is not a valid integer. (see 'charlm train --help')"),
     ],
@@ -114,7 +115,8 @@ def test_unwritable_out_directory(in_tmp: Path, text_file: Path, capsys: pytest.
 def test_sample_without_checkpoints_says_how_to_train(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(["sample", "--seed", "x"], capsys)
     assert code == 2 and out == ""
-    assert err == "error: no checkpoint in checkpoints/: train one first (charlm train FILE) or pass --checkpoint PATH\n"
+    assert err == ("error: no checkpoint in checkpoints/: train one first (charlm train FILE) or pass "
+                   "--checkpoint PATH\n")
 
 
 def test_python_dash_m_and_version() -> None:

@@ -111,7 +111,8 @@ def test_resume_refuses_other_corpus_or_options(text_file: Path, tmp_path: Path)
     other.write_text(text_file.read_text()[::-1])
     with pytest.raises(CheckpointError, match="--resume: the corpus differs from the one this run trained on"):
         train(other, config=tiny_config(steps=30), out=out, resume=True)
-    with pytest.raises(CheckpointError, match=r"--resume: options differ from the interrupted run: --lr 0.5 \(was 0.01\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"--resume: options differ from the interrupted run: --lr 0.5 \(was 0.01\)"):
         train(text_file, config=tiny_config(steps=30, lr=0.5), out=out, resume=True)
 
 
