@@ -125,24 +125,17 @@ class Scan:
 
 def scan_file(path: Path) -> Scan:
     digest = hashlib.sha256()
-    dense = np.zeros(1 << 16, dtype=np.int64)
-    sparse: dict[int, int] = {}
+    counts = np.zeros(0x110000, dtype=np.int64)
     chars = 0
     for raw, text in iter_text(path):
         digest.update(raw)
         codes = text_to_codes(text)
         chars += codes.size
-        small = codes < (1 << 16)
-        dense += np.bincount(codes[small], minlength=1 << 16)
-        if not small.all():
-            uniq, cnt = np.unique(codes[~small], return_counts=True)
-            for c, n in zip(uniq.tolist(), cnt.tolist(), strict=True):
-                sparse[c] = sparse.get(c, 0) + n
+        found = np.bincount(codes)  # as long as the largest code point in the chunk
+        counts[: found.size] += found
     if chars == 0:
         raise CorpusError(f"{path} has no characters (only a byte-order mark)", "give a file with text in it")
-    counts = {int(c): int(dense[c]) for c in np.nonzero(dense)[0]}
-    counts.update(sparse)
-    return Scan(digest.hexdigest(), chars, counts)
+    return Scan(digest.hexdigest(), chars, {int(c): int(counts[c]) for c in np.nonzero(counts)[0]})
 
 
 @dataclass

@@ -21,14 +21,14 @@ class CharLM:
     """A model with its vocab and the checkpoint header it came from."""
 
     def __init__(self, model: CharRNN, vocab: Vocab, *, header: ckpt.Header | None = None,
-                 precision: str = "fp32", threads: int | None = None) -> None:
+                 precision: str = "fp32") -> None:
         self.model = model.eval()
         self.vocab = vocab
         self.header = header
         self.device = next(model.parameters()).device
         self.precision = precision
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # bf16 halves the bytes read per step
-        self._sampler = Sampler(self.model, vocab, dtype=dtype, threads=threads)
+        self._sampler = Sampler(self.model, vocab, dtype=dtype)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, device: str = "auto",
@@ -41,8 +41,7 @@ class CharLM:
         dev = resolve_device(device)
         if precision == "auto":  # score as training validated, so `perplexity` reproduces train's figure
             precision = str(header.train.get("precision", "auto"))
-        return cls(model.to(dev), header.vocab, header=header, precision=resolve_precision(precision, dev),
-                   threads=threads)
+        return cls(model.to(dev), header.vocab, header=header, precision=resolve_precision(precision, dev))
 
     @property
     def path(self) -> Path | None:

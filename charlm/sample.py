@@ -7,7 +7,6 @@ top-p (nucleus), then a draw from what is left; temperature 0 means greedy argma
 
 from __future__ import annotations
 
-import contextlib
 import unicodedata
 from collections.abc import Iterator
 
@@ -123,31 +122,14 @@ class StepModel:
         return logits, ((torch.stack(hs), torch.stack(cs)) if self.lstm else (torch.stack(hs),))
 
 
-@contextlib.contextmanager
-def _cpu_threads(threads: int | None) -> Iterator[None]:
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 class Sampler:
     """Batched generation with carried state from a CharRNN and its vocab."""
 
-    def __init__(self, model: CharRNN, vocab: Vocab, *, dtype: torch.dtype = torch.float32,
-                 threads: int | None = None) -> None:
+    def __init__(self, model: CharRNN, vocab: Vocab, *, dtype: torch.dtype = torch.float32) -> None:
         self.model = model.eval()
         self.vocab = vocab
         self.device = next(model.parameters()).device
         self.step = StepModel(self.model, dtype)
-        # One step is a few small matmuls: waking a second CPU thread for each costs more than it
-        # saves (measured 3x slower with 2 threads, 2x512 LSTM, batch 1 and 64), so one by default.
-        self.threads = threads or 1
 
     @torch.inference_mode()
     def prime(self, seed: str, num_samples: int) -> tuple[torch.Tensor, State]:
@@ -178,8 +160,7 @@ class Sampler:
             generator.manual_seed(rng_seed)
         logits, state = self.prime(seed, num_samples)
         chars = self.vocab.chars
-        with _cpu_threads(self.threads if self.device.type == "cpu" else None):
-            yield from self._generate(logits, state, chars, length, temperature, top_k, top_p, generator)
+        yield from self._generate(logits, state, chars, length, temperature, top_k, top_p, generator)
 
     def _generate(self, logits: torch.Tensor, state: State, chars: tuple[str, ...], length: int,
                   temperature: float, top_k: int | None, top_p: float | None,

@@ -19,7 +19,7 @@ from .errors import VocabError
 
 Unknown = Literal["error", "skip"]
 
-_DENSE_LIMIT = 1 << 16  # code points below this map through a flat table; the rest by binary search
+_CODE_POINTS = 0x110000  # every Unicode code point (surrogates included) indexes one flat table
 
 
 def text_to_codes(text: str) -> np.ndarray:
@@ -75,11 +75,8 @@ class Vocab:
         self._codes = np.array([ord(c) for c in chars], dtype=np.uint32)
         all_codes = np.array([ord(c) for c in chars + folded], dtype=np.uint32)
         all_ids = np.concatenate([np.arange(len(chars)), np.full(len(folded), self.unk_id or 0)]).astype(np.int64)
-        order = np.argsort(all_codes, kind="stable")
-        self._sorted_codes, self._sorted_ids = all_codes[order], all_ids[order]
-        self._dense = np.full(_DENSE_LIMIT, -1, dtype=np.int64)
-        small = all_codes < _DENSE_LIMIT
-        self._dense[all_codes[small]] = all_ids[small]
+        self._table = np.full(_CODE_POINTS, -1, dtype=np.int32)  # 4.4 MB: lookup is one gather
+        self._table[all_codes] = all_ids
         self.dtype = id_dtype(len(chars))
 
     @classmethod
@@ -142,17 +139,8 @@ class Vocab:
         return hashlib.sha256(joined.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
     def lookup(self, codes: np.ndarray) -> np.ndarray:
-        """Ids (int64) for an array of code points; -1 where the character is unknown."""
-        codes = np.asarray(codes, dtype=np.uint32)
-        ids = np.full(codes.shape, -1, dtype=np.int64)
-        small = codes < _DENSE_LIMIT
-        ids[small] = self._dense[codes[small]]
-        if not small.all():
-            big = codes[~small]
-            pos = np.searchsorted(self._sorted_codes, big).clip(max=len(self._sorted_codes) - 1)
-            found = self._sorted_codes[pos] == big
-            ids[~small] = np.where(found, self._sorted_ids[pos], -1)
-        return ids
+        """Ids (int32) for an array of code points; -1 where the character is unknown."""
+        return self._table[np.asarray(codes, dtype=np.uint32)]
 
     def encode(self, text: str, *, unknown: Unknown = "error") -> np.ndarray:
         """Ids in the vocab's smallest dtype. Unknown characters raise, or are dropped with 'skip'."""
