@@ -33,7 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+from report import finish  # noqa: E402
 
 from charlm.data import Batches, cached_scan, load_corpus, split  # noqa: E402
 from charlm.device import configure_cpu  # noqa: E402
@@ -131,16 +133,8 @@ def main() -> None:
                          f"{base['chars_per_sec']:,.0f}", f"charlm {entry['improvement']:+.1%} better"))
         results["runs"][name] = entry
     header = ("corpus", "model", "val bpc", "unigram bits", "chars/s", "")
-    width = [max(len(str(r[i])) for r in [header, *rows]) for i in range(6)]
-    print(f"quality after {args.minutes:g} min of training, {torch.get_num_threads()} CPU threads")
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(width[i]) for i, c in enumerate(row)))
-    results["table"] = rows
-    out = HERE / "results" / f"quality-{args.minutes:g}min-{dt.date.today().isoformat()}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out.relative_to(HERE.parent)}")
-
+    finish(f"quality after {args.minutes:g} min of training, {torch.get_num_threads()} CPU threads", [header, *rows],
+           results, f"quality-{args.minutes:g}min-{dt.date.today().isoformat()}")
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import os
 import platform
 import socket
@@ -31,7 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+sys.path[:0] = [str(HERE.parent), str(HERE)]
+
+from report import finish  # noqa: E402
 
 from charlm.data import corpus_from_text  # noqa: E402
 from charlm.device import configure_cpu, cpu_has_fast_bf16  # noqa: E402
@@ -254,6 +255,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats; skip the 1 GB corpus")
     parser.add_argument("--only", default="", help="comma-separated sections: peak,train,eval,sample,corpus,cli")
+    parser.add_argument("--name", default=f"{dt.date.today().isoformat()}-{socket.gethostname()}",
+                        help="results file name (bench/results/NAME.json)")
     args = parser.parse_args()
     configure_cpu()
     repeats = 2 if args.quick else 3
@@ -329,17 +332,8 @@ def main() -> None:
         results["cli"] = {"help_s": command_seconds([*charlm_cmd, "--help"])}
         rows.append(("charlm --help", "", f"{results['cli']['help_s']:.3f} s", "wall time, median of 5"))
 
-    width = [max(len(r[i]) for r in rows) for i in range(4)]
-    print(f"charlm benchmarks on {results['machine']['cpu']} ({results['machine']['threads']} threads), "
-          f"torch {torch.__version__}")
-    for row in rows:
-        print("  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)))
-    results["table"] = rows
-    out = HERE / "results" / f"{dt.date.today().isoformat()}-{socket.gethostname()}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"wrote {out.relative_to(HERE.parent)}")
-
+    finish(f"charlm benchmarks on {results['machine']['cpu']} ({results['machine']['threads']} threads), "
+           f"torch {torch.__version__}", rows, results, args.name)
 
 if __name__ == "__main__":
     main()
