@@ -21,7 +21,7 @@ _EXPORTS = {
     "train": "trainer",
     "TrainConfig": "trainer",
     "TrainResult": "trainer",
-    "ModelConfig": "model",
+    "ModelConfig": "config",
     "CharRNN": "model",
     "Metrics": "evaluate",
     "Vocab": "vocab",
@@ -36,11 +36,12 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
     from .checkpoint import read_header
+    from .config import ModelConfig
     from .data import Corpus, corpus_from_text, load_corpus
     from .errors import CharlmError
     from .evaluate import Metrics
     from .lm import CharLM
-    from .model import CharRNN, ModelConfig
+    from .model import CharRNN
     from .trainer import TrainConfig, TrainResult, train
     from .vocab import Vocab
 

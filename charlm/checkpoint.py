@@ -136,7 +136,7 @@ def _checked_state(state: dict, path: Path) -> dict:
 
 def read_header(path: str | os.PathLike[str]) -> Header:
     """The validated metadata of a checkpoint, without reading its tensors (and without torch)."""
-    from .model import MAX_VOCAB, ModelConfig
+    from .config import MAX_VOCAB, ModelConfig
 
     path = Path(path)
     data, data_start = _raw_header(path)
