@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .units import bits_per_char, perplexity
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
@@ -47,7 +49,7 @@ def error_line(message: str) -> None:
 def fmt_loss(ce: float | None) -> str:
     if ce is None or not math.isfinite(ce):
         return "-"
-    return f"{ce:.4f} nats, ppl {math.exp(min(ce, 700)):.3f}, {ce / math.log(2):.4f} bpc"
+    return f"{ce:.4f} nats, ppl {perplexity(ce):.3f}, {bits_per_char(ce):.4f} bpc"
 
 
 def fmt_duration(seconds: float) -> str:

@@ -9,7 +9,6 @@ The first character of the text is predicted from the start symbol (a newline), 
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ import torch
 from .device import autocast
 from .distributed import Dist
 from .model import CharRNN, cross_entropy_sum
+from .units import bits_per_char, perplexity
 
 MIN_STREAM_CHARS = 4096  # streams shorter than this would make the stream-start effect visible
 CHUNK = 256
@@ -38,11 +38,11 @@ class Metrics:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.cross_entropy)
+        return perplexity(self.cross_entropy)
 
     @property
     def bpc(self) -> float:
-        return self.cross_entropy / math.log(2)
+        return bits_per_char(self.cross_entropy)
 
     @property
     def chars_per_sec(self) -> float:

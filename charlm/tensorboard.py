@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .units import bits_per_char, perplexity
 
 
 class TensorBoardLog:
@@ -69,8 +70,8 @@ class TensorBoardLog:
         if not math.isfinite(loss):
             return
         self.writer.add_scalar(f"{split}/loss", loss, step)
-        self.writer.add_scalar(f"{split}/bpc", loss / math.log(2), step)
-        self.writer.add_scalar(f"{split}/perplexity", math.exp(min(loss, 700)), step)
+        self.writer.add_scalar(f"{split}/bpc", bits_per_char(loss), step)
+        self.writer.add_scalar(f"{split}/perplexity", perplexity(loss), step)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -39,6 +39,7 @@ from .errors import CheckpointError, ConfigError, CorpusError, TrainingError
 from .evaluate import Metrics, evaluate
 from .files import atomic_write
 from .model import CharRNN, ModelConfig, State, cross_entropy_sum
+from .units import bits_per_char, perplexity
 from .vocab import Vocab
 
 Schedule = Literal["auto", "constant", "cosine", "exponential", "plateau"]
@@ -239,11 +240,11 @@ class TrainResult:
 
     @property
     def val_perplexity(self) -> float:
-        return math.exp(self.val_loss)
+        return perplexity(self.val_loss)
 
     @property
     def val_bpc(self) -> float:
-        return self.val_loss / math.log(2)
+        return bits_per_char(self.val_loss)
 
     def to_dict(self) -> dict:
         return {
@@ -397,7 +398,7 @@ class _MetricsLog:
 
 
 def _loss_record(prefix: str, loss: float) -> dict:
-    return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 700)), f"{prefix}_bpc": loss / math.log(2)}
+    return {f"{prefix}_loss": loss, f"{prefix}_ppl": perplexity(loss), f"{prefix}_bpc": bits_per_char(loss)}
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -793,10 +794,9 @@ def _rebatch(header: ckpt.Header, config: TrainConfig, world: int) -> TrainConfi
 def _metrics_summary(st: dict, val: Metrics | None) -> dict:
     out = {"step": st["step"], "best_step": st["best_step"], "train_loss": st["train_loss"]}
     if math.isfinite(st["best_val"]):
-        out.update(best_val_loss=st["best_val"], best_val_ppl=math.exp(st["best_val"]),
-                   best_val_bpc=st["best_val"] / math.log(2))
+        out.update(_loss_record("best_val", st["best_val"]))
     if val is not None:
-        out.update(val_loss=val.cross_entropy, val_ppl=val.perplexity, val_bpc=val.bpc)
+        out.update(_loss_record("val", val.cross_entropy))
     return out
 
 
