@@ -6,8 +6,6 @@ State is explicit: forward(ids, state) -> (logits, state), so callers carry it a
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -78,15 +76,6 @@ class CharRNN(nn.Module):
         out, new = self.rnn(x, hidden)  # [B, T, H]
         logits = self.head(self.drop(out))  # [B, T, V]
         return logits, (new if isinstance(new, tuple) else (new,))
-
-
-def detach(state: State) -> State:
-    """Cut the graph between chunks: truncated backprop through time."""
-    return tuple(s.detach() for s in state)
-
-
-def uniform_entropy(vocab_size: int) -> float:
-    return math.log(vocab_size)
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -129,10 +129,6 @@ class Vocab:
         return int(ids[0]) if ids[0] >= 0 else 0
 
     @property
-    def start_char(self) -> str:
-        return self.chars[self.start_id]
-
-    @property
     def fingerprint(self) -> str:
         """A short hash of the character list, for cache keys and compatibility checks."""
         joined = "\0".join(self.chars) + "\1" + "\0".join(self.folded)
