@@ -198,11 +198,11 @@ def baseline_sample_rate(streams: int, length: int) -> float:
     return streams * length / (time.perf_counter() - start)
 
 
-def charlm_sample_rate(streams: int, length: int, dtype: torch.dtype = torch.float32) -> float:
+def charlm_sample_rate(streams: int, length: int, precision: str = "fp32") -> float:
     from charlm.vocab import Vocab
 
     model = CharRNN(ModelConfig(vocab_size=V, hidden_size=H, num_layers=LAYERS, embed_size=E))
-    sampler = Sampler(model, Vocab([chr(32 + i) for i in range(V)]), dtype=dtype)
+    sampler = Sampler(model, Vocab([chr(32 + i) for i in range(V)]), precision=precision)
     start = time.perf_counter()
     for _ in sampler.stream("a", length=length, num_samples=streams, rng_seed=0):
         pass
@@ -308,8 +308,8 @@ def main() -> None:
         results["sample"] = {}
         for streams, length in ((1, 600), (64, 120)):
             base = median_rate(lambda: baseline_sample_rate(streams, length // 3), repeats)  # noqa: B023
-            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-                ours = median_rate(lambda: charlm_sample_rate(streams, length, dtype), repeats)  # noqa: B023
+            for name in ("fp32", "bf16", "int8"):
+                ours = median_rate(lambda: charlm_sample_rate(streams, length, name), repeats)  # noqa: B023
                 results["sample"][f"{streams}-{name}"] = {"charlm_chars_per_sec": ours,
                                                           "baseline_chars_per_sec": base, "ratio": ours / base}
                 rows.append((f"sample LSTM 2x512, {streams} stream{'s' if streams > 1 else ''}", name,

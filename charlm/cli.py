@@ -208,20 +208,23 @@ def train(corpus: str, cell: str, layers: int, hidden: int | None, embed: int, d
               help="Line printed between samples when --num-samples > 1.")
 @click.option("--rng-seed", type=int, default=None, help="Random seed for reproducible samples.  [default: random]")
 @_device_option
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True,
+              help="Weights read per generated character: int8 is fastest on a CPU (auto there), bf16 on a GPU "
+              "(auto there); fp32 gives the model's exact probabilities.")
 @_threads_option
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"samples": [...], "checkpoint": ..., "chars_per_sec": ...} instead of text.')
 @_verbosity
 def sample(checkpoint: Path | None, seed: str, length: int, temperature: float, top_k: int | None,
            top_p: float | None, num_samples: int, separator: str, rng_seed: int | None, device: str,
-           threads: int | None, as_json: bool, quiet: bool, verbose: bool) -> None:
+           precision: str, threads: int | None, as_json: bool, quiet: bool, verbose: bool) -> None:
     """Generate text that continues --seed, streamed to stdout as it is written."""
     set_verbosity(quiet=quiet, verbose=verbose)
     from .lm import CharLM
     from .sample import check_options, encode_seed
 
     check_options(length=length, temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples)
-    lm = CharLM.load(checkpoint, device=device, threads=threads)
+    lm = CharLM.load(checkpoint, device=device, sample_precision=precision, threads=threads)
     encode_seed(seed, lm.vocab)
     info(f"checkpoint: {lm.path}")
     began = time.perf_counter()
@@ -392,12 +395,15 @@ def _force_option(f: Callable) -> Callable:
 @_checkpoint_option
 @click.option("--threads", type=int, default=1, help="torch threads while coding; recorded in the archive so "
               "that decompression repeats the very same arithmetic.")
+@click.option("--adapt/--no-adapt", default=True, show_default=True,
+              help="Let the model keep learning from the file as it codes it (decompression repeats the same "
+              "learning): names and phrases that recur cost fewer bits, for about half the speed.")
 @_force_option
 @click.option("--json", "as_json", is_flag=True, help="Print sizes, bits/char achieved and the model's "
               "cross-entropy, and what zlib, bz2 and lzma make of the same file, as one JSON object.")
 @_verbosity
-def compress(file: str, out: str | None, checkpoint: Path | None, threads: int, force: bool, as_json: bool,
-             quiet: bool, verbose: bool) -> None:
+def compress(file: str, out: str | None, checkpoint: Path | None, threads: int, adapt: bool, force: bool,
+             as_json: bool, quiet: bool, verbose: bool) -> None:
     """Compress FILE ('-' = stdin): the model's next-character probabilities drive a range coder, so the
     archive holds about its cross-entropy in bits per character.
 
@@ -408,7 +414,7 @@ def compress(file: str, out: str | None, checkpoint: Path | None, threads: int, 
 
     if as_json and output_path(file, out, compressing=True) == STDIO:
         raise click.UsageError("--json and the archive cannot both go to stdout: give -o FILE")
-    r = compress_file(file, out, checkpoint=checkpoint, threads=threads, force=force, baselines=as_json)
+    r = compress_file(file, out, checkpoint=checkpoint, threads=threads, adapt=adapt, force=force, baselines=as_json)
     if as_json:
         click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
     info(f"{r.input} -> {r.output}: {r.original_bytes:,} -> {r.compressed_bytes:,} bytes, "

@@ -6,11 +6,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from . import checkpoint as ckpt
 from .data import corpus_from_text, load_corpus
-from .device import configure_cpu, resolve_device, resolve_precision
+from .device import configure_cpu, resolve_device, resolve_precision, resolve_sample_precision
 from .evaluate import Metrics, evaluate
 from .model import CharRNN
 from .sample import Sampler
@@ -21,27 +19,30 @@ class CharLM:
     """A model with its vocab and the checkpoint header it came from."""
 
     def __init__(self, model: CharRNN, vocab: Vocab, *, header: ckpt.Header | None = None,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", sample_precision: str = "auto") -> None:
         self.model = model.eval()
         self.vocab = vocab
         self.header = header
         self.device = next(model.parameters()).device
-        self.precision = precision
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # bf16 halves the bytes read per step
-        self._sampler = Sampler(self.model, vocab, dtype=dtype)
+        self.precision = precision  # of scoring
+        self.sample_precision = resolve_sample_precision(sample_precision, self.device)
+        self._sampler = Sampler(self.model, vocab, precision=self.sample_precision)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, device: str = "auto",
-             precision: str = "auto", threads: int | None = None) -> CharLM:
+             precision: str = "auto", sample_precision: str = "auto", threads: int | None = None) -> CharLM:
         """Loads a checkpoint (default: the newest in ./checkpoints) onto `device`, whatever device
-        it was trained on. precision 'auto' scores with the precision the model was trained with."""
+        it was trained on. precision 'auto' scores with the precision the model was trained with;
+        sample_precision 'auto' generates with the fastest weights the device offers (see
+        device.resolve_sample_precision)."""
         configure_cpu(threads)
         header = ckpt.read_header(path if path is not None else ckpt.newest_checkpoint())
         model = ckpt.build_model(header)
         dev = resolve_device(device)
         if precision == "auto":  # score as training validated, so `perplexity` reproduces train's figure
             precision = str(header.train.get("precision", "auto"))
-        return cls(model.to(dev), header.vocab, header=header, precision=resolve_precision(precision, dev))
+        return cls(model.to(dev), header.vocab, header=header, precision=resolve_precision(precision, dev),
+                   sample_precision=sample_precision)
 
     @property
     def path(self) -> Path | None:

@@ -8,11 +8,13 @@ top-p (nucleus), then a draw from what is left; temperature 0 means greedy argma
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
+from .device import resolve_sample_precision
 from .errors import ConfigError, VocabError
 from .model import CharRNN, State
 from .vocab import Vocab, describe_char, text_to_codes
@@ -82,54 +84,136 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)  # [B]
 
 
+Precision = Literal["fp32", "bf16", "int8"]
+
+
+class _Linear:
+    """base + x @ W.T for one step, with W kept in the step's dtype, or in int8 with one scale per row.
+
+    int8 reads a quarter of fp32's bytes per step, and reading the weights is what bounds a single
+    stream on a CPU. Inputs are int8 too (see StepModel._input), so the product is one integer matmul
+    (torch._int_mm, VNNI on x86) rescaled by (row scale x input scale) as it is added to base.
+    """
+
+    def __init__(self, weight: torch.Tensor, precision: Precision, dtype: torch.dtype) -> None:
+        self.int8 = precision == "int8"
+        weight = weight.detach().float()
+        if self.int8:
+            scale = weight.abs().amax(1).clamp_min(1e-12) / 127  # [N]
+            self.weight = torch.round(weight / scale[:, None]).to(torch.int8).t()  # [K, N]
+            self.row_scale = scale
+            self.scale = scale / 127  # bounded inputs are quantised with the fixed step 1/127
+        else:
+            self.weight = weight.to(dtype).t()  # [K, N]
+
+    def add_to(self, base: torch.Tensor, x: torch.Tensor, x_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """base [N] or [B, N] + x [B, K] @ W.T; x_scale [B, 1]: int8 inputs quantised with their own scale."""
+        if not self.int8:
+            return torch.addmm(base, x, self.weight)
+        scale = self.scale if x_scale is None else self.row_scale * x_scale
+        return torch.addcmul(base, torch._int_mm(x, self.weight), scale)
+
+
 class StepModel:
     """One character per call through the model's own weights, for generation.
 
-    nn.LSTM/GRU/RNN on the CPU set up a oneDNN primitive on every call, which costs ~10x the
-    arithmetic for a single time step; the one-step cell ops (torch.lstm_cell and friends) run the
-    same maths on the same weights without that set-up. `dtype` bfloat16 halves the weight bytes
-    read per step, which is what bounds single-stream speed.
+    nn.LSTM/GRU/RNN set up a whole-sequence kernel on every call, which costs ~10x the arithmetic of a
+    single time step. Here a step is the cell's maths written out with as few tensor ops as possible:
+    layer 0's input projection is a table (one row per character: embedding, input weights and biases
+    folded), the LSTM gates are reordered so one sigmoid covers three of them, and the weights are
+    read in the chosen precision: fp32, bf16 (half the bytes) or int8 (a quarter; CPU only).
+    The running state lives here; `reset` loads one, `state` returns it in the model's layout.
     """
 
-    def __init__(self, model: CharRNN, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: CharRNN, precision: str = "fp32") -> None:
         cfg = model.config
-        self.lstm = cfg.model == "lstm"
-        self.cell = {"lstm": torch.lstm_cell, "gru": torch.gru_cell, "rnn": torch.rnn_tanh_cell,
-                     "rnn-relu": torch.rnn_relu_cell}[cfg.model]
-        self.dtype = dtype
-        rnn = model.rnn
-        names = ("weight_ih_l{}", "weight_hh_l{}", "bias_ih_l{}", "bias_hh_l{}")
-        self.layers = [tuple(getattr(rnn, n.format(i)).detach().to(dtype) for n in names)
-                       for i in range(cfg.num_layers)]
-        self.embed = model.embed.weight.detach().to(dtype)
-        self.head_weight = model.head.weight.detach().to(dtype)
-        self.head_bias = model.head.bias.detach().to(dtype)
+        precision = resolve_sample_precision(precision, model.head.weight.device)
+        self.kind, self.size, self.precision = cfg.model, cfg.hidden_size, precision
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # of the state and pointwise maths
+        self.bounded = cfg.model != "rnn-relu"  # |h| <= 1: int8 inputs can use the fixed step 1/127
+        rnn, h = model.rnn, cfg.hidden_size
+        order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)]) \
+            if cfg.model == "lstm" else None  # i, f, g, o -> i, f, o, g
+
+        def rows(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach().float()
+            return t[order] if order is not None else t
+
+        self.layers = []
+        for i in range(cfg.num_layers):
+            w_ih, w_hh = rows(getattr(rnn, f"weight_ih_l{i}")), rows(getattr(rnn, f"weight_hh_l{i}"))
+            b_ih, b_hh = rows(getattr(rnn, f"bias_ih_l{i}")), rows(getattr(rnn, f"bias_hh_l{i}"))
+            if cfg.model != "gru":  # GRU keeps b_hh apart: its n part is gated by r
+                b_ih, b_hh = b_ih + b_hh, None
+            if i == 0:  # one row per character: embedding -> input projection -> + biases
+                w_ih = torch.addmm(b_ih, model.embed.weight.detach().float(), w_ih.t()).to(self.dtype)
+            else:
+                w_ih = (_Linear(w_ih, precision, self.dtype), b_ih.to(self.dtype))
+            self.layers.append((w_ih, _Linear(w_hh, precision, self.dtype),
+                                None if b_hh is None else b_hh.to(self.dtype)))
+        self.head = _Linear(model.head.weight, precision, self.dtype)
+        self.head_bias = model.head.bias.detach().to(self.dtype)
+        self.hs: list[torch.Tensor] = []
+        self.cs: list[torch.Tensor] = []
+        self.xs: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # each h as the matmuls read it
+
+    def _input(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h as a matmul input: itself, or int8 (fixed step 1/127 when |h| <= 1, else a scale per row)."""
+        if self.precision != "int8":
+            return h, None
+        if self.bounded:
+            return torch.round(h * 127).to(torch.int8), None
+        scale = h.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127  # [B, 1]
+        return torch.round(h / scale).to(torch.int8), scale
+
+    def reset(self, state: State) -> None:
+        self.hs = [h.to(self.dtype) for h in state[0]]
+        self.cs = [c.to(self.dtype) for c in state[1]] if self.kind == "lstm" else []
+        self.xs = [self._input(h) for h in self.hs]
+
+    @property
+    def state(self) -> State:
+        hs = torch.stack(self.hs).float()
+        return (hs, torch.stack(self.cs).float()) if self.kind == "lstm" else (hs,)
 
     @torch.inference_mode()
-    def __call__(self, ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """ids [B] -> logits [B, V] (float32) and the new state."""
-        x = self.embed[ids]  # [B, E]
-        hs, cs = [], []
-        for i, weights in enumerate(self.layers):
-            if self.lstm:
-                h, c = self.cell(x, (state[0][i].to(self.dtype), state[1][i].to(self.dtype)), *weights)
-                cs.append(c)
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B] (the newest characters) -> logits [B, V] (float32) for the next ones."""
+        n = self.size
+        x: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        for i, (w_ih, w_hh, b_hh) in enumerate(self.layers):
+            gi = w_ih[ids] if x is None else w_ih[0].add_to(w_ih[1], *x)  # [B, G] input part, biases folded
+            h = self.hs[i]
+            if self.kind == "lstm":
+                gates = w_hh.add_to(gi, *self.xs[i])
+                ifo, g = torch.sigmoid(gates[:, :3 * n]), torch.tanh(gates[:, 3 * n:])
+                c = torch.addcmul(ifo[:, n:2 * n] * self.cs[i], ifo[:, :n], g)
+                h = ifo[:, 2 * n:] * torch.tanh(c)
+                self.cs[i] = c
+            elif self.kind == "gru":
+                gh = w_hh.add_to(b_hh, *self.xs[i])
+                rz = torch.sigmoid(gi[:, :2 * n] + gh[:, :2 * n])
+                new = torch.tanh(torch.addcmul(gi[:, 2 * n:], rz[:, :n], gh[:, 2 * n:]))
+                h = torch.addcmul(new, rz[:, n:], h - new)  # (1 - z) * n + z * h
             else:
-                h = self.cell(x, state[0][i].to(self.dtype), *weights)
-            hs.append(h)
-            x = h  # [B, H]
-        logits = F.linear(x, self.head_weight, self.head_bias).float()  # [B, V]
-        return logits, ((torch.stack(hs), torch.stack(cs)) if self.lstm else (torch.stack(hs),))
+                gates = w_hh.add_to(gi, *self.xs[i])
+                h = torch.tanh(gates) if self.kind == "rnn" else torch.relu(gates)
+            self.hs[i] = h
+            self.xs[i] = x = self._input(h)
+        return self.head.add_to(self.head_bias, *x).float()
+
+
+NOISE_FLOATS = 1 << 20  # Gumbel noise drawn ahead, in floats: a few MB whatever the batch and vocab
 
 
 class Sampler:
     """Batched generation with carried state from a CharRNN and its vocab."""
 
-    def __init__(self, model: CharRNN, vocab: Vocab, *, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: CharRNN, vocab: Vocab, *, precision: str = "fp32") -> None:
         self.model = model.eval()
         self.vocab = vocab
         self.device = next(model.parameters()).device
-        self.step = StepModel(self.model, dtype)
+        self.step = StepModel(self.model, precision)
 
     @torch.inference_mode()
     def prime(self, seed: str, num_samples: int) -> tuple[torch.Tensor, State]:
@@ -159,18 +243,43 @@ class Sampler:
         else:
             generator.manual_seed(rng_seed)
         logits, state = self.prime(seed, num_samples)
+        self.step.reset(state)
+        if temperature == 0:
+            pick = self._greedy()
+        elif top_k is None and (top_p is None or top_p >= 1.0):
+            pick = self._gumbel(temperature, length, generator)
+        else:
+            pick = self._filtered(temperature, top_k, top_p, generator)
         chars = self.vocab.chars
-        yield from self._generate(logits, state, chars, length, temperature, top_k, top_p, generator)
-
-    def _generate(self, logits: torch.Tensor, state: State, chars: tuple[str, ...], length: int,
-                  temperature: float, top_k: int | None, top_p: float | None,
-                  generator: torch.Generator) -> Iterator[list[str]]:
         for i in range(length):
-            if temperature == 0:
-                next_ids = logits.argmax(-1)
-            else:
-                probs = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-                next_ids = draw(probs, generator)
+            next_ids = pick(logits)
             yield [chars[j] for j in next_ids.tolist()]
             if i + 1 < length:
-                logits, state = self.step(next_ids, state)
+                logits = self.step(next_ids)
+
+    @staticmethod
+    def _greedy() -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda logits: logits.argmax(-1)
+
+    def _gumbel(self, temperature: float, length: int,
+                generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A draw from softmax(logits / T) as argmax(logits + T * Gumbel noise): two tensor ops per step,
+        with the noise for many steps drawn in one call."""
+        noise: list[torch.Tensor] = []
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            if not noise:
+                steps = max(1, min(length, NOISE_FLOATS // logits.numel()))
+                e = torch.empty(steps, *logits.shape, device=logits.device).exponential_(generator=generator)
+                noise.extend(reversed((e.clamp_min_(1e-30).log_().mul_(-temperature)).unbind()))
+            return (logits + noise.pop()).argmax(-1)
+
+        return pick
+
+    @staticmethod
+    def _filtered(temperature: float, top_k: int | None, top_p: float | None,
+                  generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            return draw(filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p), generator)
+
+        return pick
