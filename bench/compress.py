@@ -9,7 +9,8 @@ end after 90%; the first part trains a 2x256 LSTM on one thread (unless that che
 the work folder) and the first ~200 KB after the cut, plays it never saw, are compressed. Reports the
 sizes and bits/char of every method, the saving against xz -9, the model's own cross-entropy on the
 text, compress and decompress speed in chars/s (coding only: the model is loaded beforehand) and
-checks that the round trip is exact. Writes bench/results/compress.json with the machine.
+checks that the round trip is exact, for the adapting model (the default) and the static one.
+Writes bench/results/compress.json with the machine.
 Targets: at least 30% smaller than xz -9; decompression at least 5,000 chars/s on 2 cores.
 """
 
@@ -78,36 +79,42 @@ def measure(checkpoint: Path, text_path: Path, threads: int) -> dict:
     data = text_path.read_bytes()
     chars = len(data.decode("utf-8"))
     lm, sha = load_model(checkpoint)
-    started = time.perf_counter()
-    archive, report = compress_bytes(data, lm, model_sha256=sha, threads=threads)
-    compress_s = time.perf_counter() - started
-    started = time.perf_counter()
-    restored = decompress_bytes(archive, lm, model_sha256=sha)
-    decompress_s = time.perf_counter() - started
     header = ckpt.read_header(checkpoint)
-    return {
+    result = {
         "checkpoint": str(checkpoint), "checkpoint_sha256": sha, "text": str(text_path),
         "model": header.model.to_dict(), "training": {"corpus": header.corpus.get("name"), **header.state},
-        "bytes": len(data), "chars": chars, "round_trip_exact": restored == data,
-        "charlm": report.to_dict(), "compress_chars_per_sec": chars / compress_s,
-        "decompress_chars_per_sec": chars / decompress_s, "threads": threads,
+        "bytes": len(data), "chars": chars, "threads": threads,
         "others": {name: {"bytes": size, "by": by} for name, (size, by) in external_sizes(data).items()},
     }
+    for key, adapt in (("charlm", True), ("charlm_static", False)):
+        started = time.perf_counter()
+        archive, report = compress_bytes(data, lm, model_sha256=sha, threads=threads, adapt=adapt)
+        compress_s = time.perf_counter() - started
+        started = time.perf_counter()
+        restored = decompress_bytes(archive, lm, model_sha256=sha)
+        decompress_s = time.perf_counter() - started
+        result[key] = {**report.to_dict(), "round_trip_exact": restored == data,
+                       "compress_chars_per_sec": chars / compress_s, "decompress_chars_per_sec": chars / decompress_s}
+    return result
 
 
 def print_table(result: dict) -> None:
     chars, xz = result["chars"], result["others"]["xz -9"]["bytes"]
-    rows = [("charlm", result["charlm"]["compressed_bytes"])] + [(n, o["bytes"]) for n, o in result["others"].items()]
+    rows = [("charlm", result["charlm"]["compressed_bytes"]),
+            ("charlm static", result["charlm_static"]["compressed_bytes"])]
+    rows += [(n, o["bytes"]) for n, o in result["others"].items()]
     print(f"{result['text']}: {result['bytes']:,} bytes, {chars:,} chars; model {result['checkpoint']}")
     print(f"{'method':<16}{'bytes':>10}{'bits/char':>11}{'vs xz -9':>10}")
     for name, size in rows:
         print(f"{name:<16}{size:>10,}{8 * size / chars:>11.3f}{size / xz - 1:>+10.1%}")
-    c = result["charlm"]
-    print(f"model cross-entropy {c['model_bits_per_char']:.3f} bits/char; payload {c['payload_bits_per_char']:.3f} "
-          f"bits/char; header {c['header_bytes']} bytes; {c['segments']} segments")
-    print(f"compress {result['compress_chars_per_sec']:,.0f} chars/s, decompress "
-          f"{result['decompress_chars_per_sec']:,.0f} chars/s ({result['threads']} torch thread); "
-          f"round trip {'exact' if result['round_trip_exact'] else 'FAILED'}")
+    for key, name in (("charlm", "adapting"), ("charlm_static", "static")):
+        c = result[key]
+        print(f"{name}: model cross-entropy {c['model_bits_per_char']:.3f} bits/char; payload "
+              f"{c['payload_bits_per_char']:.3f} bits/char; header {c['header_bytes']} bytes; "
+              f"{c['segments']} segments; "
+              f"compress {c['compress_chars_per_sec']:,.0f} chars/s, decompress {c['decompress_chars_per_sec']:,.0f} "
+              f"chars/s ({result['threads']} torch thread{'s' if result['threads'] > 1 else ''}); "
+              f"round trip {'exact' if c['round_trip_exact'] else 'FAILED'}")
 
 
 def main() -> None:

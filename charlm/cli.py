@@ -397,7 +397,7 @@ def _force_option(f: Callable) -> Callable:
               "that decompression repeats the very same arithmetic.")
 @click.option("--adapt/--no-adapt", default=True, show_default=True,
               help="Let the model keep learning from the file as it codes it (decompression repeats the same "
-              "learning): names and phrases that recur cost fewer bits, for about half the speed.")
+              "learning): names and phrases that recur cost fewer bits, at about 40% of the speed.")
 @_force_option
 @click.option("--json", "as_json", is_flag=True, help="Print sizes, bits/char achieved and the model's "
               "cross-entropy, and what zlib, bz2 and lzma make of the same file, as one JSON object.")

@@ -15,6 +15,11 @@ archive records (default 1). Each step's softmax is turned into integer weights 
 coder per segment), so the model step and its softmax are the only floating-point work that has to
 agree.
 
+The model can keep learning from the text as it codes it (`adapt`, the default; FLAG_ADAPT in the
+archive): every ADAPT_STEPS characters, encoder and decoder both take the same SGD step on what they
+have just coded (see Stepper). It costs no side information, only time: on held-out Shakespeare it
+turns a 2.03 bits/char model into a 1.85 bits/char coder, at about 40% of the static speed.
+
 Which machines decode what: the same checkpoint (its sha256 is checked), a charlm that reads the
 format version, and the same torch build on the same CPU family (torch picks kernels by instruction
 set, e.g. AVX2 or AVX512, and their last bits differ). The archive records torch, machine and
@@ -26,10 +31,11 @@ followed by their UTF-8 bytes at 8 bits each; the model then reads a newline in 
 whose line ends are all CRLF are coded as LF plus a flag. Input must be UTF-8: anything else is
 refused with the offset of the first bad byte (xz suits binary files better anyway).
 
-Container, little-endian: magic, format version u16, model sha256, text sha256, byte length u64,
-char count u64, segment count u32, threads u8, flags u8, fingerprint (8 bytes), info JSON (u16
-length: model file name, charlm, torch, machine, instruction set), one u32 per segment (its length
-in 32-bit words), crc32 of all the above; then each segment's words in order.
+Container, little-endian: magic, format version u16 (2; version 1 had no FLAG_ADAPT), model
+sha256, text sha256, byte length u64, char count u64, segment count u32, threads u8, flags u8,
+fingerprint (8 bytes), info JSON (u16 length: model file name, charlm, torch, machine, instruction
+set), one u32 per segment (its length in 32-bit words), crc32 of all the above; then each segment's
+words in order.
 
 Every header value is untrusted until checked: the character count sizes the decoding loop, yet a
 short payload can hold a long text. Each character costs at least MIN_BITS_PER_CHAR (the escape's
@@ -72,7 +78,7 @@ if TYPE_CHECKING:
     from .model import CharRNN
 
 MAGIC = b"\x89CLM\r\n\x1a\n"  # PNG-style: a text-mode transfer or a 7-bit channel breaks it visibly
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the adapting model (FLAG_ADAPT)
 PRECISION = 24  # constriction's default coders: 32-bit words, probabilities in units of 2^-24
 TOTAL = 1 << PRECISION
 ESCAPE_WEIGHT = 1 << 8  # 2^-16 of the mass: 16 bits per unknown character, 2e-5 bits/char for the rest
@@ -82,6 +88,11 @@ MAX_SEGMENTS = 64
 MIN_SEGMENT_CHARS = 4096
 ENCODE_BLOCK = 256  # steps per block: the encoder hands its coders, the decoder stores, a block at a time
 FLAG_CRLF = 1
+FLAG_ADAPT = 2
+ADAPT_STEPS = 16  # characters per segment between two updates of an adapting model
+ADAPT_LR = 0.15  # SGD step on the mean nats/char of those characters
+ADAPT_DECAY = 0.001  # pull towards the checkpoint's weights per update
+ADAPT_CLIP = 1.0  # largest gradient norm an update follows
 SUFFIX = ".clm"
 STDIO = "-"
 
@@ -127,6 +138,7 @@ class CompressReport:
     unknown_chars: int
     segments: int
     threads: int
+    adapted: bool  # the model learnt from the text as it coded it (see Stepper)
     model_nats: float  # summed -ln p over the characters the model knows, fp32 softmax, same segments
     elapsed_s: float
     checkpoint: str = ""
@@ -251,13 +263,30 @@ class Stepper:
 
     Same batch shape, same step size, fp32, same threads on both sides, so the same inputs give the
     same bits. Input after an unknown character, and after a segment has ended, is the start id.
+
+    With `adapt`, the model also keeps learning from the text it codes (dynamic evaluation, Krause
+    et al. 2018): after every ADAPT_STEPS steps, one gradient step on the characters just coded,
+    which both sides know by then, pulled back towards the checkpoint's weights so it cannot drift.
+    Names and turns of phrase that recur in one document then cost fewer bits each time. The update
+    runs on a private copy of the model, so the caller's weights are untouched.
     """
 
-    def __init__(self, model: CharRNN, vocab: Vocab, segments: int) -> None:
-        self.model = model
+    def __init__(self, model: CharRNN, vocab: Vocab, segments: int, *, adapt: bool = False) -> None:
+        import copy
+
+        import torch
+
+        with torch.inference_mode(False):  # a copy made in inference mode could never be trained
+            self.model = copy.deepcopy(model) if adapt else model
         self.start_id = vocab.start_id
         self.state = model.initial_state(segments, "cpu")
         self.inputs = np.full(segments, self.start_id, dtype=np.int64)
+        self.adapt = adapt
+        if adapt:
+            self.params = [p.requires_grad_() for p in self.model.parameters()]
+            self.origin = [p.detach().clone() for p in self.params]
+            self.block_state = self.state
+            self.seen: list[tuple[np.ndarray, np.ndarray]] = []  # (inputs, targets) of the steps since the last update
 
     def step(self) -> tuple[np.ndarray, torch.Tensor]:
         """(integer weights [S, V + 1], fp32 logits [S, V]) for the next character of every segment."""
@@ -270,7 +299,33 @@ class Stepper:
 
     def feed(self, ids: np.ndarray) -> None:
         """The characters just coded become the next inputs; -1 (unknown or finished) reads as the start id."""
+        if self.adapt:
+            self.seen.append((self.inputs, ids.astype(np.int64)))
+            if len(self.seen) == ADAPT_STEPS:
+                self._learn()
         self.inputs = np.where(ids >= 0, ids, self.start_id).astype(np.int64)
+
+    def _learn(self) -> None:
+        """One SGD step on the last ADAPT_STEPS characters of every segment, from the state they started in."""
+        import torch
+        import torch.nn.functional as F
+
+        inputs, targets = (np.stack(column, axis=1) for column in zip(*self.seen, strict=True))  # [S, K] each
+        self.seen = []
+        with torch.inference_mode(False), torch.enable_grad():  # (tensors made in inference mode are not allowed)
+            x, y = torch.from_numpy(inputs), torch.from_numpy(targets)  # y -1: not a known character
+            start = tuple(s.clone() for s in self.block_state)  # plain tensors: autograd may not save inference ones
+            logits, _ = self.model(x, start)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-1,
+                                   reduction="sum") / y.numel()
+            grads = torch.autograd.grad(loss, self.params)
+        with torch.no_grad():
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            step = ADAPT_LR * min(1.0, ADAPT_CLIP / norm) if math.isfinite(norm) else 0.0  # a burst of surprises
+            for p, g, p0 in zip(self.params, grads, self.origin, strict=True):  # cannot throw the weights far
+                p.add_(g, alpha=-step)
+                p.add_(p0 - p, alpha=ADAPT_DECAY)
+        self.block_state = self.state
 
 
 def fingerprint(logits: torch.Tensor) -> bytes:
@@ -346,7 +401,7 @@ def _encode_row(encoder: Any, symbols: np.ndarray, weights: np.ndarray, escapes:
         encoder.encode(symbols[start:], family, weights[start:])
 
 
-def compress_bytes(data: bytes, lm: CharLM, *, model_sha256: str, threads: int = 1,
+def compress_bytes(data: bytes, lm: CharLM, *, model_sha256: str, threads: int = 1, adapt: bool = True,
                    max_segments: int = MAX_SEGMENTS, min_segment_chars: int = MIN_SEGMENT_CHARS,
                    progress: Progress | None = None, what: str = "the input") -> tuple[bytes, CompressReport]:
     """A .clm archive of UTF-8 `data`, and what it achieved. The model runs step by step over all
@@ -357,10 +412,11 @@ def compress_bytes(data: bytes, lm: CharLM, *, model_sha256: str, threads: int =
     started = time.perf_counter()
     _check_model(lm)
     text, flags = _fold_newlines(decode_utf8(data, what), lm.vocab)
+    flags |= FLAG_ADAPT if adapt else 0
     codes = text_to_codes(text)
     segments = segment_count(len(codes), max_segments=max_segments, min_segment_chars=min_segment_chars)
     with exact_arithmetic(threads):
-        payloads, nats, probe = _encode_segments(lm, codes, segments, progress)
+        payloads, nats, probe = _encode_segments(lm, codes, segments, progress, adapt=adapt)
     header = _pack_header(model_sha256=model_sha256, text_sha256=hashlib.sha256(data).digest(),
                           byte_length=len(data), char_count=len(codes), threads=threads, flags=flags, probe=probe,
                           info=_platform_info(lm.path.name if lm.path else "?"),
@@ -369,13 +425,13 @@ def compress_bytes(data: bytes, lm: CharLM, *, model_sha256: str, threads: int =
     report = CompressReport(original_bytes=len(data), original_chars=len(data.decode("utf-8")),
                             coded_chars=len(codes), compressed_bytes=len(archive), header_bytes=len(header),
                             unknown_chars=int((known_ids(lm.vocab, codes) < 0).sum()), segments=segments,
-                            threads=threads, model_nats=nats, elapsed_s=time.perf_counter() - started,
+                            threads=threads, adapted=adapt, model_nats=nats, elapsed_s=time.perf_counter() - started,
                             checkpoint=str(lm.path or ""), checkpoint_sha256=model_sha256)
     return archive, report
 
 
-def _encode_segments(lm: CharLM, codes: np.ndarray, segments: int,
-                     progress: Progress | None) -> tuple[list[np.ndarray], float, bytes]:
+def _encode_segments(lm: CharLM, codes: np.ndarray, segments: int, progress: Progress | None, *,
+                     adapt: bool) -> tuple[list[np.ndarray], float, bytes]:
     """(each segment's 32-bit words, summed model nats over known characters, fingerprint).
 
     The model steps one character at a time; the symbols and weights of ENCODE_BLOCK steps are then
@@ -386,7 +442,7 @@ def _encode_segments(lm: CharLM, codes: np.ndarray, segments: int,
     n, escape = len(codes), len(lm.vocab)
     lo, hi = segment_bounds(n, segments)
     encoders = [constriction.stream.queue.RangeEncoder() for _ in range(segments)]
-    stepper = Stepper(lm.model, lm.vocab, segments)
+    stepper = Stepper(lm.model, lm.vocab, segments, adapt=adapt)
     steps = int((hi - lo).max()) if segments else 0
     nats, probe = 0.0, bytes(8)
     for block in range(0, steps, ENCODE_BLOCK):
@@ -482,7 +538,7 @@ def _decode_segments(lm: CharLM, payloads: list[np.ndarray], header: ArchiveHead
     budget = [segment_bits(len(words)) for words in payloads]
     spent = [0.0] * segments  # sum of -log2 p over each segment's decoded symbols
     blocks: list[np.ndarray] = []  # [ENCODE_BLOCK, S] code points: memory follows the decoding, not the header
-    stepper = Stepper(lm.model, lm.vocab, segments)
+    stepper = Stepper(lm.model, lm.vocab, segments, adapt=bool(header.flags & FLAG_ADAPT))
     steps = int((hi - lo).max()) if segments else 0
     same_arithmetic = True
     for k in range(steps):
@@ -587,7 +643,8 @@ def read_header(archive: bytes, what: str = "the archive") -> ArchiveHeader:
                  and segments <= min(chars, MAX_SEGMENTS) and 1 <= threads
                  and chars * MIN_BITS_PER_CHAR <= sum(segment_bits(w) for w in words))
     strings = isinstance(info, dict) and all(isinstance(value, str) for value in info.values())
-    if not strings or not plausible or flags & ~FLAG_CRLF:
+    known_flags = FLAG_CRLF | (FLAG_ADAPT if version >= 2 else 0)
+    if not strings or not plausible or flags & ~known_flags:
         raise ArchiveError(f"{what} is corrupt: its header is inconsistent", "use another copy")
     return ArchiveHeader(model_sha256=model_sha.hex(), text_sha256=text_sha.hex(), byte_length=byte_length,
                          char_count=chars, threads=threads, flags=flags, fingerprint=probe, info=info,
@@ -696,8 +753,8 @@ def baseline_sizes(data: bytes) -> dict[str, int]:
 
 
 def compress_file(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
-                  checkpoint: str | os.PathLike[str] | None = None, threads: int = 1, force: bool = False,
-                  baselines: bool = False, progress: Progress | None = None) -> CompressReport:
+                  checkpoint: str | os.PathLike[str] | None = None, threads: int = 1, adapt: bool = True,
+                  force: bool = False, baselines: bool = False, progress: Progress | None = None) -> CompressReport:
     """Compresses a UTF-8 file (or stdin, '-') into a .clm archive written atomically."""
     _constriction()  # before any slow work
     target = output_path(source, out, compressing=True)
@@ -705,7 +762,8 @@ def compress_file(source: str | os.PathLike[str], out: str | os.PathLike[str] | 
     data = _read_input(source)
     lm, sha = load_model(checkpoint)
     what = _name(source)
-    archive, report = compress_bytes(data, lm, model_sha256=sha, threads=threads, progress=progress, what=what)
+    archive, report = compress_bytes(data, lm, model_sha256=sha, threads=threads, adapt=adapt, progress=progress,
+                                     what=what)
     write_output(target, archive)
     return replace(report, input=what, output=_name(target, "stdout"),
                    baselines=baseline_sizes(data) if baselines else None)

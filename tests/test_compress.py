@@ -12,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_text
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from charlm.cli import main
 from charlm.compress import (
     _BODY,
     _HEAD,
+    FLAG_ADAPT,
     MAGIC,
     MIN_BITS_PER_CHAR,
     _models,
@@ -111,15 +113,36 @@ def test_quantised_weights_sum_exactly_and_keep_every_symbol() -> None:
     assert (weights == np.floor(weights)).all()
 
 
-def test_bits_per_char_match_the_models_cross_entropy(model: tuple[CharLM, str]) -> None:
+@pytest.mark.parametrize("adapt", [False, True], ids=["static", "adapting"])
+def test_bits_per_char_match_the_models_cross_entropy(adapt: bool, model: tuple[CharLM, str]) -> None:
     lm, sha = model
     text = make_text(9000, seed=14)
-    archive, report = compress_bytes(text.encode(), lm, model_sha256=sha)
+    archive, report = compress_bytes(text.encode(), lm, model_sha256=sha, adapt=adapt)
     flush = 64 * report.segments / report.original_chars  # a range coder's last words
     assert abs(report.payload_bits_per_char - report.model_bits_per_char) < 0.01 * report.model_bits_per_char + flush
     assert report.compressed_bytes == len(archive) == report.header_bytes + report.payload_bytes
-    # the same streams `charlm perplexity` scores; only each segment's first input differs (start symbol there)
-    assert report.model_bits_per_char == pytest.approx(lm.perplexity(text).bpc, rel=2e-3)
+    assert report.adapted == adapt and bool(read_header(archive).flags & FLAG_ADAPT) == adapt
+    if not adapt:  # the same streams `charlm perplexity` scores; only each segment's first input differs
+        assert report.model_bits_per_char == pytest.approx(lm.perplexity(text).bpc, rel=2e-3)
+
+
+def test_adapting_learns_what_recurs_and_leaves_the_model_alone(model: tuple[CharLM, str]) -> None:
+    """A passage the model never saw, repeated: the adapting model codes the repeats in fewer bits."""
+    lm, sha = model
+    before = [p.detach().clone() for p in lm.model.parameters()]
+    data = ("Zorblax and Quenthia argued over the vermillion kettle. " * 60).encode()
+    static = round_trip(data, model, adapt=False)
+    adapting = round_trip(data, model, adapt=True)
+    assert len(adapting) < 0.8 * len(static)
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))
+
+
+def test_a_version_1_archive_cannot_claim_adaptation(two_segments: bytes, model: tuple[CharLM, str]) -> None:
+    head = bytearray(forge(two_segments)[:read_header(two_segments).header_bytes - 4])
+    struct.pack_into("<H", head, len(MAGIC), 1)
+    forged = bytes(head) + struct.pack("<I", zlib.crc32(head)) + two_segments[len(head) + 4:]
+    with pytest.raises(ArchiveError, match=INCONSISTENT):
+        read_header(forged)
 
 
 # ------------------------------------------------------------------------------------------- the CLI
