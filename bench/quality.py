@@ -57,10 +57,11 @@ def unigram_bits(source: str) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def run_charlm(source: str, minutes: float, extra: list[str]) -> dict:
+def run_charlm(source: str, minutes: float, extra: list[str], keep: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
+        out = (keep or Path(folder)) / f"{Path(source).name}-{minutes:g}min.safetensors"
         cmd = [sys.executable, "-m", "charlm", "train", source, "--time", f"{minutes * 60:.0f}s", "--json",
-               "--out", f"{folder}/q.safetensors", *extra]
+               "--out", str(out), *extra]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"charlm train failed on {source}: {done.stderr[-2000:]}")
@@ -108,6 +109,7 @@ def main() -> None:
     parser.add_argument("--corpora", default=",".join(CORPORA))
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--extra", default="", help="extra `charlm train` options, e.g. '--hidden 256'")
+    parser.add_argument("--keep", type=Path, help="keep charlm's checkpoints in this folder (for compress.py)")
     args = parser.parse_args()
     configure_cpu()
     rows, results = [], {"date": dt.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
@@ -115,7 +117,7 @@ def main() -> None:
     for name in args.corpora.split(","):
         source = CORPORA.get(name, name)
         if not source.startswith("/") or os.path.exists(source):
-            ours = run_charlm(source, args.minutes, args.extra.split())
+            ours = run_charlm(source, args.minutes, args.extra.split(), args.keep)
         else:
             print(f"skipping {name}: {source} is missing (apt-get install fortunes-zh)", file=sys.stderr)
             continue
