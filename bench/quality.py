@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--corpora", default=",".join(CORPORA))
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--extra", default="", help="extra `charlm train` options, e.g. '--hidden 256'")
+    parser.add_argument("--name", help="results file name [default: quality-<minutes>min-<date>]")
     parser.add_argument("--keep", type=Path, help="keep charlm's checkpoints in this folder (for compress.py)")
     args = parser.parse_args()
     configure_cpu()
@@ -136,7 +137,7 @@ def main() -> None:
         results["runs"][name] = entry
     header = ("corpus", "model", "val bpc", "unigram bits", "chars/s", "")
     finish(f"quality after {args.minutes:g} min of training, {torch.get_num_threads()} CPU threads", [header, *rows],
-           results, f"quality-{args.minutes:g}min-{dt.date.today().isoformat()}")
+           results, args.name or f"quality-{args.minutes:g}min-{dt.date.today().isoformat()}")
 
 if __name__ == "__main__":
     main()

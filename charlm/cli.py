@@ -209,7 +209,7 @@ def train(corpus: str, cell: str, layers: int, hidden: int | None, embed: int, d
 @click.option("--rng-seed", type=int, default=None, help="Random seed for reproducible samples.  [default: random]")
 @_device_option
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True,
-              help="Weights read per generated character: int8 is fastest on a CPU (auto there), bf16 on a GPU "
+              help="Weights read per generated character: int8 is fastest on an x86 CPU (auto there), bf16 on a GPU "
               "(auto there); fp32 gives the model's exact probabilities.")
 @_threads_option
 @click.option("--json", "as_json", is_flag=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 import random
 from typing import Literal
 
@@ -59,17 +60,23 @@ def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "
 
 
 def resolve_sample_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16", "int8"]:
-    """The weights a sampler reads each step. 'auto': int8 on a CPU, where one stream is bound by the
-    bytes of weights read per character (int8 reads a quarter of fp32's); bf16 on a GPU that has it."""
+    """The weights a sampler reads each step. 'auto': int8 on an x86 CPU, where one stream is bound by
+    the bytes of weights read per character (int8 reads a quarter of fp32's); bf16 on a GPU that has it."""
     if precision not in ("auto", "fp32", "bf16", "int8"):
         raise ConfigError(f"--precision must be auto, fp32, bf16 or int8 (got {precision!r})")
     if precision == "int8" and device.type != "cpu":
         raise ConfigError(f"int8 sampling runs on the CPU only (not {device.type})", "use --precision bf16 or fp32")
     if precision != "auto":
         return precision  # type: ignore[return-value]
-    if device.type == "cpu":
+    if device.type == "cpu" and cpu_has_fast_int8():
         return "int8"
     return resolve_precision("auto", device)
+
+
+def cpu_has_fast_int8() -> bool:
+    """torch's CPU int8 matmul runs on oneDNN's VNNI/AVX2 kernels on x86; elsewhere it may fall back
+    to a plain loop slower than fp32."""
+    return torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -146,11 +146,16 @@ class StepModel:
             if cfg.model != "gru":  # GRU keeps b_hh apart: its n part is gated by r
                 b_ih, b_hh = b_ih + b_hh, None
             if i == 0:  # one row per character: embedding -> input projection -> + biases
-                w_ih = torch.addmm(b_ih, model.embed.weight.detach().float(), w_ih.t()).to(self.dtype)
-            else:
-                w_ih = (_Linear(w_ih, precision, self.dtype), b_ih.to(self.dtype))
-            self.layers.append((w_ih, _Linear(w_hh, precision, self.dtype),
-                                None if b_hh is None else b_hh.to(self.dtype)))
+                table = torch.addmm(b_ih, model.embed.weight.detach().float(), w_ih.t()).to(self.dtype)
+                self.layers.append((table, _Linear(w_hh, precision, self.dtype),
+                                    None if b_hh is None else b_hh.to(self.dtype)))
+            elif b_hh is None and (self.bounded or precision != "int8"):  # one matmul reads [x, h]
+                self.layers.append((None, _Linear(torch.cat([w_ih, w_hh], 1), precision, self.dtype),
+                                    b_ih.to(self.dtype)))
+            else:  # GRU (its n gate needs the two products apart) and rnn-relu in int8 (x and h scales differ)
+                self.layers.append(((_Linear(w_ih, precision, self.dtype), b_ih.to(self.dtype)),
+                                    _Linear(w_hh, precision, self.dtype),
+                                    None if b_hh is None else b_hh.to(self.dtype)))
         self.head = _Linear(model.head.weight, precision, self.dtype)
         self.head_bias = model.head.bias.detach().to(self.dtype)
         self.hs: list[torch.Tensor] = []
@@ -176,27 +181,37 @@ class StepModel:
         hs = torch.stack(self.hs).float()
         return (hs, torch.stack(self.cs).float()) if self.kind == "lstm" else (hs,)
 
-    @torch.inference_mode()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [B] (the newest characters) -> logits [B, V] (float32) for the next ones."""
+        """ids [B] (the newest characters) -> logits [B, V] (float32) for the next ones.
+
+        (No inference_mode here: every weight is a detached copy, so no graph is built anyway, and
+        entering the mode costs more than some of the steps' ops.)"""
         n = self.size
         x: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        for i, (w_ih, w_hh, b_hh) in enumerate(self.layers):
-            gi = w_ih[ids] if x is None else w_ih[0].add_to(w_ih[1], *x)  # [B, G] input part, biases folded
+        for i, (w_ih, w_hh, b) in enumerate(self.layers):
             h = self.hs[i]
-            if self.kind == "lstm":
-                gates = w_hh.add_to(gi, *self.xs[i])
-                ifo, g = torch.sigmoid(gates[:, :3 * n]), torch.tanh(gates[:, 3 * n:])
-                c = torch.addcmul(ifo[:, n:2 * n] * self.cs[i], ifo[:, :n], g)
-                h = ifo[:, 2 * n:] * torch.tanh(c)
-                self.cs[i] = c
-            elif self.kind == "gru":
-                gh = w_hh.add_to(b_hh, *self.xs[i])
-                rz = torch.sigmoid(gi[:, :2 * n] + gh[:, :2 * n])
-                new = torch.tanh(torch.addcmul(gi[:, 2 * n:], rz[:, :n], gh[:, 2 * n:]))
-                h = torch.addcmul(new, rz[:, n:], h - new)  # (1 - z) * n + z * h
+            if x is None:  # layer 0: the character's row of the table, then the recurrent product
+                gi = torch.embedding(w_ih, ids)
+                gates = w_hh.add_to(gi, *self.xs[i]) if b is None else None
+            elif w_ih is None:  # both products in one matmul over [x, h]
+                gi = None
+                gates = w_hh.add_to(b, torch.cat([x[0], self.xs[i][0]], 1))
             else:
-                gates = w_hh.add_to(gi, *self.xs[i])
+                gi = w_ih[0].add_to(w_ih[1], *x)
+                gates = w_hh.add_to(gi, *self.xs[i]) if b is None else None
+            if self.kind == "lstm":
+                ifo, g = gates.split([3 * n, n], 1)
+                i_, f, o = torch.sigmoid(ifo).chunk(3, 1)
+                c = torch.addcmul(f * self.cs[i], i_, torch.tanh(g))
+                h = o * torch.tanh(c)
+                self.cs[i] = c
+            elif self.kind == "gru":  # gates r, z, n; b is b_hh
+                gi_rz, gi_n = gi.split([2 * n, n], 1)
+                gh_rz, gh_n = w_hh.add_to(b, *self.xs[i]).split([2 * n, n], 1)
+                r, z = torch.sigmoid(gi_rz + gh_rz).chunk(2, 1)
+                new = torch.tanh(torch.addcmul(gi_n, r, gh_n))
+                h = torch.addcmul(new, z, h - new)  # (1 - z) * n + z * h
+            else:
                 h = torch.tanh(gates) if self.kind == "rnn" else torch.relu(gates)
             self.hs[i] = h
             self.xs[i] = x = self._input(h)

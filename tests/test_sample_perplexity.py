@@ -213,11 +213,11 @@ def test_draw_follows_the_distribution_and_never_picks_zero_probability() -> Non
 
 
 def test_int8_sampling_is_refused_off_the_cpu_and_auto_picks_it_on_the_cpu() -> None:
-    from charlm.device import resolve_sample_precision
+    from charlm.device import cpu_has_fast_int8, resolve_sample_precision
     from charlm.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
         resolve_sample_precision("int8", torch.device("cuda"))
     assert str(e.value) == "int8 sampling runs on the CPU only (not cuda): use --precision bf16 or fp32"
-    assert resolve_sample_precision("auto", torch.device("cpu")) == "int8"
+    assert (resolve_sample_precision("auto", torch.device("cpu")) == "int8") == cpu_has_fast_int8()
     assert resolve_sample_precision("fp32", torch.device("cpu")) == "fp32"
