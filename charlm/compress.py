@@ -321,8 +321,11 @@ class Stepper:
             grads = torch.autograd.grad(loss, self.params)
         with torch.no_grad():
             norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-            step = ADAPT_LR * min(1.0, ADAPT_CLIP / norm) if math.isfinite(norm) else 0.0  # a burst of surprises
-            for p, g, p0 in zip(self.params, grads, self.origin, strict=True):  # cannot throw the weights far
+            if not math.isfinite(norm):
+                step = 0.0
+            else:  # a burst of surprises cannot throw the weights far
+                step = ADAPT_LR * (ADAPT_CLIP / norm if norm > ADAPT_CLIP else 1.0)
+            for p, g, p0 in zip(self.params, grads, self.origin, strict=True):
                 p.add_(g, alpha=-step)
                 p.add_(p0 - p, alpha=ADAPT_DECAY)
         self.block_state = self.state
