@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Callable, Iterator
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,21 @@ class _Linear:
         return torch.addcmul(base, torch._int_mm(x, self.weight), scale)
 
 
+class _Layer(NamedTuple):
+    """One recurrent layer's weights for a step. The input part is layer 0's per-character table, or
+    its own matmul (ih, with ih_bias), or, when both are None, shares hh's matmul over [x, h]."""
+
+    table: torch.Tensor | None
+    ih: _Linear | None
+    ih_bias: torch.Tensor | None  # with every bias but GRU's b_hh folded in
+    hh: _Linear
+    hh_bias: torch.Tensor | None  # GRU only
+
+    @property
+    def fused(self) -> bool:
+        return self.table is None and self.ih is None
+
+
 class StepModel:
     """One character per call through the model's own weights, for generation.
 
@@ -139,23 +154,22 @@ class StepModel:
             t = t.detach().float()
             return t[order] if order is not None else t
 
-        self.layers = []
+        self.layers: list[_Layer] = []
         for i in range(cfg.num_layers):
             w_ih, w_hh = rows(getattr(rnn, f"weight_ih_l{i}")), rows(getattr(rnn, f"weight_hh_l{i}"))
             b_ih, b_hh = rows(getattr(rnn, f"bias_ih_l{i}")), rows(getattr(rnn, f"bias_hh_l{i}"))
             if cfg.model != "gru":  # GRU keeps b_hh apart: its n part is gated by r
                 b_ih, b_hh = b_ih + b_hh, None
+            b_hh = None if b_hh is None else b_hh.to(self.dtype)
             if i == 0:  # one row per character: embedding -> input projection -> + biases
                 table = torch.addmm(b_ih, model.embed.weight.detach().float(), w_ih.t()).to(self.dtype)
-                self.layers.append((table, _Linear(w_hh, precision, self.dtype),
-                                    None if b_hh is None else b_hh.to(self.dtype)))
+                self.layers.append(_Layer(table, None, None, _Linear(w_hh, precision, self.dtype), b_hh))
             elif b_hh is None and (self.bounded or precision != "int8"):  # one matmul reads [x, h]
-                self.layers.append((None, _Linear(torch.cat([w_ih, w_hh], 1), precision, self.dtype),
-                                    b_ih.to(self.dtype)))
+                self.layers.append(_Layer(None, None, b_ih.to(self.dtype),
+                                          _Linear(torch.cat([w_ih, w_hh], 1), precision, self.dtype), None))
             else:  # GRU (its n gate needs the two products apart) and rnn-relu in int8 (x and h scales differ)
-                self.layers.append(((_Linear(w_ih, precision, self.dtype), b_ih.to(self.dtype)),
-                                    _Linear(w_hh, precision, self.dtype),
-                                    None if b_hh is None else b_hh.to(self.dtype)))
+                self.layers.append(_Layer(None, _Linear(w_ih, precision, self.dtype), b_ih.to(self.dtype),
+                                          _Linear(w_hh, precision, self.dtype), b_hh))
         self.head = _Linear(model.head.weight, precision, self.dtype)
         self.head_bias = model.head.bias.detach().to(self.dtype)
         self.hs: list[torch.Tensor] = []
@@ -188,26 +202,27 @@ class StepModel:
         entering the mode costs more than some of the steps' ops.)"""
         n = self.size
         x: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        for i, (w_ih, w_hh, b) in enumerate(self.layers):
+        for i, layer in enumerate(self.layers):
             h = self.hs[i]
-            if x is None:  # layer 0: the character's row of the table, then the recurrent product
-                gi = torch.embedding(w_ih, ids)
-                gates = w_hh.add_to(gi, *self.xs[i]) if b is None else None
-            elif w_ih is None:  # both products in one matmul over [x, h]
-                gi = None
-                gates = w_hh.add_to(b, torch.cat([x[0], self.xs[i][0]], 1))
+            if layer.table is not None:  # layer 0: the character's row of the table
+                gi = torch.embedding(layer.table, ids)
+            elif layer.ih is not None:
+                gi = layer.ih.add_to(layer.ih_bias, *x)
+            if self.kind == "gru":
+                gh = layer.hh.add_to(layer.hh_bias, *self.xs[i])
+            elif layer.fused:  # both products in one matmul over [x, h]
+                gates = layer.hh.add_to(layer.ih_bias, torch.cat([x[0], self.xs[i][0]], 1))
             else:
-                gi = w_ih[0].add_to(w_ih[1], *x)
-                gates = w_hh.add_to(gi, *self.xs[i]) if b is None else None
+                gates = layer.hh.add_to(gi, *self.xs[i])
             if self.kind == "lstm":
                 ifo, g = gates.split([3 * n, n], 1)
                 i_, f, o = torch.sigmoid(ifo).chunk(3, 1)
                 c = torch.addcmul(f * self.cs[i], i_, torch.tanh(g))
                 h = o * torch.tanh(c)
                 self.cs[i] = c
-            elif self.kind == "gru":  # gates r, z, n; b is b_hh
+            elif self.kind == "gru":  # gates r, z, n
                 gi_rz, gi_n = gi.split([2 * n, n], 1)
-                gh_rz, gh_n = w_hh.add_to(b, *self.xs[i]).split([2 * n, n], 1)
+                gh_rz, gh_n = gh.split([2 * n, n], 1)
                 r, z = torch.sigmoid(gi_rz + gh_rz).chunk(2, 1)
                 new = torch.tanh(torch.addcmul(gi_n, r, gh_n))
                 h = torch.addcmul(new, z, h - new)  # (1 - z) * n + z * h
