@@ -8,7 +8,9 @@ never a torn one.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +27,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[IO[bytes]
     path = Path(path)
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.{_writer()}-", suffix=".tmp")
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -51,5 +53,28 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[IO[bytes]
                 os.close(dir_fd)
         except OSError:
             pass  # not every filesystem lets a directory be fsynced
-    for stale in folder.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by writers killed mid-write
-        stale.unlink(missing_ok=True)
+    for stale in folder.glob(f".{glob.escape(path.name)}.*.tmp"):
+        if _killed_mid_write(stale.name[len(path.name) + 2:]):
+            stale.unlink(missing_ok=True)
+
+
+def _writer() -> str:
+    """This host and process, as temp file names carry them: several processes (torchrun ranks) may
+    write the same cache file at once, and only a writer that is gone leaves its temp file for good."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f"{host}-{os.getpid()}"
+
+
+def _killed_mid_write(owner: str) -> bool:
+    """Whether a temp file named '<host>-<pid>-...' was left by a process of this host that no longer runs."""
+    host, _, rest = owner.partition("-")
+    pid = rest.partition("-")[0]
+    if host != _writer().partition("-")[0] or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
