@@ -69,6 +69,7 @@ import numpy as np
 
 from .errors import ArchiveError, CharlmError, CheckpointError, ConfigError
 from .files import atomic_write
+from .units import bits_per_char
 from .vocab import Vocab, codes_to_text, text_to_codes
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ class CompressReport:
 
     @property
     def model_bits_per_char(self) -> float:
-        return self.model_cross_entropy / np.log(2)
+        return bits_per_char(self.model_cross_entropy)
 
     @property
     def chars_per_sec(self) -> float:
@@ -414,26 +415,28 @@ def compress_bytes(data: bytes, lm: CharLM, *, model_sha256: str, threads: int =
         raise ConfigError(f"max_segments must be from 1 to {MAX_SEGMENTS} (got {max_segments})")
     started = time.perf_counter()
     _check_model(lm)
-    text, flags = _fold_newlines(decode_utf8(data, what), lm.vocab)
+    original = decode_utf8(data, what)
+    text, flags = _fold_newlines(original, lm.vocab)
     flags |= FLAG_ADAPT if adapt else 0
     codes = text_to_codes(text)
+    ids = known_ids(lm.vocab, codes)  # -1: coded through the escape
     segments = segment_count(len(codes), max_segments=max_segments, min_segment_chars=min_segment_chars)
     with exact_arithmetic(threads):
-        payloads, nats, probe = _encode_segments(lm, codes, segments, progress, adapt=adapt)
+        payloads, nats, probe = _encode_segments(lm, codes, ids, segments, progress, adapt=adapt)
     header = _pack_header(model_sha256=model_sha256, text_sha256=hashlib.sha256(data).digest(),
                           byte_length=len(data), char_count=len(codes), threads=threads, flags=flags, probe=probe,
                           info=_platform_info(lm.path.name if lm.path else "?"),
                           segment_words=[len(p) for p in payloads])
     archive = header + b"".join(p.tobytes() for p in payloads)
-    report = CompressReport(original_bytes=len(data), original_chars=len(data.decode("utf-8")),
+    report = CompressReport(original_bytes=len(data), original_chars=len(original),
                             coded_chars=len(codes), compressed_bytes=len(archive), header_bytes=len(header),
-                            unknown_chars=int((known_ids(lm.vocab, codes) < 0).sum()), segments=segments,
+                            unknown_chars=int((ids < 0).sum()), segments=segments,
                             threads=threads, adapted=adapt, model_nats=nats, elapsed_s=time.perf_counter() - started,
                             checkpoint=str(lm.path or ""), checkpoint_sha256=model_sha256)
     return archive, report
 
 
-def _encode_segments(lm: CharLM, codes: np.ndarray, segments: int, progress: Progress | None, *,
+def _encode_segments(lm: CharLM, codes: np.ndarray, ids: np.ndarray, segments: int, progress: Progress | None, *,
                      adapt: bool) -> tuple[list[np.ndarray], float, bytes]:
     """(each segment's 32-bit words, summed model nats over known characters, fingerprint).
 
@@ -441,7 +444,6 @@ def _encode_segments(lm: CharLM, codes: np.ndarray, segments: int, progress: Pro
     handed to each segment's coder in one call, in the order the decoder will ask for them.
     """
     constriction = _constriction()
-    ids = known_ids(lm.vocab, codes)  # -1: coded through the escape
     n, escape = len(codes), len(lm.vocab)
     lo, hi = segment_bounds(n, segments)
     encoders = [constriction.stream.queue.RangeEncoder() for _ in range(segments)]
@@ -470,11 +472,11 @@ def _encode_segments(lm: CharLM, codes: np.ndarray, segments: int, progress: Pro
 
 
 def known_ids(vocab: Vocab, codes: np.ndarray) -> np.ndarray:
-    """Vocab ids of the code points; -1 for any character that is not itself a vocab entry (unknown, or
-    sharing a symbol with others), so that every id decodes back to exactly its character."""
-    ids = vocab.lookup(codes)
-    vocab_codes = text_to_codes("".join(vocab.chars))
-    ids[(ids >= 0) & (vocab_codes[np.maximum(ids, 0)] != codes)] = -1
+    """Vocab ids (int64, as torch's gather wants before 2.8) of the code points; -1 for any character that
+    is not itself a vocab entry (unknown, or sharing a symbol with others), so that every id decodes back
+    to exactly its character."""
+    ids = vocab.lookup(codes).astype(np.int64)
+    ids[(ids >= 0) & (vocab.codes[np.maximum(ids, 0)] != codes)] = -1
     return ids
 
 
@@ -535,7 +537,7 @@ def _decode_segments(lm: CharLM, payloads: list[np.ndarray], header: ArchiveHead
     constriction = _constriction()
     family, byte_model = _models()
     decoders = [constriction.stream.queue.RangeDecoder(words) for words in payloads]
-    vocab_codes = text_to_codes("".join(lm.vocab.chars))
+    vocab_codes = lm.vocab.codes
     n, segments, escape = header.char_count, len(payloads), len(lm.vocab)
     lo, hi = segment_bounds(n, segments)
     budget = [segment_bits(len(words)) for words in payloads]

@@ -134,6 +134,13 @@ class Vocab:
         joined = "\0".join(self.chars) + "\1" + "\0".join(self.folded)
         return hashlib.sha256(joined.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
+    @property
+    def codes(self) -> np.ndarray:
+        """The code point of each id (uint32, read-only)."""
+        view = self._codes.view()
+        view.flags.writeable = False
+        return view
+
     def lookup(self, codes: np.ndarray) -> np.ndarray:
         """Ids (int32) for an array of code points; -1 where the character is unknown."""
         return self._table[np.asarray(codes, dtype=np.uint32)]

@@ -407,3 +407,15 @@ def test_any_forged_header_is_an_archive_error(chars: int, byte_length: int, thr
     forged = forge(two_segments, chars=chars, byte_length=byte_length, threads=threads, flags=flags, words=words)
     with pytest.raises(ArchiveError):
         decompress_bytes(forged, lm, model_sha256=sha)
+
+
+def test_known_ids_are_int64_for_torch_before_2_8(model: tuple[CharLM, str]) -> None:
+    """torch.gather took only int64 indices before torch 2.8, and pyproject admits torch 2.3."""
+    import numpy as np
+
+    from charlm.compress import known_ids
+    from charlm.vocab import text_to_codes
+
+    lm, _ = model
+    ids = known_ids(lm.vocab, text_to_codes("the ☃"))
+    assert ids.dtype == np.int64 and ids[-1] == -1 and lm.vocab.decode(ids[:-1]) == "the "
