@@ -178,7 +178,7 @@ def baseline_eval_rate(ids: np.ndarray, precision: str) -> float:
 
 
 def charlm_eval_rate(ids: np.ndarray, precision: str) -> float:
-    model = CharRNN(ModelConfig(vocab_size=V, hidden_size=H, num_layers=LAYERS, embed_size=E))
+    model = CharRNN(ModelConfig(vocab_size=V, model="lstm", hidden_size=H, num_layers=LAYERS, embed_size=E))
     return evaluate(model, ids, start_id=0, batch_size=64, precision=precision).chars_per_sec
 
 
@@ -201,7 +201,7 @@ def baseline_sample_rate(streams: int, length: int) -> float:
 def charlm_sample_rate(streams: int, length: int, precision: str = "fp32") -> float:
     from charlm.vocab import Vocab
 
-    model = CharRNN(ModelConfig(vocab_size=V, hidden_size=H, num_layers=LAYERS, embed_size=E))
+    model = CharRNN(ModelConfig(vocab_size=V, model="lstm", hidden_size=H, num_layers=LAYERS, embed_size=E))
     sampler = Sampler(model, Vocab([chr(32 + i) for i in range(V)]), precision=precision)
     start = time.perf_counter()
     for _ in sampler.stream("a", length=length, num_samples=streams, rng_seed=0):

@@ -780,12 +780,24 @@ def _name(path: str | os.PathLike[str], stdio: str = "stdin") -> str:
 
 
 def archive_checkpoint(header: ArchiveHeader, checkpoint: str | os.PathLike[str] | None, what: str) -> Path:
-    """The checkpoint to decode with: the one given, else checkpoints/<the recorded name>, else the newest."""
+    """The checkpoint to decode with: the one given; else the one in ./checkpoints whose sha256 is the
+    one the archive records (checkpoints/<the recorded name> first, then newest first: a retrained
+    model may have taken the name); else the recorded name or the newest, which check_model refuses
+    with a message naming the model that is needed."""
     from . import checkpoint as ckpt
 
     if checkpoint is not None:
         return Path(checkpoint)
     named = Path("checkpoints") / Path(header.model_name).name
+    folder = Path("checkpoints")
+    others = sorted((p for p in folder.glob("*.safetensors") if not p.name.endswith(".last.safetensors")
+                     and p != named), key=lambda p: p.stat().st_mtime_ns, reverse=True) if folder.is_dir() else []
+    for candidate in ([named] if named.is_file() else []) + others:
+        try:
+            if file_sha256(candidate) == header.model_sha256:
+                return candidate
+        except CheckpointError:
+            continue
     if named.is_file():
         return named
     try:

@@ -1,20 +1,30 @@
-"""What a model is, as plain data: validated on creation, stored in every checkpoint.
+"""What a model is and how to train it, as plain data: validated on creation, stored in every checkpoint.
 
-Kept apart from model.py so that reading a checkpoint header (`charlm info`) needs no torch.
+The one source of defaults and choices: the CLI's options read them from here, so `train("corpus.txt")`
+and `charlm train corpus.txt` build the same model. Kept apart from model.py and the trainer so that
+reading a checkpoint header (`charlm info`) or `charlm --help` needs no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Literal, get_args
+import math
+import re
+from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any, Literal, get_args
 
 from .errors import CheckpointError, ConfigError
 
 Cell = Literal["lstm", "gru", "rnn", "rnn-relu"]
 Init = Literal["orthogonal", "xavier", "he", "pytorch"]
+Schedule = Literal["auto", "constant", "cosine", "exponential", "plateau"]
+DeviceName = Literal["auto", "cpu", "cuda", "mps"]
+TrainPrecision = Literal["auto", "fp32", "bf16"]  # the autocast dtype of training and scoring
 
 MAX_PARAMS = 2_000_000_000
 MAX_VOCAB = 0x110000
+# Validation text is the tail of the corpus, capped so that a big corpus spends its budget training
+# and still draws a learning curve: 500k characters score in seconds and pin bits/char to ~0.003.
+MAX_VAL_CHARS = 500_000
 
 
 @dataclass(frozen=True)
@@ -22,8 +32,8 @@ class ModelConfig:
     """Everything needed to rebuild the network; stored in every checkpoint."""
 
     vocab_size: int = 0  # 0: filled in from the training text by train()
-    model: Cell = "lstm"
-    hidden_size: int = 512
+    model: Cell = "gru"
+    hidden_size: int = 0  # 0: chosen from the time budget by train() (budget_hidden_size)
     num_layers: int = 2
     embed_size: int = 64
     dropout: float = 0.0
@@ -33,7 +43,8 @@ class ModelConfig:
         _check_int("vocab size", self.vocab_size, 0, MAX_VOCAB)
         _check_choice("--model", self.model, Cell)
         _check_choice("--init", self.init, Init)
-        _check_int("--hidden", self.hidden_size, 1, 65536)
+        if self.hidden_size != 0:  # 0 is "from the budget", filled in by train()
+            _check_int("--hidden", self.hidden_size, 1, 65536)
         _check_int("--layers", self.num_layers, 1, 64)
         _check_int("--embed", self.embed_size, 1, 65536)
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
@@ -61,7 +72,11 @@ class ModelConfig:
             raise CheckpointError(f"the checkpoint's model config has unknown keys {sorted(unknown)}",
                                   "it was written by a newer charlm: upgrade charlm")
         try:
-            return cls(**data)
+            config = cls(**data)
+            if config.hidden_size == 0 or config.vocab_size == 0:
+                raise ConfigError(f"--hidden and the vocab size must be at least 1 (got {config.hidden_size} and "
+                                  f"{config.vocab_size})")
+            return config
         except ConfigError as e:
             raise CheckpointError(f"the checkpoint's model config is invalid ({e.message})") from None
         except TypeError as e:
@@ -76,3 +91,154 @@ def _check_int(what: str, value: object, low: int, high: int) -> None:
 def _check_choice(what: str, value: object, choices: object) -> None:
     if value not in get_args(choices):
         raise ConfigError(f"{what} must be one of {', '.join(get_args(choices))} (got {value!r})")
+
+
+def budget_hidden_size(time_s: float | None) -> int:
+    """Hidden units when none are given, from the time budget.
+
+    Measured on 2 CPU cores on Shakespeare (bench/quality.py): within a few minutes a small model
+    sees several times more text than a large one and ends lower; the larger model only pays off
+    when the budget lets it see enough text. GRU beat LSTM of the same width at every budget tried.
+    """
+    minutes = time_s / 60 if time_s else math.inf
+    return 256 if minutes <= 6 else 384 if minutes <= 30 else 512
+
+
+def default_lr(hidden_size: int) -> float:
+    """Peak rate when none is given: 2e-3 at 512 units, scaled inversely with the width (narrower
+    layers take larger steps; 4e-3 at 256 measured best at a 2.5-minute budget)."""
+    return 2e-3 * 512 / hidden_size
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. Budgets (steps, epochs, time) may be combined: the first one reached stops."""
+
+    seq_len: int = 128
+    batch_size: int = 64
+    lr: float | None = None  # None: default_lr(hidden size)
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    schedule: Schedule = "auto"
+    warmup: int = 30
+    min_lr_ratio: float = 0.1
+    lr_decay: float = 0.95
+    plateau_factor: float = 0.5
+    plateau_patience: int = 1
+    steps: int | None = None
+    epochs: float | None = None
+    time: float | None = None  # seconds for the whole run, final validation and checkpoints included
+    patience: int = 5
+    eval_every: int = 0  # 0: auto_eval_every
+    eval_batch_size: int = 64
+    val_fraction: float = 0.1
+    max_val_chars: int | None = MAX_VAL_CHARS  # None: no cap (runs from before the cap existed)
+    min_count: int = 1
+    log_every: int = 10
+    save_every: float = 300.0
+    rng_seed: int = 1337
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int | None = None  # None: adapt between one thread and all cores as the load changes
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "eval_batch_size", "log_every", "min_count"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > 1 << 24:
+                raise ConfigError(f"{_flag(name)} must be a whole number of at least 1 (got {value!r})")
+        _check_number("lr", self.lr, optional=True)
+        _check_number("weight_decay", self.weight_decay, allow_zero=True)
+        _check_number("clip", self.clip, allow_zero=True)
+        _check_number("warmup", self.warmup, allow_zero=True)
+        _check_number("steps", self.steps, optional=True)
+        _check_number("epochs", self.epochs, optional=True)
+        _check_number("time", self.time, optional=True)
+        _check_number("patience", self.patience, allow_zero=True)
+        _check_number("eval_every", self.eval_every, allow_zero=True)
+        _check_number("save_every", self.save_every)
+        _check_number("plateau_patience", self.plateau_patience, allow_zero=True)
+        _check_choice("--schedule", self.schedule, Schedule)
+        _check_choice("--precision", self.precision, TrainPrecision)
+        for name in ("min_lr_ratio", "lr_decay", "plateau_factor"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"{_flag(name)} must be in (0, 1] (got {getattr(self, name)!r})")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigError(f"--val-fraction must be between 0 and 0.5 (got {self.val_fraction!r})")
+        if self.max_val_chars is not None:
+            _check_int("--max-val-chars", self.max_val_chars, 2, 1 << 40)
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ConfigError(f"--threads must be at least 1 (got {self.threads!r})")
+        if isinstance(self.rng_seed, bool) or not isinstance(self.rng_seed, int) or self.rng_seed < 0:
+            raise ConfigError(f"--rng-seed must be a whole number of 0 or more (got {self.rng_seed!r})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        """From a checkpoint header; a run saved before the validation cap existed keeps no cap, so
+        resuming it splits its text as it did."""
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in names}
+        values.setdefault("max_val_chars", None)
+        try:
+            return cls(**values)
+        except (ConfigError, TypeError) as e:
+            from .errors import CheckpointError
+
+            raise CheckpointError(f"the checkpoint's training config is invalid ({e})") from None
+
+    def effective_schedule(self) -> str:
+        if self.schedule != "auto":
+            return self.schedule
+        return "cosine" if self.has_budget() else "plateau"
+
+    def has_budget(self) -> bool:
+        return self.steps is not None or self.epochs is not None or self.time is not None
+
+
+# Options that decide which numbers a resumed run computes; changing them breaks exact resume.
+RESUME_FIXED = ("seq_len", "batch_size", "lr", "weight_decay", "clip", "schedule", "warmup", "min_lr_ratio",
+                "lr_decay", "plateau_factor", "plateau_patience", "val_fraction", "max_val_chars", "rng_seed",
+                "min_count")
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$")
+
+
+def parse_duration(text: str, option: str = "--time") -> float:
+    """'90s', '5m', '2h' or plain seconds -> seconds."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ConfigError(f"{option} {text!r} is not a duration", "write it like 90s, 5m or 2h")
+    unit = {"m": 60, "min": 60, "h": 3600, "hr": 3600}.get(match.group(2) or "s", 1)
+    seconds = float(match.group(1)) * unit
+    if seconds <= 0:
+        raise ConfigError(f"{option} must be more than zero (got {text!r})")
+    return seconds
+
+
+def default(cls: type, name: str) -> Any:
+    """A dataclass field's default, for the CLI's options."""
+    value = {f.name: f.default for f in fields(cls)}[name]
+    if value is MISSING:
+        raise KeyError(name)
+    return value
+
+
+def choices(kind: Any) -> list[str]:
+    """The values of a Literal type, for the CLI's click.Choice."""
+    return list(get_args(kind))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_number(name: str, value: object, *, allow_zero: bool = False, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value == 0 and not allow_zero):  # type: ignore[operator]
+        need = "zero or more" if allow_zero else "greater than zero"
+        raise ConfigError(f"{_flag(name)} must be {need} (got {value!r})")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from typing import Any
 
 from rich.console import Console
@@ -19,20 +20,26 @@ from .units import bits_per_char, perplexity
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
 
-LEVEL = {"value": 1}  # 0 quiet, 1 normal, 2 verbose
+_level = 1  # 0 quiet, 1 normal, 2 verbose; set once per command by the CLI
+HEARTBEAT_S = 30.0  # off a terminal, a progress line at least this often
 
 
 def set_verbosity(*, quiet: bool = False, verbose: bool = False) -> None:
-    LEVEL["value"] = 0 if quiet else 2 if verbose else 1
+    global _level
+    _level = 0 if quiet else 2 if verbose else 1
+
+
+def verbosity() -> int:
+    return _level
 
 
 def info(text: str) -> None:
-    if LEVEL["value"] >= 1:
+    if _level >= 1:
         err.print(text)
 
 
 def debug(text: str) -> None:
-    if LEVEL["value"] >= 2:
+    if _level >= 2:
         err.print(f"[dim]{text}[/dim]")
 
 
@@ -74,6 +81,7 @@ class TrainView:
         self.task: Any = None
         self.started: Any = None
         self.loss: float | None = None
+        self.last_line = time.monotonic()
 
     def __call__(self, event: Any) -> None:
         from .trainer import Evaluated, Note, Started
@@ -89,8 +97,9 @@ class TrainView:
             self.print(f"[yellow]note:[/yellow] {escape(event.text)}")
 
     def print(self, text: str, *, level: int = 1) -> None:
-        if LEVEL["value"] < level:
+        if _level < level:
             return
+        self.last_line = time.monotonic()
         (self.bar.console if self.bar else err).print(text)
 
     def on_started(self, e: Any) -> None:
@@ -108,7 +117,7 @@ class TrainView:
         if e.new_chars:
             self.print(f"fine-tuning from {escape(str(e.init_from))}: vocab extended by {len(e.new_chars)} characters")
         self.print(f"checkpoint {escape(str(e.checkpoint))}, evaluating every {e.eval_every} steps", level=2)
-        if err.is_terminal and LEVEL["value"] >= 1:
+        if err.is_terminal and _level >= 1:
             self.bar = Progress(
                 TextColumn("[progress.description]{task.description}"),
                 BarColumn(),
@@ -129,6 +138,8 @@ class TrainView:
             if not self.bar:
                 self.print(f"step {e.step:>7}  train {fmt_loss(e.train_loss)}  lr {e.lr:.2e}  "
                            f"{fmt_count(e.chars_per_sec or 0)} chars/s", level=2)
+        if not self.bar and _level == 1 and time.monotonic() - self.last_line >= HEARTBEAT_S:
+            self.heartbeat(e)  # off a terminal (CI, nohup, notebooks): a sign of life
         if self.bar:
             status = f"step {e.step} loss {self.loss:.3f} {fmt_count(e.chars_per_sec or 0)} chars/s" \
                 if self.loss is not None else f"step {e.step}"
@@ -136,6 +147,14 @@ class TrainView:
                 self.bar.update(self.task, completed=int(1000 * e.fraction), status=status)
             else:
                 self.bar.update(self.task, status=status)
+
+    def heartbeat(self, e: Any) -> None:
+        loss = f"train {bits_per_char(self.loss):.4f} bits/char" if self.loss is not None else "train -"
+        left = ""
+        if e.fraction:
+            left = f", {fmt_duration(e.elapsed_s / e.fraction - e.elapsed_s)} left"
+        self.print(f"step {e.step:>7}  {loss}  {fmt_count(e.chars_per_sec or 0)} chars/s  "
+                   f"{fmt_duration(e.elapsed_s)} elapsed{left}")
 
     def on_eval(self, e: Any) -> None:
         mark = " [green]best[/green]" if e.best else f" (best {e.best_val:.4f}, {e.evals_since_best} without gain)"

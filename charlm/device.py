@@ -7,6 +7,8 @@ import functools
 import os
 import platform
 import random
+import time
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -91,12 +93,155 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_cpu(threads: int | None = None) -> None:
-    """Denormals cost ~100x on x86; flushing them changes nothing a language model can notice."""
+    """Denormals cost ~100x on x86; flushing them changes nothing a language model can notice.
+    threads=None leaves the thread count to a ThreadTuner (or to OMP_NUM_THREADS when it is set)."""
     torch.set_flush_denormal(True)
     if threads:
         torch.set_num_threads(threads)
     elif "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(cpu_cores())
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask, which containers and taskset narrow)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def fixed_threads(threads: int | None) -> int | None:
+    """The thread count the user fixed (--threads, else OMP_NUM_THREADS), or None to adapt."""
+    if threads:
+        return threads
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(env) if env.isdigit() and int(env) > 0 else None
+
+
+class ThreadTuner:
+    """Keeps whichever of one thread or all cores runs the work faster, re-checked as the load changes.
+
+    Why: the fused recurrent kernels synchronise their threads at every time step. On a quiet machine
+    a second thread buys ~20%; beside one CPU-bound neighbour each of those barriers waits for a
+    descheduled thread, and two threads run 3-5x slower than one (bench/contention.py). No fixed
+    choice is right on both, so this measures: it tries each count for a few units of work, keeps the
+    faster, probes again after an interval that doubles while the choice holds (10 s up to 80 s), and
+    at once when the speed falls below 60% of what the probe measured (a neighbour arrived).
+
+    Work is timed by the caller in units (a training step, a chunk of scoring, a batch of sampled
+    characters); `unit(size)` is the context manager that measures one. On a GPU, or when the user
+    fixed the count (--threads, OMP_NUM_THREADS), it does nothing. The thread count in force before
+    is restored by `close()` (also on exit of `with tuner:`): a library call leaves the process as it
+    found it. Results stay deterministic only with a fixed count: thread counts change float sums.
+    """
+
+    MIN_UNIT_S = 0.05  # shorter units are pooled into one sample (sampling steps are ~0.2 ms)
+    PROBE_S = 0.4  # time measured per candidate in a probe, after one warm-up sample
+    FIRST_INTERVAL_S, MAX_INTERVAL_S = 10.0, 80.0
+    DROP = 0.6  # speed below this fraction of the probed speed, 3 samples running, triggers a probe
+
+    def __init__(self, device: torch.device | str = "cpu", threads: int | None = None, *,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.before = torch.get_num_threads()
+        fixed = fixed_threads(threads)
+        cores = cpu_cores()
+        self.active = torch.device(device).type == "cpu" and fixed is None and cores > 1
+        self.choices = [cores, 1]  # all cores first: the quiet machine's usual winner
+        self.clock = clock
+        self.choice = cores if self.active else (fixed or self.before)
+        self.history: list[tuple[float, int]] = []  # (time, threads) at each change, for reports
+        self._pending_work = 0.0
+        self._pending_time = 0.0
+        self._probe: list[int] = []  # candidates still to try
+        self._probe_speeds: dict[int, float] = {}
+        self._samples: list[tuple[float, float]] = []  # (work, seconds) for the current candidate
+        self._warm = False
+        self._interval = self.FIRST_INTERVAL_S
+        self._next_probe = 0.0
+        self._reference = 0.0
+        self._slow = 0
+        if self.active:
+            self._start_probe()
+
+    # --- the caller's side
+
+    @contextlib.contextmanager
+    def unit(self, size: float) -> Iterator[None]:
+        """Times one unit of `size` (characters) of work at the current thread count."""
+        if not self.active:
+            yield
+            return
+        began = self.clock()
+        yield
+        self._pending_time += self.clock() - began
+        self._pending_work += size
+        if self._pending_time >= self.MIN_UNIT_S:
+            work, seconds = self._pending_work, self._pending_time
+            self._pending_work = self._pending_time = 0.0
+            self._sample(work, seconds)
+
+    def close(self) -> None:
+        if self.active:
+            torch.set_num_threads(self.before)
+            self.active = False
+
+    def __enter__(self) -> ThreadTuner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def threads(self) -> int:
+        return self.choice
+
+    # --- the policy
+
+    def _set(self, threads: int) -> None:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        self.choice = threads
+
+    def _start_probe(self) -> None:
+        self._probe = list(self.choices)
+        self._probe_speeds = {}
+        self._begin_candidate()
+
+    def _begin_candidate(self) -> None:
+        self._set(self._probe[0])
+        self._samples = []
+        self._warm = False
+        self._pending_work = self._pending_time = 0.0
+
+    def _sample(self, work: float, seconds: float) -> None:
+        if self._probe:
+            if not self._warm:  # the first sample after a switch pays for waking or parking threads
+                self._warm = True
+                return
+            self._samples.append((work, seconds))
+            measured = sum(s for _, s in self._samples)
+            if measured < self.PROBE_S and len(self._samples) < 3 or len(self._samples) < 2:
+                return
+            self._probe_speeds[self._probe.pop(0)] = sum(w for w, _ in self._samples) / measured
+            if self._probe:
+                self._begin_candidate()
+                return
+            best = max(self._probe_speeds, key=lambda n: (self._probe_speeds[n], -n))
+            previous = self.choice if not self.history else self.history[-1][1]
+            self._interval = min(self.MAX_INTERVAL_S, self._interval * 2) \
+                if best == previous and self.history else self.FIRST_INTERVAL_S
+            self._set(best)
+            self.history.append((self.clock(), best))
+            self._reference = self._probe_speeds[best]
+            self._slow = 0
+            self._next_probe = self.clock() + self._interval
+            return
+        speed = work / seconds
+        self._slow = self._slow + 1 if speed < self.DROP * self._reference else 0
+        if self._slow >= 3 or self.clock() >= self._next_probe:
+            if self._slow >= 3:
+                self._interval = self.FIRST_INTERVAL_S / 2  # the load changed: look again soon
+            self._start_probe()
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ The first character of the text is predicted from the start symbol (a newline), 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .device import autocast
+from .device import ThreadTuner, autocast
 from .distributed import Dist
 from .model import CharRNN, cross_entropy_sum
 from .units import bits_per_char, perplexity
@@ -54,6 +55,10 @@ class Metrics:
         return d
 
 
+def _untimed(size: float) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
 def stream_count(n: int, batch_size: int) -> int:
     """How many parallel streams to score `n` characters with: at most `batch_size`, each long."""
     return max(1, min(batch_size, n // MIN_STREAM_CHARS))
@@ -72,11 +77,13 @@ def score(
     progress: Callable[[int], None] | None = None,
     shard: tuple[int, int] = (0, 1),
     fold: tuple[int, float] | None = None,
+    tuner: ThreadTuner | None = None,
 ) -> tuple[torch.Tensor, int]:
     """(summed nats as a float64 tensor, characters scored) over the streams of this shard.
 
     shard (rank, world) keeps streams rank, rank + world, ...: the same streams a single process
-    scores, so summing the shards gives the single-process figure.
+    scores, so summing the shards gives the single-process figure. `tuner` times each chunk so the
+    thread count follows the machine's load (see device.ThreadTuner).
     """
     n = len(ids)
     device = device or next(model.parameters()).device
@@ -91,6 +98,7 @@ def score(
     was_training = model.training
     model.eval()
     state = model.initial_state(len(mine), device)
+    timed = tuner.unit if tuner is not None else _untimed
     try:
         for k in range(0, longest, chunk):
             width = min(chunk, longest - k)
@@ -103,9 +111,10 @@ def score(
             source[pos == 0] = start_id
             x = torch.from_numpy(source).to(device, non_blocking=True)
             y = torch.from_numpy(target).to(device, non_blocking=True)
-            with autocast(device, precision):
-                logits, state = model(x, state)
-            total += cross_entropy_sum(logits, y).double()
+            with timed(source.size):
+                with autocast(device, precision):
+                    logits, state = model(x, state)
+                total += cross_entropy_sum(logits, y).double()
             if fold is not None:  # each folded character: P(unknown symbol) spread over all of them
                 total += (y == fold[0]).sum() * fold[1]
             if progress is not None:
@@ -128,13 +137,14 @@ def evaluate(
     progress: Callable[[int], None] | None = None,
     dist: Dist | None = None,
     fold: tuple[int, float] | None = None,
+    tuner: ThreadTuner | None = None,
 ) -> Metrics:
     """Metrics for the whole of `ids`; under torchrun each rank scores its share of the streams and
     the summed nats are reduced exactly."""
     dist = dist or Dist()
     started = time.perf_counter()
     nats, _ = score(model, ids, start_id=start_id, batch_size=batch_size, device=device,
-                    precision=precision, progress=progress, shard=(dist.rank, dist.world), fold=fold)
+                    precision=precision, progress=progress, shard=(dist.rank, dist.world), fold=fold, tuner=tuner)
     count = len(ids)
     return Metrics(
         chars=count,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .data import corpus_from_text, load_corpus
-from .device import configure_cpu, resolve_device, resolve_precision, resolve_sample_precision
+from .device import ThreadTuner, configure_cpu, resolve_device, resolve_precision, resolve_sample_precision
 from .evaluate import Metrics, evaluate
 from .model import CharRNN
 from .sample import Sampler
@@ -19,14 +19,15 @@ class CharLM:
     """A model with its vocab and the checkpoint header it came from."""
 
     def __init__(self, model: CharRNN, vocab: Vocab, *, header: ckpt.Header | None = None,
-                 precision: str = "fp32", sample_precision: str = "auto") -> None:
+                 precision: str = "fp32", sample_precision: str = "auto", threads: int | None = None) -> None:
         self.model = model.eval()
         self.vocab = vocab
         self.header = header
         self.device = next(model.parameters()).device
         self.precision = precision  # of scoring
         self.sample_precision = resolve_sample_precision(sample_precision, self.device)
-        self._sampler = Sampler(self.model, vocab, precision=self.sample_precision)
+        self.threads = threads  # None: each call adapts the CPU thread count to the load (ThreadTuner)
+        self._sampler = Sampler(self.model, vocab, precision=self.sample_precision, threads=threads)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, device: str = "auto",
@@ -42,7 +43,7 @@ class CharLM:
         if precision == "auto":  # score as training validated, so `perplexity` reproduces train's figure
             precision = str(header.train.get("precision", "auto"))
         return cls(model.to(dev), header.vocab, header=header, precision=resolve_precision(precision, dev),
-                   sample_precision=sample_precision)
+                   sample_precision=sample_precision, threads=threads)
 
     @property
     def path(self) -> Path | None:
@@ -85,9 +86,10 @@ class CharLM:
             corpus = corpus_from_text(source, vocab=self.vocab, unknown=unknown)
         else:
             corpus = load_corpus(source, vocab=self.vocab, unknown=unknown)
-        return evaluate(self.model, corpus.ids, start_id=self.vocab.start_id, batch_size=batch_size,
-                        device=self.device, precision=self.precision, unknown=corpus.unknown,
-                        unknown_chars=corpus.unknown_chars, fold=self.vocab.fold_penalty)
+        with ThreadTuner(self.device, self.threads) as tuner:
+            return evaluate(self.model, corpus.ids, start_id=self.vocab.start_id, batch_size=batch_size,
+                            device=self.device, precision=self.precision, unknown=corpus.unknown,
+                            unknown_chars=corpus.unknown_chars, fold=self.vocab.fold_penalty, tuner=tuner)
 
     def __repr__(self) -> str:
         c = self.model.config

@@ -14,7 +14,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .device import resolve_sample_precision
+from .device import ThreadTuner, resolve_sample_precision
 from .errors import ConfigError, VocabError
 from .model import CharRNN, State
 from .vocab import Vocab, describe_char, text_to_codes
@@ -239,8 +239,9 @@ NOISE_FLOATS = 1 << 20  # Gumbel noise drawn ahead, in floats: a few MB whatever
 class Sampler:
     """Batched generation with carried state from a CharRNN and its vocab."""
 
-    def __init__(self, model: CharRNN, vocab: Vocab, *, precision: str = "fp32") -> None:
+    def __init__(self, model: CharRNN, vocab: Vocab, *, precision: str = "fp32", threads: int | None = None) -> None:
         self.model = model.eval()
+        self.threads = threads  # None: adapt the CPU thread count to the load while generating
         self.vocab = vocab
         self.device = next(model.parameters()).device
         self.step = StepModel(self.model, precision)
@@ -281,11 +282,15 @@ class Sampler:
         else:
             pick = self._filtered(temperature, top_k, top_p, generator)
         chars = self.vocab.chars
-        for i in range(length):
-            next_ids = pick(logits)
-            yield [chars[j] for j in next_ids.tolist()]
-            if i + 1 < length:
-                logits = self.step(next_ids)
+        with ThreadTuner(self.device, self.threads) as tuner:
+            for i in range(length):
+                with tuner.unit(num_samples):
+                    next_ids = pick(logits)
+                    picked = next_ids.tolist()
+                yield [chars[j] for j in picked]
+                if i + 1 < length:
+                    with tuner.unit(0):
+                        logits = self.step(next_ids)
 
     @staticmethod
     def _greedy() -> Callable[[torch.Tensor], torch.Tensor]:

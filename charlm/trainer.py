@@ -17,16 +17,25 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
 from . import checkpoint as ckpt
 from . import distributed
+from .config import (  # noqa: F401 - TrainConfig and parse_duration are re-exported
+    RESUME_FIXED,
+    ModelConfig,
+    TrainConfig,
+    budget_hidden_size,
+    default_lr,
+    parse_duration,
+)
 from .data import Batches, Corpus, cached_scan, load_corpus, split
 from .device import (
+    ThreadTuner,
     autocast,
     configure_cpu,
     resolve_device,
@@ -38,139 +47,114 @@ from .device import (
 from .errors import CheckpointError, ConfigError, CorpusError, TrainingError
 from .evaluate import Metrics, evaluate
 from .files import atomic_write
-from .model import CharRNN, ModelConfig, State, cross_entropy_sum
+from .model import CharRNN, State, cross_entropy_sum
 from .units import bits_per_char, perplexity
 from .vocab import Vocab
 
-Schedule = Literal["auto", "constant", "cosine", "exponential", "plateau"]
 MAX_BAD_STEPS = 10  # consecutive non-finite steps before training gives up
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train. Budgets (steps, epochs, time) may be combined: the first one reached stops."""
-
-    seq_len: int = 128
-    batch_size: int = 64
-    lr: float | None = None  # None: default_lr(hidden size)
-    weight_decay: float = 0.01
-    clip: float = 1.0
-    schedule: Schedule = "auto"
-    warmup: int = 30
-    min_lr_ratio: float = 0.1
-    lr_decay: float = 0.95
-    plateau_factor: float = 0.5
-    plateau_patience: int = 1
-    steps: int | None = None
-    epochs: float | None = None
-    time: float | None = None
-    patience: int = 5
-    eval_every: int = 0
-    eval_batch_size: int = 64
-    val_fraction: float = 0.1
-    min_count: int = 1
-    log_every: int = 10
-    save_every: float = 300.0
-    rng_seed: int = 1337
-    device: str = "auto"
-    precision: str = "auto"
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        def positive(name: str, value: float | None, *, allow_zero: bool = False, optional: bool = False) -> None:
-            if value is None and optional:
-                return
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            if not ok or value < 0 or (value == 0 and not allow_zero):
-                need = "zero or more" if allow_zero else "greater than zero"
-                raise ConfigError(f"--{name.replace('_', '-')} must be {need} (got {value!r})")
-
-        for name in ("seq_len", "batch_size", "eval_batch_size", "log_every", "min_count"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > 1 << 24:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number of at least 1 (got {value!r})")
-        positive("lr", self.lr, optional=True)
-        positive("weight_decay", self.weight_decay, allow_zero=True)
-        positive("clip", self.clip, allow_zero=True)
-        positive("warmup", self.warmup, allow_zero=True)
-        positive("steps", self.steps, optional=True)
-        positive("epochs", self.epochs, optional=True)
-        positive("time", self.time, optional=True)
-        positive("patience", self.patience, allow_zero=True)
-        positive("eval_every", self.eval_every, allow_zero=True)
-        positive("save_every", self.save_every)
-        positive("plateau_patience", self.plateau_patience, allow_zero=True)
-        if self.schedule not in get_args(Schedule):
-            raise ConfigError(f"--schedule must be one of {', '.join(get_args(Schedule))} (got {self.schedule!r})")
-        for name in ("min_lr_ratio", "lr_decay", "plateau_factor"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be in (0, 1] (got {getattr(self, name)!r})")
-        if not 0.0 < self.val_fraction < 0.5:
-            raise ConfigError(f"--val-fraction must be between 0 and 0.5 (got {self.val_fraction!r})")
-        if self.threads is not None and self.threads < 1:
-            raise ConfigError(f"--threads must be at least 1 (got {self.threads!r})")
-        if isinstance(self.rng_seed, bool) or not isinstance(self.rng_seed, int) or self.rng_seed < 0:
-            raise ConfigError(f"--rng-seed must be a whole number of 0 or more (got {self.rng_seed!r})")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        try:
-            return cls(**{k: v for k, v in data.items() if k in names})
-        except (ConfigError, TypeError) as e:
-            raise CheckpointError(f"the checkpoint's training config is invalid ({e})") from None
-
-    def effective_schedule(self) -> str:
-        if self.schedule != "auto":
-            return self.schedule
-        return "cosine" if self.has_budget() else "plateau"
-
-    def has_budget(self) -> bool:
-        return self.steps is not None or self.epochs is not None or self.time is not None
-
-
-# Options that decide which numbers a resumed run computes; changing them breaks exact resume.
-RESUME_FIXED = ("seq_len", "batch_size", "lr", "weight_decay", "clip", "schedule", "warmup", "min_lr_ratio",
-                "lr_decay", "plateau_factor", "plateau_patience", "val_fraction", "rng_seed", "min_count")
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$")
-
-
 def default_model(config: TrainConfig) -> ModelConfig:
-    """The architecture for a run when none is given, chosen from its time budget.
-
-    Measured on 2 CPU cores on Shakespeare (bench/quality.py): within a few minutes a small model
-    sees several times more text than a large one and ends lower; the larger model only pays off
-    when the budget lets it see enough text. GRU beat LSTM of the same width at every budget tried.
-    """
-    minutes = config.time / 60 if config.time else math.inf
-    hidden = 256 if minutes <= 6 else 384 if minutes <= 30 else 512
-    return ModelConfig(model="gru", hidden_size=hidden, num_layers=2, embed_size=64)
+    """The architecture for a run when none is given: ModelConfig's defaults, sized by the budget."""
+    return fill_model(ModelConfig(), config)
 
 
-def default_lr(hidden_size: int) -> float:
-    """Peak rate when none is given: 2e-3 at 512 units, scaled inversely with the width (narrower
-    layers take larger steps; 4e-3 at 256 measured best at a 2.5-minute budget)."""
-    return 2e-3 * 512 / hidden_size
-
-
-def parse_duration(text: str) -> float:
-    """'90s', '5m', '2h' or plain seconds -> seconds."""
-    match = _DURATION.match(str(text))
-    if not match:
-        raise ConfigError(f"--time {text!r} is not a duration", "write it like 90s, 5m or 2h")
-    unit = {"m": 60, "min": 60, "h": 3600, "hr": 3600}.get(match.group(2) or "s", 1)
-    seconds = float(match.group(1)) * unit
-    if seconds <= 0:
-        raise ConfigError(f"--time must be more than zero (got {text!r})")
-    return seconds
+def fill_model(model: ModelConfig, config: TrainConfig) -> ModelConfig:
+    """`model` with a hidden size of 0 ("from the budget") filled in."""
+    if model.hidden_size:
+        return model
+    return replace(model, hidden_size=budget_hidden_size(config.time))
 
 
 def default_paths(name: str, out: str | os.PathLike[str] | None) -> Path:
-    return Path(out) if out is not None else Path("checkpoints") / f"{name}.safetensors"
+    """The best checkpoint's path as named: --out, else checkpoints/<corpus name>.safetensors."""
+    best = Path(out) if out is not None else Path("checkpoints") / f"{name}.safetensors"
+    return best if best.suffix == ".safetensors" else best.with_name(best.name + ".safetensors")
+
+
+def run_files(best: Path) -> tuple[Path, Path, Path]:
+    """(best checkpoint, resume checkpoint, metrics log) of one run."""
+    return (best, *ckpt.sibling_paths(best))
+
+
+def taken(best: Path) -> bool:
+    """Whether a run already keeps any of its files at this name."""
+    return any(p.exists() for p in run_files(best))
+
+
+def numbered_runs(best: Path) -> list[Path]:
+    """The best-checkpoint paths of <stem>.safetensors and <stem>-N.safetensors, for every run of
+    that name that left a file, oldest name first."""
+    stem = best.name.removesuffix(".safetensors")
+    pattern = re.compile(rf"^{re.escape(stem)}(?:-(\d+))?\.(?:last\.safetensors|safetensors|metrics\.jsonl)$")
+    numbers = set()
+    if best.parent.is_dir():
+        for p in best.parent.iterdir():
+            match = pattern.match(p.name)
+            if match:
+                numbers.add(int(match.group(1) or 1))
+    return [best if n == 1 else best.with_name(f"{stem}-{n}.safetensors") for n in sorted(numbers)]
+
+
+def new_run_path(name: str, out: str | os.PathLike[str] | None, *, overwrite: bool) -> tuple[Path, str]:
+    """Where a new run writes, and a note for the user when that is not the plain name.
+
+    A trained model is never replaced unasked: with the default name the new run takes the next
+    free one (corpus-2, corpus-3, ...; `sample` and `perplexity` pick the newest); a path given
+    with --out that already holds a run is refused. overwrite=True replaces either.
+    """
+    best = default_paths(name, out)
+    if overwrite or not taken(best):
+        return best, (f"replacing the run at {best} (--overwrite)" if taken(best) else "")
+    if out is not None:
+        raise ConfigError(f"{best} already holds a trained model",
+                          "pass --overwrite to replace it, --resume to continue it, or choose another --out")
+    stem = best.name.removesuffix(".safetensors")
+    n = max(2, len(numbered_runs(best)) + 1)
+    while taken(best.with_name(f"{stem}-{n}.safetensors")):
+        n += 1
+    fresh = best.with_name(f"{stem}-{n}.safetensors")
+    return fresh, f"{best} holds an earlier model, kept; this run writes {fresh} (--overwrite replaces instead)"
+
+
+def resume_path(name: str, out: str | os.PathLike[str] | None, resume: bool | str | os.PathLike[str]) -> Path:
+    """The .last checkpoint --resume continues: the path given, else that of the newest run of the name."""
+    if resume is not True:
+        return Path(resume)  # type: ignore[arg-type]
+    best = default_paths(name, out)
+    runs = [ckpt.sibling_paths(p)[0] for p in numbered_runs(best)] if out is None else []
+    runs = [p for p in runs if p.exists()]
+    return max(runs, key=lambda p: p.stat().st_mtime_ns) if runs else ckpt.sibling_paths(best)[0]
+
+
+def best_path_of(last: Path) -> Path | None:
+    """The best checkpoint that belongs to a resume checkpoint, by name."""
+    if not last.name.endswith(".last.safetensors"):
+        return None
+    return last.with_name(last.name.removesuffix(".last.safetensors") + ".safetensors")
+
+
+MODEL_FLAGS = {"model": "--model", "hidden_size": "--hidden", "num_layers": "--layers", "embed_size": "--embed",
+               "dropout": "--dropout", "init": "--init"}
+
+
+def resume_settings(corpus: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None,
+                    resume: bool | str | os.PathLike[str] = True, train_changes: dict | None = None,
+                    model_changes: dict | None = None) -> tuple[TrainConfig, ModelConfig | None, Path]:
+    """The interrupted run's settings with the given changes on top: (config, model or None, .last path).
+
+    The CLI passes only what the user typed, so an option left alone keeps the run's value;
+    `train(..., resume=path)` then refuses changes that would break exact resume, naming each.
+    """
+    from .corpora import resolve
+
+    last = resume_path(resolve(corpus)[1] if out is None else "", out, resume)
+    if not last.exists():
+        return TrainConfig(**(train_changes or {})), None, last  # train() says there is nothing to resume
+    header = ckpt.read_header(last)
+    config = replace(TrainConfig.from_dict(header.train), **(train_changes or {}))
+    model = replace(header.model, **model_changes) if model_changes else None
+    return config, model, last
 
 
 # ----------------------------------------------------------------------------------------------- events
@@ -237,6 +221,13 @@ class TrainResult:
     elapsed_s: float
     stopped: str
     skipped_steps: int = 0
+    signal: int | None = None  # the signal that interrupted the run (SIGINT, SIGTERM)
+    threads: int | None = None  # CPU threads in use at the end (the tuner's last choice)
+
+    @property
+    def exit_code(self) -> int:
+        """What a shell expects after the run: 0, or 128 + the signal that stopped it (130, 143)."""
+        return 128 + self.signal if self.signal else 0
 
     @property
     def val_perplexity(self) -> float:
@@ -263,6 +254,7 @@ class TrainResult:
             "elapsed_s": self.elapsed_s,
             "stopped": self.stopped,
             "skipped_steps": self.skipped_steps,
+            "threads": self.threads,
         }
 
 
@@ -349,11 +341,22 @@ def grow_model(model: CharRNN, vocab_size: int) -> CharRNN:
     return grown
 
 
+class StopRequest:
+    """Set by the first Ctrl-C (SIGINT) or SIGTERM: the loop stops at the next step boundary, writes
+    its resume checkpoint, and the CLI exits 128 + the signal's number (130, 143)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def is_set(self) -> bool:
+        return self.signal is not None
+
+
 @contextlib.contextmanager
-def _graceful_stop() -> Iterator[threading.Event]:
+def _graceful_stop() -> Iterator[StopRequest]:
     """First Ctrl-C (or SIGTERM) asks the loop to stop at the next step boundary; a second one
     interrupts at once. Outside the main thread nothing is installed."""
-    stop = threading.Event()
+    stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
@@ -361,7 +364,7 @@ def _graceful_stop() -> Iterator[threading.Event]:
     def handler(signum: int, frame: Any) -> None:
         if stop.is_set():
             raise KeyboardInterrupt
-        stop.set()
+        stop.signal = signum
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -412,17 +415,22 @@ def train(
     out: str | os.PathLike[str] | None = None,
     resume: bool | str | os.PathLike[str] = False,
     init_from: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
     on_event: Callable[[Event], None] | None = None,
 ) -> TrainResult:
     """Train a character model on `corpus` (a file path, a built-in corpus name or a Corpus).
 
     `model` gives the architecture (its vocab_size is filled in from the text); `resume` continues
     the `.last` checkpoint beside `out` (or the path given); `init_from` starts from another
-    checkpoint's weights, extending its vocab with the new text's characters. Under torchrun each
-    process trains `config.batch_size` of the streams (global batch = processes x batch size).
+    checkpoint's weights, extending its vocab with the new text's characters. A new run never
+    replaces an earlier model unless `overwrite` (see new_run_path). Under torchrun each process
+    trains `config.batch_size` of the streams (global batch = processes x batch size).
+
+    `model=None` and `config=None` mean the defaults of ModelConfig and TrainConfig (the same as
+    `charlm train`'s): a GRU 2x256 for budgets up to 6 minutes, 2x384 up to 30, else 2x512.
     """
     run = _Run(corpus, model=model, config=config or TrainConfig(), out=out, resume=resume, init_from=init_from,
-               on_event=on_event)
+               overwrite=overwrite, on_event=on_event)
     try:
         return run.loop()
     finally:
@@ -435,7 +443,8 @@ class _Run:
 
     def __init__(self, corpus: str | os.PathLike[str] | Corpus, *, model: ModelConfig | None, config: TrainConfig,
                  out: str | os.PathLike[str] | None, resume: bool | str | os.PathLike[str],
-                 init_from: str | os.PathLike[str] | None, on_event: Callable[[Event], None] | None) -> None:
+                 init_from: str | os.PathLike[str] | None, overwrite: bool,
+                 on_event: Callable[[Event], None] | None) -> None:
         configure_cpu(config.threads)
         device = resolve_device(config.device)
         self.dist, self.device = distributed.setup(device)
@@ -451,20 +460,23 @@ class _Run:
             from .corpora import resolve
 
             corpus_path, name = resolve(corpus)
-        best_path = default_paths(name, out)
-        if best_path.suffix != ".safetensors":
-            best_path = best_path.with_name(best_path.name + ".safetensors")
+        placement_note = ""
+        if resume:
+            last = resume_path(name, out, resume)
+            if not last.exists():
+                raise CheckpointError(f"--resume: no resume checkpoint at {last}",
+                                      "start without --resume, or give the .last.safetensors file to continue")
+            resume_header = ckpt.read_header(last)
+            if resume_header.kind != "last" or "optim_groups" not in resume_header.state:
+                raise CheckpointError(f"--resume: {last} holds no training state (it is a best checkpoint)",
+                                      f"resume from {ckpt.sibling_paths(best_path_of(last))[0].name}, or fine-tune "
+                                      f"with --init-from {last}")
+            best_path = default_paths(name, out) if out is not None else best_path_of(last) or default_paths(name, out)
+        else:
+            best_path, placement_note = new_run_path(name, out, overwrite=overwrite)
         self.best_path = best_path
         self.last_path, self.metrics_path = ckpt.sibling_paths(best_path)
         if resume:
-            resume_path = self.last_path if resume is True else Path(resume)
-            if not resume_path.exists():
-                raise CheckpointError(f"--resume: no resume checkpoint at {resume_path}",
-                                      "start without --resume, or give the .last.safetensors file to continue")
-            resume_header = ckpt.read_header(resume_path)
-            if resume_header.kind != "last" or "optim_groups" not in resume_header.state:
-                raise CheckpointError(f"--resume: {resume_path} holds no training state (it is a best checkpoint)",
-                                      f"resume from {self.last_path.name}, or fine-tune with --init-from {resume_path}")
             config = _rebatch(resume_header, config, self.dist.world)
             if config.lr is None:
                 config = replace(config, lr=resume_header.train.get("lr"))
@@ -496,7 +508,7 @@ class _Run:
                 f"{data.path or data.name} is too short to train on: {len(data)} characters, need at least {need} for "
                 f"--batch-size {self.global_batch}, --seq-len {config.seq_len} and --val-fraction "
                 f"{config.val_fraction}", "lower --batch-size or --seq-len, or use a longer text")
-        self.train_ids, self.val_ids = split(data.ids, config.val_fraction)
+        self.train_ids, self.val_ids = split(data.ids, config.val_fraction, max_chars=config.max_val_chars)
         self.batches = Batches(self.train_ids, self.global_batch, config.seq_len, config.rng_seed)
         self.rows = slice(self.dist.rank * config.batch_size, (self.dist.rank + 1) * config.batch_size)
         if self.dist.is_main:
@@ -509,15 +521,14 @@ class _Run:
         if resume_header is not None:
             tensors = ckpt.read_tensors(resume_header)
             net = ckpt.build_model(resume_header, tensors)
-            if model is not None and replace(model, vocab_size=net.config.vocab_size) != net.config:
-                raise CheckpointError("--resume: the model options differ from the checkpoint's",
-                                      "drop the model options when resuming")
+            if model is not None:
+                _check_resume_model(replace(model, vocab_size=net.config.vocab_size), net.config)
         elif init_header is not None:
             net = ckpt.build_model(init_header)
             if len(data.vocab) > net.config.vocab_size:
                 net = grow_model(net, len(data.vocab))
         else:
-            net = CharRNN(replace(model or default_model(config), vocab_size=len(data.vocab)))
+            net = CharRNN(replace(fill_model(model or ModelConfig(), config), vocab_size=len(data.vocab)))
         if config.lr is None:
             config = self.config = replace(config, lr=default_lr(net.config.hidden_size))
         self.net = net.to(self.device).train()
@@ -552,8 +563,8 @@ class _Run:
         self.header_common = {"model": self.net.config.to_dict(), "vocab": list(data.vocab.chars),
                               "folded": list(data.vocab.folded),
                               "train": config.to_dict(), "corpus": corpus_info}
-        if best_path.exists() and resume_header is None:
-            self.emit(Note(f"replacing {best_path} (use --resume to continue a run instead)"))
+        if placement_note:
+            self.emit(Note(placement_note))
         if self.dist.active:
             self.emit(Note(f"data-parallel on {self.dist.world} processes: global batch {self.global_batch} "
                            f"streams ({config.batch_size} per process)"))
@@ -577,6 +588,9 @@ class _Run:
         self.skipped = torch.zeros((), device=self.device)
         self.steps_in_epoch = self.batches.steps_in_epoch(self.st["epoch"])
         self.last_val: Metrics | None = None
+        self.tuner = ThreadTuner(self.device, config.threads)
+        self.eval_speed: float | None = None  # validation chars/s per process at the last evaluation
+        self.save_s = 0.0  # the slowest checkpoint write so far
 
     # --- clocks and schedule
 
@@ -596,8 +610,16 @@ class _Run:
         if c.epochs:
             parts.append(self.epoch_float() / c.epochs)
         if c.time:
-            parts.append(self.elapsed() / c.time)
+            parts.append(self.elapsed() / max(1e-9, c.time - self.finish_reserve()))
         return min(1.0, max(parts)) if parts else None
+
+    def finish_reserve(self) -> float:
+        """Seconds the final validation and checkpoint writes will take, so that --time bounds the
+        whole run: the validation text over the speed of the last evaluation (before the first,
+        a third of the cost per character of training), plus the slowest save so far, twice."""
+        speed = self.eval_speed or 3 * self.session_chars / self.train_time() / self.dist.world
+        eval_s = len(self.val_ids) / self.dist.world / speed if speed else 0.0
+        return 1.15 * (eval_s + 2 * self.save_s) + 0.2
 
     def current_lr(self) -> float:
         return learning_rate(self.config, step=self.st["step"], fraction=self.fraction(), epoch=self.epoch_float(),
@@ -609,7 +631,7 @@ class _Run:
             return "steps"
         if c.epochs is not None and self.epoch_float() >= c.epochs:
             return "epochs"
-        if c.time is not None and self.elapsed() >= c.time:
+        if c.time is not None and self.elapsed() + self.finish_reserve() >= c.time:
             return "time"
         if c.patience and st["evals_since_best"] >= c.patience:
             return "patience"
@@ -692,7 +714,8 @@ class _Run:
         st, began = self.st, time.perf_counter()
         metrics = evaluate(self.net, self.val_ids, start_id=self.data.vocab.start_id,
                            batch_size=self.config.eval_batch_size, device=self.device, precision=self.precision,
-                           dist=self.dist, fold=self.data.vocab.fold_penalty)
+                           dist=self.dist, fold=self.data.vocab.fold_penalty, tuner=self.tuner)
+        self.eval_speed = len(self.val_ids) / self.dist.world / max(1e-9, time.perf_counter() - began)
         self.last_val = metrics
         st["last_eval_step"] = st["step"]
         improved = metrics.cross_entropy < st["best_val"]
@@ -736,11 +759,21 @@ class _Run:
             ckpt.write(self.best_path if kind == "best" else self.last_path, tensors, meta)
         if kind == "last":
             self.last_save = time.perf_counter()
+        self.save_s = max(self.save_s, time.perf_counter() - began)
         self.non_train_time += time.perf_counter() - began
+
+    def final_eval_near(self) -> bool:
+        """A periodic validation this close to the end of the time budget would be repeated by the
+        final one within moments: skip it and train instead (one process only: under torchrun
+        every rank must take the same branch)."""
+        c = self.config
+        return (c.time is not None and not self.dist.active
+                and self.elapsed() + 3 * self.finish_reserve() >= c.time)
 
     def loop(self) -> TrainResult:
         stopped = ""
         stop_codes = ["", "steps", "epochs", "time", "patience", "interrupted"]
+        stop_requested = StopRequest()
         try:
             with _graceful_stop() as stop_requested:
                 while True:
@@ -752,16 +785,19 @@ class _Run:
                         break
                     if save_due and self.st["step"] % self.eval_every:
                         self.save("last")
-                    self.step()
-                    if self.st["step"] % self.eval_every == 0:
+                    with self.tuner.unit(self.config.batch_size * self.config.seq_len):
+                        self.step()
+                    if self.st["step"] % self.eval_every == 0 and not self.final_eval_near():
                         self.evaluate()
                 if self.st["last_eval_step"] != self.st["step"]:
                     self.evaluate()
         except KeyboardInterrupt:  # a second Ctrl-C: stop now, keeping the work done so far
             stopped = "interrupted"
+            stop_requested.signal = stop_requested.signal or signal.SIGINT
             if not self.dist.active:
                 self.save("last")
         finally:
+            self.tuner.close()
             if self.log:
                 self.log.close()
         st = self.st
@@ -772,7 +808,9 @@ class _Run:
                            steps=st["step"], epochs=self.epoch_float(), params=self.params,
                            train_loss=st["train_loss"], val_loss=st["best_val"], best_step=st["best_step"],
                            chars_per_sec=self.session_chars / self.train_time(), elapsed_s=self.elapsed(),
-                           stopped=stopped, skipped_steps=st["skipped"])
+                           stopped=stopped, skipped_steps=st["skipped"],
+                           signal=int(stop_requested.signal or signal.SIGINT) if stopped == "interrupted" else None,
+                           threads=self.tuner.threads)
 
 
 def _rebatch(header: ckpt.Header, config: TrainConfig, world: int) -> TrainConfig:
@@ -813,6 +851,15 @@ def _check_writable(folder: Path) -> None:
     except OSError as e:
         raise ConfigError(f"cannot write checkpoints to {folder}/ ({e.strerror})",
                           "choose a writable place with --out") from None
+
+
+def _check_resume_model(asked: ModelConfig, saved: ModelConfig) -> None:
+    """Refuse model options that differ from the interrupted run's, naming each with both values."""
+    diffs = [f"{flag} {getattr(asked, key)!r} (was {getattr(saved, key)!r})" for key, flag in MODEL_FLAGS.items()
+             if getattr(asked, key) != getattr(saved, key) and not (key == "hidden_size" and not asked.hidden_size)]
+    if diffs:
+        raise CheckpointError(f"--resume: the model options differ from the interrupted run: {', '.join(diffs)}",
+                              "drop them to continue the same run, or start a new one with --init-from")
 
 
 def _check_resume(header: ckpt.Header, data: Corpus, config: TrainConfig, world: int = 1) -> None:

@@ -58,8 +58,18 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ.setdefault("CHARLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "charlm-cache"))
     corpus = folder / "words.txt"
     corpus.write_text(make_text(60_000, seed=2), encoding="utf-8")
-    result = train(corpus, model=ModelConfig(vocab_size=1, hidden_size=48, embed_size=16, num_layers=2),
+    result = train(corpus, model=ModelConfig(vocab_size=1, model="lstm", hidden_size=48, embed_size=16, num_layers=2),
                    config=TrainConfig(steps=60, batch_size=16, seq_len=32, eval_every=30, lr=1e-2, warmup=5,
                                       precision="fp32", device="cpu"),
                    out=folder / "words.safetensors")
     return result.checkpoint
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`charlm ARGS` in this process: (exit code, stdout, stderr)."""
+    from charlm.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out, captured.err

@@ -142,7 +142,8 @@ def test_train_on_a_terminal_ends_with_the_curve(run_copy: Path, monkeypatch: py
     monkeypatch.setattr("charlm.console.err", Console(stderr=True, force_terminal=True, no_color=True, width=90))
     code, _, err = run(["train", "corpus.txt", "-o", "checkpoints/t.safetensors", *TINY], capsys)
     assert code == 0 and "t: bits/char (best validation" in err and "validation" in err.splitlines()[-1]
-    code, _, err = run(["train", "corpus.txt", "-o", "checkpoints/t.safetensors", "--quiet", *TINY], capsys)
+    code, _, err = run(["train", "corpus.txt", "-o", "checkpoints/t.safetensors", "--overwrite", "--quiet", *TINY],
+                       capsys)
     assert code == 0 and err == ""
 
 

@@ -43,7 +43,7 @@ def test_whole_sequence_equals_chunks_with_carried_state(cell: str) -> None:
 
 @pytest.mark.parametrize("init", ["orthogonal", "xavier", "he", "pytorch"])
 def test_initialisations(init: str) -> None:
-    model = CharRNN(ModelConfig(vocab_size=10, init=init, **TINY))  # type: ignore[arg-type]
+    model = CharRNN(ModelConfig(vocab_size=10, model="lstm", init=init, **TINY))  # type: ignore[arg-type]
     if init == "orthogonal":
         w = model.rnn.weight_hh_l0[:32]
         torch.testing.assert_close(w @ w.T, torch.eye(32), atol=1e-5, rtol=0)
@@ -76,7 +76,7 @@ def test_loss_falls_and_checkpoint_reloads_identically(text_file: Path, tmp_path
 def test_same_seed_gives_identical_weights(text_file: Path, tmp_path: Path) -> None:
     runs = []
     for name in ("a", "b"):
-        r = train(text_file, model=ModelConfig(vocab_size=1, dropout=0.1, **TINY), config=tiny_config(steps=25),
+        r = train(text_file, model=ModelConfig(vocab_size=1, model="lstm", dropout=0.1, **TINY), config=tiny_config(steps=25),
                   out=tmp_path / f"{name}.safetensors")
         runs.append(ckpt.read_tensors(ckpt.read_header(r.last_checkpoint)))
     assert runs[0].keys() == runs[1].keys()
@@ -85,7 +85,7 @@ def test_same_seed_gives_identical_weights(text_file: Path, tmp_path: Path) -> N
 
 
 def test_interrupted_and_resumed_run_ends_bit_identical(text_file: Path, tmp_path: Path) -> None:
-    model = ModelConfig(vocab_size=1, dropout=0.1, **TINY)
+    model = ModelConfig(vocab_size=1, model="lstm", dropout=0.1, **TINY)
     config = tiny_config(steps=50, eval_every=15)
     whole = train(text_file, model=model, config=config, out=tmp_path / "whole.safetensors")
 

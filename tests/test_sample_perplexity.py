@@ -93,7 +93,7 @@ def test_bad_sampling_options(lm: CharLM, options: dict, message: str) -> None:
 
 
 def _uniform_model(vocab_size: int) -> CharRNN:
-    model = CharRNN(ModelConfig(vocab_size=vocab_size, hidden_size=8, embed_size=4, num_layers=1))
+    model = CharRNN(ModelConfig(vocab_size=vocab_size, model="lstm", hidden_size=8, embed_size=4, num_layers=1))
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.zero_()
@@ -193,7 +193,7 @@ def test_gumbel_draw_follows_the_tempered_distribution() -> None:
     from charlm.sample import Sampler
     from charlm.vocab import Vocab
 
-    model = CharRNN(ModelConfig(vocab_size=6, hidden_size=8, embed_size=4))
+    model = CharRNN(ModelConfig(vocab_size=6, model="lstm", hidden_size=8, embed_size=4))
     sampler = Sampler(model, Vocab(list("abcdef")))
     logits = torch.tensor([[0.0, 2.0, -1.0, 1.0, float("-inf"), 0.5]]).expand(20_000, -1)
     pick = sampler._gumbel(0.7, 3, torch.Generator().manual_seed(0))
