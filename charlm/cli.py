@@ -9,18 +9,37 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from . import __version__
+from .config import (
+    Cell,
+    Init,
+    ModelConfig,
+    Schedule,
+    TrainConfig,
+    TrainPrecision,
+    budget_hidden_size,
+    choices,
+    default,
+    parse_duration,
+)
 from .console import error_line, info, set_verbosity
+
+if TYPE_CHECKING:
+    from rich.text import Text
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
 
@@ -37,12 +56,13 @@ def _checkpoint_option(f: Callable) -> Callable:
 
 
 def _device_option(f: Callable) -> Callable:
-    return click.option("--device", default="auto", help="auto picks cuda > mps > cpu.")(f)
+    return click.option("--device", default="auto", help="auto picks cuda > mps > cpu; or cpu, cuda, cuda:N, mps.")(f)
 
 
 def _threads_option(f: Callable) -> Callable:
     return click.option("--threads", type=int, default=None,
-                        help="CPU threads for torch.  [default: all cores]")(f)
+                        help="CPU threads for torch; fixing it makes results repeat exactly.  [default: adapt: one "
+                        "thread or all cores, whichever runs faster under the machine's current load]")(f)
 
 
 @click.group(context_settings=CONTEXT)
@@ -60,50 +80,65 @@ def cli() -> None:
 # ------------------------------------------------------------------------------------------------ train
 
 
+M, T = ModelConfig, TrainConfig
+
+
 @cli.command(context_settings=CONTEXT, short_help="Train a model on a text file or a built-in corpus.")
 @click.argument("corpus")
-@click.option("--model", "cell", type=click.Choice(["lstm", "gru", "rnn", "rnn-relu"]), default="gru",
+@click.option("--model", "cell", type=click.Choice(choices(Cell)), default=default(M, "model"),
               help="Recurrent cell: LSTM, GRU, or Elman RNN with tanh (rnn) or ReLU (rnn-relu).")
-@click.option("--layers", type=int, default=2, help="Stacked recurrent layers.")
+@click.option("--layers", type=int, default=default(M, "num_layers"), help="Stacked recurrent layers.")
 @click.option("--hidden", type=int, default=None, help="Hidden units per layer.  [default: from the budget: "
-              "256 for --time up to 6m, 384 up to 30m, else 512]")
-@click.option("--embed", type=int, default=64, help="Character embedding size.")
-@click.option("--dropout", type=float, default=0.0, help="Dropout on embeddings, between layers and before the output.")
-@click.option("--init", type=click.Choice(["orthogonal", "xavier", "he", "pytorch"]), default="orthogonal",
+              f"{budget_hidden_size(360)} for --time up to 6m, {budget_hidden_size(1800)} up to 30m, else "
+              f"{budget_hidden_size(None)}]")
+@click.option("--embed", type=int, default=default(M, "embed_size"), help="Character embedding size.")
+@click.option("--dropout", type=float, default=default(M, "dropout"),
+              help="Dropout on embeddings, between layers and before the output.")
+@click.option("--init", type=click.Choice(choices(Init)), default=default(M, "init"),
               help="Weight initialisation (orthogonal = orthogonal recurrent, Xavier input weights).")
-@click.option("--seq-len", type=int, default=128, help="Characters per chunk: the truncated-BPTT length.")
-@click.option("--batch-size", type=int, default=64, help="Parallel text streams per step.")
+@click.option("--seq-len", type=int, default=default(T, "seq_len"),
+              help="Characters per chunk: the truncated-BPTT length.")
+@click.option("--batch-size", type=int, default=default(T, "batch_size"), help="Parallel text streams per step.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW).  [default: 2e-3 x 512 / --hidden]")
-@click.option("--weight-decay", type=float, default=0.01, help="AdamW weight decay on weight matrices.")
-@click.option("--clip", type=float, default=1.0, help="Clip the global gradient norm to this (0 = off).")
-@click.option("--schedule", type=click.Choice(["auto", "constant", "cosine", "exponential", "plateau"]),
-              default="auto", help="Learning-rate decay after warmup; auto = cosine to the budget when there "
-              "is one, else reduce-on-plateau.")
-@click.option("--warmup", type=int, default=30, help="Linear warmup steps.")
-@click.option("--min-lr-ratio", type=float, default=0.1, help="Floor of every decay, as a fraction of --lr.")
-@click.option("--lr-decay", type=float, default=0.95, help="Exponential schedule: factor per epoch.")
+@click.option("--weight-decay", type=float, default=default(T, "weight_decay"),
+              help="AdamW weight decay on weight matrices.")
+@click.option("--clip", type=float, default=default(T, "clip"), help="Clip the global gradient norm to this (0 = off).")
+@click.option("--schedule", type=click.Choice(choices(Schedule)), default=default(T, "schedule"),
+              help="Learning-rate decay after warmup; auto = cosine to the budget when there is one, else "
+              "reduce-on-plateau.")
+@click.option("--warmup", type=int, default=default(T, "warmup"), help="Linear warmup steps.")
+@click.option("--min-lr-ratio", type=float, default=default(T, "min_lr_ratio"),
+              help="Floor of every decay, as a fraction of --lr.")
+@click.option("--lr-decay", type=float, default=default(T, "lr_decay"), help="Exponential schedule: factor per epoch.")
 @click.option("--steps", type=int, default=None, help="Stop after this many steps.")
 @click.option("--epochs", type=float, default=None, help="Stop after this many passes over the text.")
-@click.option("--time", "time_budget", default=None, help="Stop after this long, e.g. 90s, 5m, 2h.")
-@click.option("--patience", type=int, default=5,
+@click.option("--time", "time_budget", default=None, help="Stop after this long, e.g. 90s, 5m, 2h: the whole run, "
+              "final validation and checkpoints included (start-up aside).")
+@click.option("--patience", type=int, default=default(T, "patience"),
               help="Stop when validation has not improved for this many evaluations (0 = never).")
-@click.option("--eval-every", type=int, default=0,
+@click.option("--eval-every", type=int, default=default(T, "eval_every"),
               help="Steps between validations (0 = auto: validation costs about 10% of the time).")
-@click.option("--val-fraction", type=float, default=0.1, help="Tail of the text held out for validation.")
-@click.option("--min-count", type=int, default=1, help="Characters seen fewer times share one unknown symbol "
-              "(for vocabularies of thousands); scores spread its probability evenly over them.")
+@click.option("--val-fraction", type=float, default=default(T, "val_fraction"),
+              help="Tail of the text held out for validation.")
+@click.option("--max-val-chars", type=int, default=default(T, "max_val_chars"),
+              help="Cap on the held-out tail, so a big corpus spends its budget training; the rest trains.")
+@click.option("--min-count", type=int, default=default(T, "min_count"), help="Characters seen fewer times share one "
+              "unknown symbol (for vocabularies of thousands); scores spread its probability evenly over them.")
 @click.option("--save-every", default="5m", help="Longest time between resume checkpoints (they are also "
               "written at every evaluation and on Ctrl-C).")
-@click.option("--rng-seed", type=int, default=1337, help="Random seed: the same seed on the same CPU gives "
-              "the same model.")
+@click.option("--rng-seed", type=int, default=default(T, "rng_seed"), help="Random seed: the same seed, CPU and "
+              "--threads give the same model.")
 @_device_option
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
+@click.option("--precision", type=click.Choice(choices(TrainPrecision)), default=default(T, "precision"),
               help="auto = bf16 autocast where the hardware is fast at it (CUDA, AMX/AVX512-BF16 CPUs).")
 @_threads_option
 @click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
-              help="Best checkpoint path.  [default: checkpoints/<corpus name>.safetensors]")
+              help="Best checkpoint path.  [default: checkpoints/<corpus name>.safetensors, or <name>-2, -3, ... "
+              "when an earlier run has that name]")
+@click.option("--overwrite", is_flag=True, help="Replace the run already at the checkpoint path instead of keeping "
+              "it.")
 @click.option("--resume", is_flag=False, flag_value="", default=None, metavar="[PATH]",
-              help="Continue the interrupted run (its .last.safetensors, or PATH).")
+              help="Continue the interrupted run (the newest .last.safetensors of the corpus name, or PATH).")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
               help="Fine-tune: start from this checkpoint's weights (its vocab is extended if needed).")
 @click.option("--tensorboard", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
@@ -113,19 +148,19 @@ def cli() -> None:
 @_verbosity
 def train(corpus: str, cell: str, layers: int, hidden: int | None, embed: int, dropout: float, init: str,
           time_budget: str | None, save_every: str, resume: str | None, init_from: Path | None, out: Path | None,
-          tensorboard: Path | None, as_json: bool, quiet: bool, verbose: bool, **options: Any) -> None:
+          overwrite: bool, tensorboard: Path | None, as_json: bool, quiet: bool, verbose: bool,
+          **options: Any) -> int:
     """Train a model on CORPUS: a UTF-8 text file, or a built-in corpus name (shakespeare, python-stdlib).
 
     Reports cross-entropy (nats/char), perplexity (e^CE) and bits/char (CE / ln 2) on the held-out tail.
+    Ctrl-C (or SIGTERM) stops at the next step, writes the resume checkpoint and exits 130 (143).
     """
     from . import distributed
 
     rank0 = distributed.from_environment().is_main  # under torchrun only rank 0 talks
     set_verbosity(quiet=quiet or not rank0, verbose=verbose)
-    from . import checkpoint as ckpt
     from .console import TrainView, fmt_loss
-    from .model import ModelConfig
-    from .trainer import TrainConfig, default_model, default_paths, parse_duration
+    from .trainer import resume_settings
     from .trainer import train as run
 
     if resume is not None and init_from is not None:
@@ -134,29 +169,21 @@ def train(corpus: str, cell: str, layers: int, hidden: int | None, embed: int, d
     ctx = click.get_current_context()
     given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     settings = dict(options, time=parse_duration(time_budget) if time_budget else None,
-                    save_every=parse_duration(save_every))
-    budget_default = default_model(TrainConfig(time=settings["time"]))
-    model = ModelConfig(model=cell, hidden_size=hidden or budget_default.hidden_size, num_layers=layers,
-                        embed_size=embed, dropout=dropout, init=init)
+                    save_every=parse_duration(save_every, "--save-every"))
+    model_options = {"model": cell, "num_layers": layers, "hidden_size": hidden or 0, "embed_size": embed,
+                     "dropout": dropout, "init": init}
+    flag_of = {"cell": "model", "layers": "num_layers", "hidden": "hidden_size", "embed": "embed_size",
+               "time_budget": "time"}
     resume_arg: bool | Path = False
-    if resume is not None:
-        resume_arg = Path(resume) if resume else True
-        from .corpora import resolve
-
-        last = Path(resume) if resume else ckpt.sibling_paths(default_paths(resolve(corpus)[1], out))[0]
-        if last.exists():
-            header = ckpt.read_header(last)
-            # the interrupted run's settings, with the budget and cadence options given now on top
-            base = {k: v for k, v in header.train.items() if k in TrainConfig.__dataclass_fields__}
-            names = {"time_budget": "time"}
-            for name in given:
-                key = names.get(name, name)
-                if key in settings:
-                    base[key] = settings[key]
-            settings = base
-            model_given = given & {"cell", "layers", "hidden", "embed", "dropout", "init"}
-            model = None if not model_given else model
-    config = TrainConfig(**settings)
+    if resume is None:
+        model: ModelConfig | None = ModelConfig(**model_options)
+        config = TrainConfig(**settings)
+    else:  # the interrupted run's settings, with only the options typed now on top
+        typed = {flag_of.get(name, name) for name in given}
+        config, model, resume_arg = resume_settings(
+            corpus, out=out, resume=Path(resume) if resume else True,
+            train_changes={k: v for k, v in settings.items() if k in typed},
+            model_changes={k: v for k, v in model_options.items() if k in typed})
     view = TrainView()
     sinks: list[Any] = [view]  # each takes every event and has close()
     if tensorboard is not None:
@@ -170,7 +197,7 @@ def train(corpus: str, cell: str, layers: int, hidden: int | None, embed: int, d
 
     try:
         result = run(corpus, model=model, config=config, out=out, resume=resume_arg, init_from=init_from,
-                     on_event=on_event)
+                     overwrite=overwrite, on_event=on_event)
     finally:
         for sink in sinks:
             sink.close()
@@ -182,12 +209,13 @@ def train(corpus: str, cell: str, layers: int, hidden: int | None, embed: int, d
          f"{result.elapsed_s:.0f}s, {result.chars_per_sec:,.0f} chars/s)")
     info(f"best validation (step {result.best_step}): {fmt_loss(result.val_loss)}")
     info(f"checkpoint: {result.checkpoint}  (resume file: {result.last_checkpoint})")
-    from .console import LEVEL, err
+    from .console import err, verbosity
 
-    if err.is_terminal and LEVEL["value"] >= 1:
+    if err.is_terminal and verbosity() >= 1 and not result.exit_code:
         from .plot import show_training_curve
 
         show_training_curve(result.metrics_log, sys.stderr, color=not err.no_color)
+    return result.exit_code
 
 
 # ----------------------------------------------------------------------------------------------- sample
@@ -279,12 +307,14 @@ def perplexity(file: str, checkpoint: Path | None, batch_size: int, unknown: str
     """Score FILE: cross-entropy (nats/char), perplexity and bits/char under a model."""
     set_verbosity(quiet=quiet, verbose=verbose)
     from .corpora import resolve
+    from .data import check_text_file
     from .errors import ConfigError
     from .lm import CharLM
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1 (got {batch_size})")
     path, _ = resolve(file)
+    check_text_file(path, reader="model")  # before the model loads: FILE may be a checkpoint given by mistake
     lm = CharLM.load(checkpoint, device=device, precision=precision, threads=threads)
     info(f"checkpoint: {lm.path}")
     m = lm.perplexity(path, batch_size=batch_size, unknown=unknown)  # type: ignore[arg-type]
@@ -313,17 +343,68 @@ def perplexity(file: str, checkpoint: Path | None, batch_size: int, unknown: str
 # ------------------------------------------------------------------------------------------------- info
 
 
+def _one_checkpoint(argument: Path | None, option: Path | None, name: str) -> Path | None:
+    """The checkpoint given as the argument or as --checkpoint (every model-reading command takes the
+    option; these also take it positionally), refusing two different ones."""
+    if argument is not None and option is not None and argument.resolve() != option.resolve():
+        raise click.UsageError(f"{name} and --checkpoint name different files ({argument} and {option}): "
+                               "give one of them")
+    return argument if argument is not None else option
+
+
+def _char_group(ch: str) -> str:
+    """What `charlm info` counts a character as: letters and marks by script, which their Unicode name
+    begins with (LATIN, CJK, HIRAGANA ...), everything else by kind."""
+    category = unicodedata.category(ch)
+    if category[0] in "LM":
+        words = unicodedata.name(ch, "").split()
+        words = words[1:] if words[:1] in (["FULLWIDTH"], ["HALFWIDTH"]) else words
+        if words[:1] == ["COMBINING"]:
+            return "combining marks"
+        if not words or words[0] == "MODIFIER":
+            return "other letters"
+        return words[0] if words[0] == "CJK" else words[0].capitalize()
+    if ch.isspace():
+        return "whitespace"
+    if category == "Nd":
+        return "digits"
+    return {"N": "other numbers", "P": "punctuation", "S": "symbols"}.get(category[0], "other")
+
+
+def _vocab_cell(chars: tuple[str, ...]) -> Text:
+    """The whole vocabulary for `charlm info`: counts per script or kind, then every character (a
+    5,000-character Chinese vocabulary is mostly not ASCII, so a preview of the first few says little).
+
+    Combining marks stand on a dotted circle so they do not merge with their neighbour; whitespace and
+    other invisible characters are spelled out. The cell folds long lines, so any size stays readable.
+    """
+    from collections import Counter
+
+    from rich.text import Text
+
+    from .vocab import describe_char
+
+    groups = sorted(Counter(_char_group(c) for c in chars).items(), key=lambda g: (-g[1], g[0]))
+    summary = ", ".join(f"{n:,} {group}" for group, n in groups)
+    visible = "".join(("\u25cc" + c) if unicodedata.category(c)[0] == "M" else c
+                      for c in chars if c.isprintable() and not c.isspace())
+    invisible = ", ".join(describe_char(c) for c in chars if not c.isprintable() or c.isspace())
+    return Text(f"{len(chars):,} characters: {summary}\n{visible}" + (f"\n+ {invisible}" if invisible else ""),
+                overflow="fold")
+
+
 @cli.command(context_settings=CONTEXT, short_help="Describe a checkpoint: model, vocab, training, figures.")
-@click.argument("checkpoint", required=False, type=click.Path(path_type=Path))
+@click.argument("checkpoint_arg", metavar="[CHECKPOINT]", required=False, type=click.Path(path_type=Path))
+@_checkpoint_option
 @click.option("--json", "as_json", is_flag=True, help="Print the checkpoint's header as JSON.")
 @_verbosity
-def info_cmd(checkpoint: Path | None, as_json: bool, quiet: bool, verbose: bool) -> None:
-    """Describe a checkpoint: model, vocab, corpus, training progress and figures."""
+def info_cmd(checkpoint_arg: Path | None, checkpoint: Path | None, as_json: bool, quiet: bool, verbose: bool) -> None:
+    """Describe a checkpoint (CHECKPOINT or --checkpoint): model, vocab, corpus, training progress and figures."""
     set_verbosity(quiet=quiet, verbose=verbose)
     from . import checkpoint as ckpt
     from .console import fmt_count, out
-    from .vocab import describe_char
 
+    checkpoint = _one_checkpoint(checkpoint_arg, checkpoint, "CHECKPOINT")
     header = ckpt.read_header(checkpoint if checkpoint is not None else ckpt.newest_checkpoint())
     if as_json:
         click.echo(json.dumps(header.to_json(), ensure_ascii=False))
@@ -335,10 +416,7 @@ def info_cmd(checkpoint: Path | None, as_json: bool, quiet: bool, verbose: bool)
     table.add_row("model", f"{m.model} {m.num_layers}x{m.hidden_size}, embed {m.embed_size}, dropout {m.dropout:g}, "
                            f"init {m.init}")
     table.add_row("parameters", f"{m.num_params():,}")
-    preview = "".join(c if c.isprintable() and not c.isspace() else "" for c in header.vocab.chars[:60])
-    spaces = ", ".join(describe_char(c) for c in header.vocab.chars if c.isspace())
-    table.add_row("vocab", f"{len(header.vocab)} characters: {preview}" + (" ..." if len(header.vocab) > 60 else "")
-                  + (f" + {spaces}" if spaces else ""))
+    table.add_row("vocab", _vocab_cell(header.vocab.chars))
     if corpus:
         table.add_row("corpus", f"{corpus.get('name')} ({fmt_count(corpus.get('chars', 0))} chars, "
                                 f"sha256 {str(corpus.get('sha256', ''))[:12]}...)")
@@ -363,18 +441,19 @@ def info_cmd(checkpoint: Path | None, as_json: bool, quiet: bool, verbose: bool)
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the picture to this .png, .svg or .pdf file (needs matplotlib: pip install "
               "'charlm[plot]').  [default: draw it in the terminal]")
+@_checkpoint_option
 @_verbosity
-def plot(source: Path | None, out: Path | None, quiet: bool, verbose: bool) -> None:
+def plot(source: Path | None, out: Path | None, checkpoint: Path | None, quiet: bool, verbose: bool) -> None:
     """Draw a run's learning curves: bits/char against characters seen, and the learning rate.
 
-    SOURCE is a checkpoint, its .metrics.jsonl log, or a folder of checkpoints (its newest is used).
-    [default: the newest checkpoint in ./checkpoints]
+    SOURCE (or --checkpoint) is a checkpoint, its .metrics.jsonl log, or a folder of checkpoints (its
+    newest is used).  [default: the newest checkpoint in ./checkpoints]
     """
     set_verbosity(quiet=quiet, verbose=verbose)
     from .console import out as stdout
     from .plot import read_curves, terminal_plot, write_image
 
-    curves = read_curves(source)
+    curves = read_curves(_one_checkpoint(source, checkpoint, "SOURCE"))
     if out is None:
         click.echo(terminal_plot(curves, color=stdout.is_terminal and not stdout.no_color))
     else:
@@ -411,9 +490,12 @@ def compress(file: str, out: str | None, checkpoint: Path | None, threads: int, 
     """
     set_verbosity(quiet=quiet, verbose=verbose)
     from .compress import STDIO, compress_file, output_path
+    from .data import refuse_charlm_file
 
     if as_json and output_path(file, out, compressing=True) == STDIO:
         raise click.UsageError("--json and the archive cannot both go to stdout: give -o FILE")
+    if file != STDIO:
+        refuse_charlm_file(Path(file), reader="model")  # a checkpoint given as FILE: say so before any work
     r = compress_file(file, out, checkpoint=checkpoint, threads=threads, adapt=adapt, force=force, baselines=as_json)
     if as_json:
         click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
@@ -443,6 +525,122 @@ def decompress(file: str, out: str | None, checkpoint: Path | None, force: bool,
          f"(checkpoint {r.checkpoint})")
 
 
+# ------------------------------------------------------------------------------------------------ cache
+
+
+@cli.command("cache", context_settings=CONTEXT, short_help="Show what the cache holds and its size, or empty it.")
+@click.option("--clear", is_flag=True, help="Delete everything charlm has cached (it is rebuilt when needed).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@_verbosity
+def cache_cmd(clear: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
+    """Show the cache folder, what it holds (file scans, encoded ids, built-in corpora), its size and its cap.
+
+    The cache only saves time, so deleting it is always safe. Least recently used entries are evicted
+    above the cap: CHARLM_CACHE_MAX=2G (or 500M, 10GB, plain bytes; 0 or off = no cap), default 4 GB.
+    """
+    set_verbosity(quiet=quiet, verbose=verbose)
+    from .cache import KINDS, cache_dir, format_size, report
+    from .cache import clear as clear_cache
+
+    freed = None
+    if clear:
+        freed = clear_cache()
+        info(f"cleared {cache_dir()}: {freed.entries:,} entries, {format_size(freed.bytes)} freed")
+        if not as_json:
+            return
+    r = report()
+    if as_json:
+        data = r.to_dict()
+        if freed is not None:
+            data["freed"] = {"entries": freed.entries, "bytes": freed.bytes}
+        click.echo(json.dumps(data))
+        return
+    from rich.table import Table
+
+    from .console import out
+
+    holds = {"scans": "character counts per text file", "ids": "text files encoded as ids",
+             "corpora": "built-in corpora assembled from packages"}
+    table = Table(title=str(r.folder), title_justify="left")
+    table.add_column("kind")
+    table.add_column("entries", justify="right")
+    table.add_column("size", justify="right")
+    table.add_column("holds")
+    for kind in KINDS:
+        table.add_row(kind, f"{r.kinds[kind].entries:,}", format_size(r.kinds[kind].bytes), holds[kind],
+                      end_section=kind == KINDS[-1])
+    table.add_row("total", f"{r.entries:,}", format_size(r.bytes), "")
+    cap = format_size(r.max_bytes) if r.max_bytes is not None else "none"
+    where = "default; set CHARLM_CACHE_MAX to change" if r.max_source == "default" else r.max_source
+    table.add_row("cap", "", cap, where)
+    out.print(table)
+
+
+# ----------------------------------------------------------------------------------------------- corpus
+
+
+@cli.command("corpus", context_settings=CONTEXT, short_help="List the built-in corpora, or write one out as text.")
+@click.argument("name", required=False)
+@click.option("--out", "-o", "out_path", default=None, metavar="FILE",
+              help="Write the text to FILE ('-' = stdout).  [default: stdout]")
+@_force_option
+@click.option("--json", "as_json", is_flag=True, help="List the corpora as one JSON object instead of a table.")
+@_verbosity
+def corpus_cmd(name: str | None, out_path: str | None, force: bool, as_json: bool, quiet: bool,
+               verbose: bool) -> None:
+    """List the built-in corpora (with their size once assembled), or write corpus NAME as a plain UTF-8
+    text file, to read it or to train on a copy of it.
+
+    \b
+      charlm corpus                                      the built-in corpora
+      charlm corpus shakespeare -o data/shakespeare.txt  the plays as one text file
+    """
+    set_verbosity(quiet=quiet, verbose=verbose)
+    from .corpora import BUILTIN, assembled_path, builtin_path
+    from .errors import ConfigError, CorpusError
+    from .files import atomic_write
+
+    if name is None:
+        listing = {n: {"description": d, "path": str(p) if (p := assembled_path(n)).exists() else None,
+                       "bytes": p.stat().st_size if p.exists() else None} for n, (d, _) in BUILTIN.items()}
+        if as_json:
+            click.echo(json.dumps({"corpora": listing}))
+            return
+        from rich.markup import escape
+        from rich.table import Table
+
+        from .console import out
+
+        table = Table(title="built-in corpora (charlm corpus NAME -o FILE writes one out)", title_justify="left")
+        for column in ("name", "size", "description"):
+            table.add_column(column)
+        for n, entry in listing.items():
+            table.add_row(n, "not assembled yet" if entry["bytes"] is None else f"{entry['bytes'] / 1e6:.1f} MB",
+                          escape(str(entry["description"])))  # not markup: "charlm[demo]"
+        out.print(table)
+        return
+    if name not in BUILTIN:
+        raise CorpusError(f"{name}: no built-in corpus of that name", f"known corpora: {', '.join(BUILTIN)}")
+    target = None if out_path in (None, "-") else Path(out_path)
+    if target is not None and target.is_dir():
+        raise ConfigError(f"{target} is a directory", "give a file name with -o")
+    if target is not None and target.exists() and not force:
+        raise ConfigError(f"{target} already exists", "pass --force to overwrite it, or choose another -o")
+    source = builtin_path(name)
+    with open(source, "rb") as text:
+        if target is None:
+            sys.stdout.flush()
+            shutil.copyfileobj(text, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
+            return
+        try:
+            atomic_write(target, lambda f: shutil.copyfileobj(text, f))
+        except OSError as e:
+            raise ConfigError(f"cannot write {target} ({e.strerror}); nothing was written",
+                              "free some disk space or choose another -o") from None
+    info(f"wrote {target}: {source.stat().st_size:,} bytes of {name}")
+
+
 # --------------------------------------------------------------------------------------------- runner
 
 
@@ -457,11 +655,22 @@ def _report_bug(exc: BaseException) -> None:
                f"- please report it")
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside a training loop (which handles it itself): unwind, then exit 143."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: runs the click group and turns every failure into one line and an exit code."""
+    """Entry point: runs the click group and turns every failure into one line and an exit code
+    (2 for a user mistake, 130 after Ctrl-C, 143 after SIGTERM, 1 for a bug)."""
     from .errors import CharlmError
 
     code = 0
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         result = cli.main(args=argv, prog_name="charlm", standalone_mode=False)
         code = result if isinstance(result, int) else 0
@@ -478,6 +687,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         error_line("interrupted")
         code = 130
+    except _Terminated:
+        error_line("terminated")
+        code = 143
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)  # stdout's reader left (e.g. `| head`): exit quietly
         os.dup2(devnull, sys.stdout.fileno())
@@ -485,4 +697,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug: short message, traceback in a file
         _report_bug(e)
         code = 1
+    if main_thread:
+        signal.signal(signal.SIGTERM, previous)
     sys.exit(code)

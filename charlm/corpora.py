@@ -13,6 +13,7 @@ import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from . import cache
 from .errors import CorpusError
 from .files import atomic_write
 
@@ -67,17 +68,23 @@ BUILTIN: dict[str, tuple[str, Callable[[], Iterator[str]]]] = {
 }
 
 
+def assembled_path(name: str) -> Path:
+    """Where a built-in corpus's text is (or will be) assembled, without building it: `charlm corpus`
+    lists the sizes of those already there."""
+    version = f"py{sys.version_info[0]}{sys.version_info[1]}" if name == "python-stdlib" else "v1"
+    return cache.cache_dir() / "corpora" / f"{name}-{version}.txt"
+
+
 def builtin_path(name: str) -> Path:
     """The assembled text file for a built-in corpus, written once into the cache."""
-    from .data import cache_dir
-
     describe, build = BUILTIN[name]
-    version = f"py{sys.version_info[0]}{sys.version_info[1]}" if name == "python-stdlib" else "v1"
-    path = cache_dir() / "corpora" / f"{name}-{version}.txt"
+    path = assembled_path(name)
     if path.exists():
+        cache.used(path)
         return path
     text = "".join(build())
     atomic_write(path, text.encode("utf-8"), durable=False)
+    cache.added(path)
     return path
 
 

@@ -11,32 +11,80 @@ import codecs
 import hashlib
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
+from . import cache
+from .cache import cache_dir  # re-exported: data.cache_dir came first
 from .errors import ConfigError, CorpusError, VocabError
 from .files import atomic_write
 from .vocab import Unknown, Vocab, describe_char, text_to_codes
 
 CHUNK_BYTES = 1 << 24
 CACHE_VERSION = 1
+ARCHIVE_MAGIC = b"\x89CLM\r\n\x1a\n"  # compress.MAGIC: the first bytes of every .clm archive
+MAX_SAFETENSORS_HEADER = 64 << 20  # checkpoint.MAX_HEADER_BYTES
+Reader = Literal["train", "model"]  # who wants the text: training, or a command that takes --checkpoint
 
 
-def cache_dir() -> Path:
-    """Where encoded corpora live: $CHARLM_CACHE_DIR, else the XDG cache folder."""
-    env = os.environ.get("CHARLM_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "charlm"
+def charlm_file_kind(path: Path) -> Literal["checkpoint", "safetensors", "archive"] | None:
+    """What a file is when its first bytes say it is one of charlm's binary files, else None.
+
+    A safetensors file starts with its header's length (8 bytes, little-endian) and then the JSON
+    header; charlm's checkpoints carry `"format": "charlm"` in its `__metadata__`. Sniffed here
+    rather than with checkpoint.read_header, which reports every non-checkpoint as a damaged one.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            if head.startswith(ARCHIVE_MAGIC):
+                return "archive"
+            if len(head) < 9 or head[8:] != b"{":
+                return None
+            (length,) = struct.unpack("<Q", head[:8])
+            if length < 2 or length > MAX_SAFETENSORS_HEADER or 8 + length > os.fstat(f.fileno()).st_size:
+                return None
+            raw = head[8:] + f.read(length - 1)
+    except OSError:
+        return None  # the caller's own checks say what is wrong with an unreadable file
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        return None
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return "checkpoint" if isinstance(meta, dict) and meta.get("format") == "charlm" else "safetensors"
 
 
-def check_text_file(path: Path) -> int:
-    """Size in bytes of a readable, non-empty regular file, or a CorpusError saying what is wrong."""
+def refuse_charlm_file(path: Path, *, reader: Reader = "train") -> None:
+    """A CorpusError when a checkpoint or an archive is given where a text file is expected.
+
+    Without it, `charlm perplexity model.safetensors` loads a model and then calls the checkpoint
+    broken text; the hint says where the file belongs for the command that reads it (`reader`).
+    """
+    kind = charlm_file_kind(path)
+    if kind == "checkpoint":
+        hint = (f"pass it as --checkpoint {path}" if reader == "model" else
+                f"to fine-tune it, charlm train CORPUS --init-from {path}; to continue its run, "
+                "charlm train CORPUS --resume")
+        raise CorpusError(f"{path} is a charlm checkpoint, not a text file", hint)
+    if kind == "archive":
+        raise CorpusError(f"{path} is a charlm archive (.clm), not a text file",
+                          f"run charlm decompress {path} first")
+    if kind == "safetensors":
+        raise CorpusError(f"{path} is a safetensors file, not a text file", "give a UTF-8 text file")
+
+
+def check_text_file(path: Path, *, reader: Reader = "train") -> int:
+    """Size in bytes of a readable, non-empty regular file, or a CorpusError saying what is wrong.
+
+    `reader` only shapes the hint for a checkpoint given in place of the text (see refuse_charlm_file).
+    """
     if not path.exists():
         raise CorpusError(f"{path}: no such file", "check the path")
     if path.is_dir():
@@ -49,14 +97,28 @@ def check_text_file(path: Path) -> int:
         raise CorpusError(f"{path}: cannot read ({e.strerror})", "check the file's permissions") from None
     if size == 0:
         raise CorpusError(f"{path} is empty", "give a file with some text in it")
+    refuse_charlm_file(path, reader=reader)
     return size
+
+
+def _cut_short(path: Path, *, start: int, count: int) -> CorpusError:
+    """A UTF-8 file that ends inside a character was cut at a byte count (head -c, a broken copy):
+    converting it from latin1 would be the wrong fix, dropping the partial character is the right one."""
+    s = "" if count == 1 else "s"
+    return CorpusError(
+        f"{path} ends in the middle of a UTF-8 character at byte offset {start} (it was probably cut short, "
+        "e.g. by head -c)",
+        f"remove the last {count} byte{s} (truncate -s -{count} {path}) or re-export it whole",
+    )
 
 
 def iter_text(path: Path, *, chunk_bytes: int | None = None) -> Iterator[tuple[bytes, str]]:
     """(raw bytes, decoded text) chunks of a UTF-8 file with CRLF folded to LF and a leading BOM dropped.
 
     Raises CorpusError with the byte offset for NUL bytes or invalid UTF-8, and when the file
-    changes size while it is read (it was truncated or replaced under us).
+    changes size while it is read (it was truncated or replaced under us). A file that decodes as
+    UTF-8 up to an incomplete last character is told it was cut short; one whose only non-ASCII
+    bytes are that tail (latin1 'café' ends in a lone 0xe9) keeps the advice to convert it.
     """
     size = check_text_file(path)
     chunk_bytes = chunk_bytes or CHUNK_BYTES
@@ -64,6 +126,7 @@ def iter_text(path: Path, *, chunk_bytes: int | None = None) -> Iterator[tuple[b
     offset = 0
     held_cr = False
     first = True
+    seen_utf8 = False  # a multi-byte character decoded: the file is UTF-8, so a broken tail means cut short
     with open(path, "rb") as f:
         while True:
             try:
@@ -81,11 +144,14 @@ def iter_text(path: Path, *, chunk_bytes: int | None = None) -> Iterator[tuple[b
             try:
                 text = decoder.decode(raw, final=final)
             except UnicodeDecodeError as e:
+                if final and seen_utf8 and e.end == len(e.object) and e.reason == "unexpected end of data":
+                    raise _cut_short(path, start=offset - buffered + e.start, count=e.end - e.start) from None
                 raise CorpusError(
                     f"{path} is not valid UTF-8: bad byte at byte offset {offset - buffered + e.start}",
                     "convert it to UTF-8 (for example: iconv -f latin1 -t utf-8)",
                 ) from None
             offset += len(raw)
+            seen_utf8 = seen_utf8 or not text.isascii()
             if first and text:
                 text = text.removeprefix("\ufeff")
                 first = False
@@ -169,10 +235,12 @@ def _stat_key(path: Path) -> str:
 
 def cached_scan(path: Path) -> Scan:
     """scan_file, remembered by path, size and mtime so a second run skips the pass."""
+    cache.max_bytes()  # a malformed CHARLM_CACHE_MAX stops every run, not only those that write
     folder = cache_dir() / "scans"
     entry = folder / f"{_stat_key(path)}.json"
     try:
         data = json.loads(entry.read_text())
+        cache.used(entry)
         return Scan(data["sha256"], data["chars"], {int(k): v for k, v in data["counts"].items()})
     except (OSError, ValueError, KeyError):
         pass
@@ -180,6 +248,7 @@ def cached_scan(path: Path) -> Scan:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         _atomic_json(entry, {"sha256": scan.sha256, "chars": scan.chars, "counts": scan.counts})
+        cache.added(entry, keep=[path])
     except OSError:
         pass  # a read-only cache only costs speed
     return scan
@@ -234,6 +303,10 @@ def encode_file(path: Path, vocab: Vocab, *, sha256: str, unknown: Unknown = "er
             raise
         meta = {"count": count, "missing": {str(k): v for k, v in missing.items()}}
         _atomic_json(meta_path, meta)
+        if folder == cache_dir() / "ids":  # not the private temp copy
+            cache.added(ids_path, keep=[meta_path, path])
+    else:
+        cache.used(meta_path, ids_path)
     count = meta["count"]
     ids = np.memmap(ids_path, dtype=vocab.dtype, mode="r", shape=(count,)) if count else np.zeros(0, vocab.dtype)
     return ids, {int(k): v for k, v in meta["missing"].items()}
@@ -252,6 +325,7 @@ def load_corpus(
 
     path, resolved_name = resolve(source)
     name = name or resolved_name
+    check_text_file(path, reader="train" if vocab is None else "model")  # a given vocab: a model scores it
     scan = cached_scan(path)
     if vocab is None:
         vocab = scan.vocab(min_count=min_count)
@@ -299,11 +373,14 @@ def corpus_from_text(text: str, *, name: str = "text", vocab: Vocab | None = Non
     )
 
 
-def split(ids: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Contiguous split: validation is the tail, so it is text the model never trained on nearby."""
+def split(ids: np.ndarray, val_fraction: float, *, max_chars: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Contiguous split: validation is the tail, so it is text the model never trained on nearby.
+    It is `val_fraction` of the text but at most `max_chars`; the rest of a big corpus trains."""
     if not 0.0 < val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be between 0 and 1 (got {val_fraction})")
     n_val = max(2, int(round(len(ids) * val_fraction)))
+    if max_chars is not None:
+        n_val = max(2, min(n_val, max_chars))
     return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
 
 
