@@ -80,8 +80,8 @@ def run_textbook(source: str, minutes: float) -> dict:
     corpus = load_corpus(source)
     train_ids, val_ids = split(corpus.ids, 0.1)
     batches = Batches(train_ids, 64, 128, rng_seed=0)
-    model = CharRNN(ModelConfig(vocab_size=len(corpus.vocab), model="lstm", hidden_size=512, num_layers=2, embed_size=64,
-                                init="pytorch"))
+    model = CharRNN(ModelConfig(vocab_size=len(corpus.vocab), model="lstm", hidden_size=512, num_layers=2,
+                                embed_size=64, init="pytorch"))
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     state, epoch, chunk, steps = None, 0, 0, 0
     start = time.perf_counter()

@@ -76,8 +76,8 @@ def test_loss_falls_and_checkpoint_reloads_identically(text_file: Path, tmp_path
 def test_same_seed_gives_identical_weights(text_file: Path, tmp_path: Path) -> None:
     runs = []
     for name in ("a", "b"):
-        r = train(text_file, model=ModelConfig(vocab_size=1, model="lstm", dropout=0.1, **TINY), config=tiny_config(steps=25),
-                  out=tmp_path / f"{name}.safetensors")
+        r = train(text_file, model=ModelConfig(vocab_size=1, model="lstm", dropout=0.1, **TINY),
+                  config=tiny_config(steps=25), out=tmp_path / f"{name}.safetensors")
         runs.append(ckpt.read_tensors(ckpt.read_header(r.last_checkpoint)))
     assert runs[0].keys() == runs[1].keys()
     for key in runs[0]:
