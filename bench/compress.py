@@ -35,8 +35,20 @@ TOOLS = {"gzip -9": ["gzip", "-9", "-c"], "bzip2 -9": ["bzip2", "-9", "-c"], "xz
 PYTHON = {"gzip -9": "zlib-9", "bzip2 -9": "bz2-9", "xz -9": "lzma-9"}  # the same algorithms, if a tool is missing
 TRAIN_FRACTION = 0.9
 PIECE_CHARS = 200_000
-TRAIN_OPTIONS = ["--hidden", "256", "--layers", "2", "--batch-size", "32", "--seq-len", "64", "--lr", "4e-3",
-                 "--threads", "1"]
+TRAIN_OPTIONS = [
+    "--hidden",
+    "256",
+    "--layers",
+    "2",
+    "--batch-size",
+    "32",
+    "--seq-len",
+    "64",
+    "--lr",
+    "4e-3",
+    "--threads",
+    "1",
+]
 
 
 def split_shakespeare(work: Path) -> tuple[Path, Path]:
@@ -57,8 +69,21 @@ def split_shakespeare(work: Path) -> tuple[Path, Path]:
 
 def train_model(corpus: Path, out: Path, minutes: float) -> None:
     print(f"training {out} on {corpus} for {minutes:g} minutes (one thread) ...", file=sys.stderr)
-    subprocess.run([sys.executable, "-m", "charlm", "train", str(corpus), *TRAIN_OPTIONS, "--time", f"{minutes:g}m",
-                    "-o", str(out)], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "charlm",
+            "train",
+            str(corpus),
+            *TRAIN_OPTIONS,
+            "--time",
+            f"{minutes:g}m",
+            "-o",
+            str(out),
+        ],
+        check=True,
+    )
 
 
 def external_sizes(data: bytes) -> dict[str, tuple[int, str]]:
@@ -81,9 +106,14 @@ def measure(checkpoint: Path, text_path: Path, threads: int) -> dict:
     lm, sha = load_model(checkpoint)
     header = ckpt.read_header(checkpoint)
     result = {
-        "checkpoint": str(checkpoint), "checkpoint_sha256": sha, "text": str(text_path),
-        "model": header.model.to_dict(), "training": {"corpus": header.corpus.get("name"), **header.state},
-        "bytes": len(data), "chars": chars, "threads": threads,
+        "checkpoint": str(checkpoint),
+        "checkpoint_sha256": sha,
+        "text": str(text_path),
+        "model": header.model.to_dict(),
+        "training": {"corpus": header.corpus.get("name"), **header.state},
+        "bytes": len(data),
+        "chars": chars,
+        "threads": threads,
         "others": {name: {"bytes": size, "by": by} for name, (size, by) in external_sizes(data).items()},
     }
     for key, adapt in (("charlm", True), ("charlm_static", False)):
@@ -93,15 +123,21 @@ def measure(checkpoint: Path, text_path: Path, threads: int) -> dict:
         started = time.perf_counter()
         restored = decompress_bytes(archive, lm, model_sha256=sha)
         decompress_s = time.perf_counter() - started
-        result[key] = {**report.to_dict(), "round_trip_exact": restored == data,
-                       "compress_chars_per_sec": chars / compress_s, "decompress_chars_per_sec": chars / decompress_s}
+        result[key] = {
+            **report.to_dict(),
+            "round_trip_exact": restored == data,
+            "compress_chars_per_sec": chars / compress_s,
+            "decompress_chars_per_sec": chars / decompress_s,
+        }
     return result
 
 
 def print_table(result: dict) -> None:
     chars, xz = result["chars"], result["others"]["xz -9"]["bytes"]
-    rows = [("charlm", result["charlm"]["compressed_bytes"]),
-            ("charlm static", result["charlm_static"]["compressed_bytes"])]
+    rows = [
+        ("charlm", result["charlm"]["compressed_bytes"]),
+        ("charlm static", result["charlm_static"]["compressed_bytes"]),
+    ]
     rows += [(n, o["bytes"]) for n, o in result["others"].items()]
     print(f"{result['text']}: {result['bytes']:,} bytes, {chars:,} chars; model {result['checkpoint']}")
     print(f"{'method':<16}{'bytes':>10}{'bits/char':>11}{'vs xz -9':>10}")
@@ -109,20 +145,23 @@ def print_table(result: dict) -> None:
         print(f"{name:<16}{size:>10,}{8 * size / chars:>11.3f}{size / xz - 1:>+10.1%}")
     for key, name in (("charlm", "adapting"), ("charlm_static", "static")):
         c = result[key]
-        print(f"{name}: model cross-entropy {c['model_bits_per_char']:.3f} bits/char; payload "
-              f"{c['payload_bits_per_char']:.3f} bits/char; header {c['header_bytes']} bytes; "
-              f"{c['segments']} segments; "
-              f"compress {c['compress_chars_per_sec']:,.0f} chars/s, decompress {c['decompress_chars_per_sec']:,.0f} "
-              f"chars/s ({result['threads']} torch thread{'s' if result['threads'] > 1 else ''}); "
-              f"round trip {'exact' if c['round_trip_exact'] else 'FAILED'}")
+        print(
+            f"{name}: model cross-entropy {c['model_bits_per_char']:.3f} bits/char; payload "
+            f"{c['payload_bits_per_char']:.3f} bits/char; header {c['header_bytes']} bytes; "
+            f"{c['segments']} segments; "
+            f"compress {c['compress_chars_per_sec']:,.0f} chars/s, decompress {c['decompress_chars_per_sec']:,.0f} "
+            f"chars/s ({result['threads']} torch thread{'s' if result['threads'] > 1 else ''}); "
+            f"round trip {'exact' if c['round_trip_exact'] else 'FAILED'}"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", type=Path, help="model to compress with [default: train one]")
     parser.add_argument("text", nargs="?", type=Path, help="UTF-8 text to compress [default: held-out Shakespeare]")
-    parser.add_argument("--work", type=Path, default=cache_dir() / "bench-compress", help="folder for the split "
-                        "and the trained model")
+    parser.add_argument(
+        "--work", type=Path, default=cache_dir() / "bench-compress", help="folder for the split and the trained model"
+    )
     parser.add_argument("--train-minutes", type=float, default=15.0, help="training budget when a model is needed")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while coding")
     args = parser.parse_args()

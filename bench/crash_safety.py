@@ -35,8 +35,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # kill while training / as a checkpoint is written / while starting up / as the best checkpoint is written
 MODES = ("train", "write", "startup", "write-best")
-MODEL_OPTIONS = ("--model", "lstm", "--hidden", "32", "--embed", "16", "--layers", "1", "--batch-size", "8",
-                 "--seq-len", "32", "--patience", "0", "--precision", "fp32", "--threads", "1", "--verbose")
+MODEL_OPTIONS = (
+    "--model",
+    "lstm",
+    "--hidden",
+    "32",
+    "--embed",
+    "16",
+    "--layers",
+    "1",
+    "--batch-size",
+    "8",
+    "--seq-len",
+    "32",
+    "--patience",
+    "0",
+    "--precision",
+    "fp32",
+    "--threads",
+    "1",
+    "--verbose",
+)
 BIG_BUDGET = 10_000_000  # steps: the run must still be going whenever it is killed
 STEP_LINE = re.compile(r"^step\s+(\d+)\s", re.MULTILINE)
 RESUMED_LINE = re.compile(r"resuming at step (\d+)")
@@ -77,15 +96,27 @@ class Trainer:
 
     def command(self, steps: int) -> list[str]:
         resume = ["--resume"] if self.last.exists() else []
-        return [sys.executable, "-m", "charlm", "train", str(self.corpus), *self.options, "--steps", str(steps),
-                "--out", str(self.best), *resume]
+        return [
+            sys.executable,
+            "-m",
+            "charlm",
+            "train",
+            str(self.corpus),
+            *self.options,
+            "--steps",
+            str(steps),
+            "--out",
+            str(self.best),
+            *resume,
+        ]
 
     def start(self, steps: int = BIG_BUDGET) -> tuple[subprocess.Popen, Path]:
         self.sessions += 1
         log = self.workdir / f"session-{self.sessions:03d}.stderr"
         with open(log, "wb") as err:
-            process = subprocess.Popen(self.command(steps), cwd=self.workdir, stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.DEVNULL, stderr=err)
+            process = subprocess.Popen(
+                self.command(steps), cwd=self.workdir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+            )
         return process, log
 
     def temp_files(self) -> set[str]:
@@ -168,8 +199,9 @@ def wait_for_training(process: subprocess.Popen, log: Path, timeout: float) -> b
     return False
 
 
-def wait_for_write(trainer: Trainer, process: subprocess.Popen, before: set[str], *, prefix: str,
-                   timeout: float) -> bool:
+def wait_for_write(
+    trainer: Trainer, process: subprocess.Popen, before: set[str], *, prefix: str, timeout: float
+) -> bool:
     """Polls the folder until a new temp file starting with `prefix` appears (a write in progress)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
@@ -267,8 +299,16 @@ def finish(trainer: Trainer, extra_steps: int) -> list[str]:
     return problems
 
 
-def run(kills: int, *, workdir: str | os.PathLike[str], corpus: str | os.PathLike[str], eval_every: int = 200,
-        save_every: float = 1.0, slack: float = 1.0, rng_seed: int = 0) -> dict:
+def run(
+    kills: int,
+    *,
+    workdir: str | os.PathLike[str],
+    corpus: str | os.PathLike[str],
+    eval_every: int = 200,
+    save_every: float = 1.0,
+    slack: float = 1.0,
+    rng_seed: int = 0,
+) -> dict:
     """Kills `charlm train` `kills` times (modes in turn, see MODES) and returns the figures.
 
     `ok` in the result is the verdict: every checkpoint loadable after every kill, every --resume at the
@@ -312,14 +352,23 @@ def run(kills: int, *, workdir: str | os.PathLike[str], corpus: str | os.PathLik
 
 
 def print_table(figures: dict) -> None:
-    print(f"{'#':>3} {'mode':<10} {'from':>6} {'done':>6} {'saved':>6} {'lost s':>7} {'lost st':>7} "
-          f"{'at tmp':>6} {'mid-wr':>6} loadable")
+    print(
+        f"{'#':>3} {'mode':<10} {'from':>6} {'done':>6} {'saved':>6} {'lost s':>7} {'lost st':>7} "
+        f"{'at tmp':>6} {'mid-wr':>6} loadable"
+    )
     for k in figures["per_kill"]:
-        files = ", ".join(f"{'last' if name.endswith('.last.safetensors') else 'best'}={'yes' if ok else 'NO'}"
-                          for name, ok in k["loadable"].items()) or "(no files yet)"
+        files = (
+            ", ".join(
+                f"{'last' if name.endswith('.last.safetensors') else 'best'}={'yes' if ok else 'NO'}"
+                for name, ok in k["loadable"].items()
+            )
+            or "(no files yet)"
+        )
         start = "-" if k["started_from"] is None else k["started_from"]
-        print(f"{k['index']:>3} {k['mode']:<10} {start:>6} {k['steps_done']:>6} {k['saved_step']:>6} "
-              f"{k['lost_seconds']:>7.3f} {k['lost_steps']:>7} {k['tmp_seen']!s:>6} {k['mid_write'] or '-':>6} {files}")
+        print(
+            f"{k['index']:>3} {k['mode']:<10} {start:>6} {k['steps_done']:>6} {k['saved_step']:>6} "
+            f"{k['lost_seconds']:>7.3f} {k['lost_steps']:>7} {k['tmp_seen']!s:>6} {k['mid_write'] or '-':>6} {files}"
+        )
     summary = {k: v for k, v in figures.items() if k not in ("per_kill", "machine")}
     for key, value in summary.items():
         print(f"{key:>24}: {value}")
@@ -346,8 +395,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="charlm-crash-") as tmp:
         os.environ["CHARLM_CACHE_DIR"] = str(Path(tmp) / "cache")
         corpus = generated_corpus(Path(tmp) / "corpus.txt")
-        figures = run(args.kills, workdir=Path(tmp) / "run", corpus=corpus, eval_every=args.eval_every,
-                      save_every=args.save_every, slack=args.slack, rng_seed=args.rng_seed)
+        figures = run(
+            args.kills,
+            workdir=Path(tmp) / "run",
+            corpus=corpus,
+            eval_every=args.eval_every,
+            save_every=args.save_every,
+            slack=args.slack,
+            rng_seed=args.rng_seed,
+        )
     sys.path.insert(0, str(REPO / "bench"))
     from run import machine  # the benchmark suite's description of this computer
 

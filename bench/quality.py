@@ -60,14 +60,31 @@ def unigram_bits(source: str) -> float:
 def run_charlm(source: str, minutes: float, extra: list[str], keep: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         out = (keep or Path(folder)) / f"{Path(source).name}-{minutes:g}min.safetensors"
-        cmd = [sys.executable, "-m", "charlm", "train", source, "--time", f"{minutes * 60:.0f}s", "--json",
-               "--out", str(out), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "charlm",
+            "train",
+            source,
+            "--time",
+            f"{minutes * 60:.0f}s",
+            "--json",
+            "--out",
+            str(out),
+            *extra,
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"charlm train failed on {source}: {done.stderr[-2000:]}")
         result = json.loads(done.stdout)
-        header = json.loads(subprocess.run([sys.executable, "-m", "charlm", "info", result["checkpoint"], "--json"],
-                                           capture_output=True, text=True, check=True).stdout)
+        header = json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "charlm", "info", result["checkpoint"], "--json"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
     result["model"] = header["model"]
     result["vocab"] = len(header["vocab"])
     return result
@@ -80,8 +97,11 @@ def run_textbook(source: str, minutes: float) -> dict:
     corpus = load_corpus(source)
     train_ids, val_ids = split(corpus.ids, 0.1)
     batches = Batches(train_ids, 64, 128, rng_seed=0)
-    model = CharRNN(ModelConfig(vocab_size=len(corpus.vocab), model="lstm", hidden_size=512, num_layers=2,
-                                embed_size=64, init="pytorch"))
+    model = CharRNN(
+        ModelConfig(
+            vocab_size=len(corpus.vocab), model="lstm", hidden_size=512, num_layers=2, embed_size=64, init="pytorch"
+        )
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     state, epoch, chunk, steps = None, 0, 0, 0
     start = time.perf_counter()
@@ -99,8 +119,12 @@ def run_textbook(source: str, minutes: float) -> dict:
             epoch, chunk, state = epoch + 1, 0, None
     train_s = time.perf_counter() - start
     val = evaluate(model, val_ids, start_id=corpus.vocab.start_id, precision="fp32")
-    return {"val_bpc": val.bpc, "val_loss": val.cross_entropy, "steps": steps,
-            "chars_per_sec": steps * 64 * 128 / train_s}
+    return {
+        "val_bpc": val.bpc,
+        "val_loss": val.cross_entropy,
+        "steps": steps,
+        "chars_per_sec": steps * 64 * 128 / train_s,
+    }
 
 
 def main() -> None:
@@ -113,8 +137,16 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep charlm's checkpoints in this folder (for compress.py)")
     args = parser.parse_args()
     configure_cpu()
-    rows, results = [], {"date": dt.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
-                         "cpu_threads": torch.get_num_threads(), "minutes": args.minutes, "runs": {}}
+    rows, results = (
+        [],
+        {
+            "date": dt.datetime.now().isoformat(timespec="seconds"),
+            "host": socket.gethostname(),
+            "cpu_threads": torch.get_num_threads(),
+            "minutes": args.minutes,
+            "runs": {},
+        },
+    )
     for name in args.corpora.split(","):
         source = CORPORA.get(name, name)
         if not source.startswith("/") or os.path.exists(source):
@@ -125,19 +157,39 @@ def main() -> None:
         entropy = unigram_bits(source)
         entry = {"charlm": ours, "unigram_bits": entropy}
         model = ours["model"]
-        rows.append((name, f"charlm defaults ({model['model']} {model['num_layers']}x{model['hidden_size']})",
-                     f"{ours['val_bpc']:.3f}", f"{entropy:.3f}", f"{ours['chars_per_sec']:,.0f}",
-                     f"vocab {ours['vocab']}"))
+        rows.append(
+            (
+                name,
+                f"charlm defaults ({model['model']} {model['num_layers']}x{model['hidden_size']})",
+                f"{ours['val_bpc']:.3f}",
+                f"{entropy:.3f}",
+                f"{ours['chars_per_sec']:,.0f}",
+                f"vocab {ours['vocab']}",
+            )
+        )
         if name == "shakespeare" and not args.no_baseline:
             base = run_textbook(source, args.minutes)
             entry["textbook"] = base
             entry["improvement"] = 1 - ours["val_bpc"] / base["val_bpc"]
-            rows.append((name, "textbook LSTM 2x512 fp32", f"{base['val_bpc']:.3f}", f"{entropy:.3f}",
-                         f"{base['chars_per_sec']:,.0f}", f"charlm {entry['improvement']:+.1%} better"))
+            rows.append(
+                (
+                    name,
+                    "textbook LSTM 2x512 fp32",
+                    f"{base['val_bpc']:.3f}",
+                    f"{entropy:.3f}",
+                    f"{base['chars_per_sec']:,.0f}",
+                    f"charlm {entry['improvement']:+.1%} better",
+                )
+            )
         results["runs"][name] = entry
     header = ("corpus", "model", "val bpc", "unigram bits", "chars/s", "")
-    finish(f"quality after {args.minutes:g} min of training, {torch.get_num_threads()} CPU threads", [header, *rows],
-           results, args.name or f"quality-{args.minutes:g}min-{dt.date.today().isoformat()}")
+    finish(
+        f"quality after {args.minutes:g} min of training, {torch.get_num_threads()} CPU threads",
+        [header, *rows],
+        results,
+        args.name or f"quality-{args.minutes:g}min-{dt.date.today().isoformat()}",
+    )
+
 
 if __name__ == "__main__":
     main()

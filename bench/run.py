@@ -48,9 +48,16 @@ def machine() -> dict:
     cpu = platform.processor() or ""
     with contextlib.suppress(OSError):
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    return {"host": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "fast_bf16": cpu_has_fast_bf16(),
-            "date": dt.datetime.now().isoformat(timespec="seconds")}
+    return {
+        "host": socket.gethostname(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "fast_bf16": cpu_has_fast_bf16(),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+    }
 
 
 def median_rate(fn: Callable[[], float], repeats: int) -> float:
@@ -65,8 +72,37 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
 
 def text(chars: int, seed: int = 0) -> str:
     rng = np.random.default_rng(seed)
-    words = ["the", "of", "and", "to", "in", "a", "is", "that", "it", "was", "for", "on", "are", "as", "with",
-             "his", "they", "at", "be", "this", "from", "have", "or", "by", "one", "had", "not", "but", "what"]
+    words = [
+        "the",
+        "of",
+        "and",
+        "to",
+        "in",
+        "a",
+        "is",
+        "that",
+        "it",
+        "was",
+        "for",
+        "on",
+        "are",
+        "as",
+        "with",
+        "his",
+        "they",
+        "at",
+        "be",
+        "this",
+        "from",
+        "have",
+        "or",
+        "by",
+        "one",
+        "had",
+        "not",
+        "but",
+        "what",
+    ]
     out = " ".join(rng.choice(words, size=chars // 3))
     return (out + "\n")[:chars]
 
@@ -150,10 +186,22 @@ def charlm_train_rate(cell: str, precision: str, steps: int, corpus: object) -> 
             stamps[event.step] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as folder:
-        train(corpus, model=ModelConfig(model=cell, hidden_size=H, num_layers=LAYERS, embed_size=E),  # type: ignore[arg-type]
-              config=TrainConfig(steps=steps + 2, batch_size=B, seq_len=T, eval_every=10_000, precision=precision,
-                                 device="cpu", warmup=1, log_every=steps + 2),
-              out=Path(folder) / "b.safetensors", on_event=listen)
+        train(
+            corpus,
+            model=ModelConfig(model=cell, hidden_size=H, num_layers=LAYERS, embed_size=E),  # type: ignore[arg-type]
+            config=TrainConfig(
+                steps=steps + 2,
+                batch_size=B,
+                seq_len=T,
+                eval_every=10_000,
+                precision=precision,
+                device="cpu",
+                warmup=1,
+                log_every=steps + 2,
+            ),
+            out=Path(folder) / "b.safetensors",
+            on_event=listen,
+        )
     return steps * B * T / (stamps[steps + 2] - stamps[2])
 
 
@@ -231,12 +279,21 @@ def encode_and_train_rss(path: Path) -> dict:
     )
     with tempfile.TemporaryDirectory() as folder:
         env = {**os.environ, "CHARLM_CACHE_DIR": folder}
-        done = subprocess.run([sys.executable, "-c", code, str(path), f"{folder}/m.safetensors"], env=env,
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(path), f"{folder}/m.safetensors"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     seconds, rss_kb = done.stdout.split()
     size = path.stat().st_size
-    return {"bytes": size, "encode_s": float(seconds), "encode_mb_per_s": size / 1e6 / float(seconds),
-            "peak_rss_mb": int(rss_kb) / 1024}
+    return {
+        "bytes": size,
+        "encode_s": float(seconds),
+        "encode_mb_per_s": size / 1e6 / float(seconds),
+        "peak_rss_mb": int(rss_kb) / 1024,
+    }
 
 
 def command_seconds(args: list[str], repeats: int = 5) -> float:
@@ -255,22 +312,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats; skip the 1 GB corpus")
     parser.add_argument("--only", default="", help="comma-separated sections: peak,train,eval,sample,corpus,cli")
-    parser.add_argument("--name", default=f"{dt.date.today().isoformat()}-{socket.gethostname()}",
-                        help="results file name (bench/results/NAME.json)")
+    parser.add_argument(
+        "--name",
+        default=f"{dt.date.today().isoformat()}-{socket.gethostname()}",
+        help="results file name (bench/results/NAME.json)",
+    )
     args = parser.parse_args()
     configure_cpu()
     repeats = 2 if args.quick else 3
     steps = 4 if args.quick else 8
     sections = set(args.only.split(",")) if args.only else {"peak", "train", "eval", "sample", "corpus", "cli"}
-    results: dict = {"machine": machine(), "config": {"vocab": V, "embed": E, "hidden": H, "layers": LAYERS,
-                                                       "batch": B, "seq_len": T}}
+    results: dict = {
+        "machine": machine(),
+        "config": {"vocab": V, "embed": E, "hidden": H, "layers": LAYERS, "batch": B, "seq_len": T},
+    }
     rows: list[tuple[str, str, str, str]] = []
 
     if "peak" in sections or "train" in sections:
         peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
         results["matmul_peak_gflops"] = {k: v / 1e9 for k, v in peaks.items()}
-        rows.append(("matmul peak", "fp32 / bf16", f"{peaks['fp32'] / 1e9:.0f} / {peaks['bf16'] / 1e9:.0f} GFLOP/s",
-                     f"bf16 {peaks['bf16'] / peaks['fp32']:.2f}x"))
+        rows.append(
+            (
+                "matmul peak",
+                "fp32 / bf16",
+                f"{peaks['fp32'] / 1e9:.0f} / {peaks['bf16'] / 1e9:.0f} GFLOP/s",
+                f"bf16 {peaks['bf16'] / peaks['fp32']:.2f}x",
+            )
+        )
 
     if "train" in sections:
         corpus = corpus_from_text(text(3_000_000), name="bench")
@@ -285,11 +353,22 @@ def main() -> None:
                 flops = ours * train_flops_per_char(cell)
                 peak_frac = flops / peaks[precision]
                 results["train"][f"{cell}-{precision}"] = {
-                    "charlm_chars_per_sec": ours, "baseline_chars_per_sec": base, "ratio": ours / base,
-                    "vs_fp32_baseline": ours / base_fp32[cell], "gflops": flops / 1e9, "peak_fraction": peak_frac}
-                rows.append((f"train {cell} 2x512", precision, f"{ours:,.0f} chars/s",
-                             f"{ours / base:.2f}x baseline ({base:,.0f}); {ours / base_fp32[cell]:.2f}x fp32 "
-                             f"baseline; {peak_frac:.0%} of peak"))
+                    "charlm_chars_per_sec": ours,
+                    "baseline_chars_per_sec": base,
+                    "ratio": ours / base,
+                    "vs_fp32_baseline": ours / base_fp32[cell],
+                    "gflops": flops / 1e9,
+                    "peak_fraction": peak_frac,
+                }
+                rows.append(
+                    (
+                        f"train {cell} 2x512",
+                        precision,
+                        f"{ours:,.0f} chars/s",
+                        f"{ours / base:.2f}x baseline ({base:,.0f}); {ours / base_fp32[cell]:.2f}x fp32 "
+                        f"baseline; {peak_frac:.0%} of peak",
+                    )
+                )
 
     if "eval" in sections:
         ids = np.frombuffer(text(1_000_000).encode(), dtype=np.uint8) % V
@@ -299,10 +378,20 @@ def main() -> None:
             base = median_rate(lambda: baseline_eval_rate(ids, precision), repeats)  # noqa: B023
             ours = median_rate(lambda: charlm_eval_rate(ids, precision), repeats)  # noqa: B023
             base_fp32 = base_fp32 or base
-            results["eval"][precision] = {"charlm_chars_per_sec": ours, "baseline_chars_per_sec": base,
-                                          "ratio": ours / base, "vs_fp32_baseline": ours / base_fp32}
-            rows.append(("perplexity 1 MB, LSTM 2x512", precision, f"{ours:,.0f} chars/s",
-                         f"{ours / base:.2f}x baseline ({base:,.0f}); {ours / base_fp32:.2f}x fp32 baseline"))
+            results["eval"][precision] = {
+                "charlm_chars_per_sec": ours,
+                "baseline_chars_per_sec": base,
+                "ratio": ours / base,
+                "vs_fp32_baseline": ours / base_fp32,
+            }
+            rows.append(
+                (
+                    "perplexity 1 MB, LSTM 2x512",
+                    precision,
+                    f"{ours:,.0f} chars/s",
+                    f"{ours / base:.2f}x baseline ({base:,.0f}); {ours / base_fp32:.2f}x fp32 baseline",
+                )
+            )
 
     if "sample" in sections:
         results["sample"] = {}
@@ -310,10 +399,19 @@ def main() -> None:
             base = median_rate(lambda: baseline_sample_rate(streams, length // 3), repeats)  # noqa: B023
             for name in ("fp32", "bf16", "int8"):
                 ours = median_rate(lambda: charlm_sample_rate(streams, length, name), repeats)  # noqa: B023
-                results["sample"][f"{streams}-{name}"] = {"charlm_chars_per_sec": ours,
-                                                          "baseline_chars_per_sec": base, "ratio": ours / base}
-                rows.append((f"sample LSTM 2x512, {streams} stream{'s' if streams > 1 else ''}", name,
-                             f"{ours:,.0f} chars/s", f"{ours / base:.1f}x baseline ({base:,.0f})"))
+                results["sample"][f"{streams}-{name}"] = {
+                    "charlm_chars_per_sec": ours,
+                    "baseline_chars_per_sec": base,
+                    "ratio": ours / base,
+                }
+                rows.append(
+                    (
+                        f"sample LSTM 2x512, {streams} stream{'s' if streams > 1 else ''}",
+                        name,
+                        f"{ours:,.0f} chars/s",
+                        f"{ours / base:.1f}x baseline ({base:,.0f})",
+                    )
+                )
 
     if "corpus" in sections:
         results["corpus"] = {}
@@ -324,16 +422,28 @@ def main() -> None:
                 figures = encode_and_train_rss(path)
                 path.unlink()
                 results["corpus"][f"{megabytes}MB"] = figures
-                rows.append((f"corpus {megabytes} MB: encode + train 3 steps", "",
-                             f"{figures['encode_mb_per_s']:.0f} MB/s", f"peak RSS {figures['peak_rss_mb']:.0f} MB"))
+                rows.append(
+                    (
+                        f"corpus {megabytes} MB: encode + train 3 steps",
+                        "",
+                        f"{figures['encode_mb_per_s']:.0f} MB/s",
+                        f"peak RSS {figures['peak_rss_mb']:.0f} MB",
+                    )
+                )
 
     if "cli" in sections:
         charlm_cmd = [sys.executable, "-m", "charlm"]
         results["cli"] = {"help_s": command_seconds([*charlm_cmd, "--help"])}
         rows.append(("charlm --help", "", f"{results['cli']['help_s']:.3f} s", "wall time, median of 5"))
 
-    finish(f"charlm benchmarks on {results['machine']['cpu']} ({results['machine']['threads']} threads), "
-           f"torch {torch.__version__}", rows, results, args.name)
+    finish(
+        f"charlm benchmarks on {results['machine']['cpu']} ({results['machine']['threads']} threads), "
+        f"torch {torch.__version__}",
+        rows,
+        results,
+        args.name,
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -43,7 +43,7 @@ def score(lm: CharLM, ids: torch.Tensor) -> dict[str, dict[str, float]]:
         log_probs = {p: torch.log_softmax(step(inputs), -1) for p, step in steps.items()}
         exact = log_probs["fp32"].exp()
         for p, lp in log_probs.items():
-            nats[p] -= float(lp.gather(1, ids[:, t:t + 1]).sum())
+            nats[p] -= float(lp.gather(1, ids[:, t : t + 1]).sum())
             tv[p] += float(0.5 * (lp.exp() - exact).abs().sum(-1).sum())
         inputs = ids[:, t]
     n = ids.numel()
@@ -57,19 +57,24 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=64_000)
     args = parser.parse_args()
     lm = CharLM.load(args.checkpoint, device="cpu", precision="fp32")
-    corpus = corpus_from_text(args.text.read_text(encoding="utf-8")[:args.chars], vocab=lm.vocab)
+    corpus = corpus_from_text(args.text.read_text(encoding="utf-8")[: args.chars], vocab=lm.vocab)
     per_stream = len(corpus.ids) // STREAMS
-    ids = torch.from_numpy(corpus.ids[:per_stream * STREAMS].astype("int64")).view(STREAMS, per_stream)
+    ids = torch.from_numpy(corpus.ids[: per_stream * STREAMS].astype("int64")).view(STREAMS, per_stream)
     results = score(lm, ids)
     base = results["fp32"]["bits_per_char"]
     rows = [("precision", "bits/char", "vs fp32", "total variation from fp32")]
-    rows += [(p, f"{r['bits_per_char']:.4f}", f"{r['bits_per_char'] - base:+.4f}", f"{r['total_variation']:.4f}")
-             for p, r in results.items()]
+    rows += [
+        (p, f"{r['bits_per_char']:.4f}", f"{r['bits_per_char'] - base:+.4f}", f"{r['total_variation']:.4f}")
+        for p, r in results.items()
+    ]
     c = lm.model.config
-    finish(f"sampling weights on {args.text.name}: {c.model} {c.num_layers}x{c.hidden_size}, {ids.numel():,} chars, "
-           f"{STREAMS} streams stepped one character at a time", rows,
-           {"checkpoint": str(args.checkpoint), "text": str(args.text), "chars": ids.numel(), "precisions": results},
-           "sample-fidelity")
+    finish(
+        f"sampling weights on {args.text.name}: {c.model} {c.num_layers}x{c.hidden_size}, {ids.numel():,} chars, "
+        f"{STREAMS} streams stepped one character at a time",
+        rows,
+        {"checkpoint": str(args.checkpoint), "text": str(args.text), "chars": ids.numel(), "precisions": results},
+        "sample-fidelity",
+    )
 
 
 if __name__ == "__main__":

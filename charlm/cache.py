@@ -79,8 +79,10 @@ def max_bytes() -> tuple[int | None, str]:
     try:
         return parse_size(raw), f"{MAX_ENV}={raw.strip()}"
     except ValueError:
-        raise ConfigError(f"{MAX_ENV}={raw.strip()!r} is not a size",
-                          "give bytes or a size such as 500M, 2G or 10GB (0 or off for no cap)") from None
+        raise ConfigError(
+            f"{MAX_ENV}={raw.strip()!r} is not a size",
+            "give bytes or a size such as 500M, 2G or 10GB (0 or off for no cap)",
+        ) from None
 
 
 def format_size(size: float) -> str:
@@ -216,9 +218,14 @@ class Report:
         return sum(u.bytes for u in self.kinds.values())
 
     def to_dict(self) -> dict:
-        return {"folder": str(self.folder), "entries": self.entries, "bytes": self.bytes,
-                "kinds": {k: {"entries": u.entries, "bytes": u.bytes} for k, u in self.kinds.items()},
-                "max_bytes": self.max_bytes, "max_source": self.max_source}
+        return {
+            "folder": str(self.folder),
+            "entries": self.entries,
+            "bytes": self.bytes,
+            "kinds": {k: {"entries": u.entries, "bytes": u.bytes} for k, u in self.kinds.items()},
+            "max_bytes": self.max_bytes,
+            "max_source": self.max_source,
+        }
 
 
 def report() -> Report:
@@ -226,8 +233,12 @@ def report() -> Report:
     cap, source = max_bytes()
     root = cache_dir()
     entries = _entries(root)
-    kinds = {kind: Usage(sum(1 for e in entries if e.kind == kind and not e.partial),
-                         sum(e.bytes for e in entries if e.kind == kind)) for kind in KINDS}
+    kinds = {
+        kind: Usage(
+            sum(1 for e in entries if e.kind == kind and not e.partial), sum(e.bytes for e in entries if e.kind == kind)
+        )
+        for kind in KINDS
+    }
     return Report(root, kinds, cap, source)
 
 

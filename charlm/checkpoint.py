@@ -112,8 +112,18 @@ def _json_field(meta: dict, key: str, kind: type, path: Path) -> Any:
 
 
 # Training counters in a .last header and the smallest value each may take.
-_STATE_COUNTS = {"step": 0, "epoch": 0, "chunk": 0, "chars": 0, "best_step": 0, "evals_since_best": 0,
-                 "plateau_bad": 0, "skipped": 0, "last_eval_step": -1, "world": 1}
+_STATE_COUNTS = {
+    "step": 0,
+    "epoch": 0,
+    "chunk": 0,
+    "chars": 0,
+    "best_step": 0,
+    "evals_since_best": 0,
+    "plateau_bad": 0,
+    "skipped": 0,
+    "last_eval_step": -1,
+    "world": 1,
+}
 _STATE_REALS = ("elapsed", "best_val", "plateau_scale", "plateau_best")
 
 
@@ -143,16 +153,23 @@ def read_header(path: str | os.PathLike[str]) -> Header:
     size = path.stat().st_size
     meta = data.pop("__metadata__", None)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise _bad(path, "is a safetensors file but not a charlm checkpoint",
-                   "give a checkpoint written by `charlm train`")
+        raise _bad(
+            path, "is a safetensors file but not a charlm checkpoint", "give a checkpoint written by `charlm train`"
+        )
     raw_version = meta.get("format_version")
-    if not isinstance(raw_version, str) or not (raw_version.isascii() and raw_version.isdigit()) \
-            or len(raw_version) > 9:
+    if (
+        not isinstance(raw_version, str)
+        or not (raw_version.isascii() and raw_version.isdigit())
+        or len(raw_version) > 9
+    ):
         raise _bad(path, "has an unreadable format_version")
     version = int(raw_version)
     if version > FORMAT_VERSION:
-        raise _bad(path, f"uses checkpoint format version {version}, newer than this charlm reads ({FORMAT_VERSION})",
-                   "upgrade charlm: pip install -U charlm")
+        raise _bad(
+            path,
+            f"uses checkpoint format version {version}, newer than this charlm reads ({FORMAT_VERSION})",
+            "upgrade charlm: pip install -U charlm",
+        )
     if version < 1:
         raise _bad(path, f"has an invalid format_version {version}")
     model_dict = _json_field(meta, "model", dict, path)
@@ -182,8 +199,11 @@ def read_header(path: str | os.PathLike[str]) -> Header:
         tensors[name] = (dtype, [int(d) for d in shape])
         end = max(end, stop)
     if data_start + end > size:
-        raise _bad(path, f"is truncated ({size} bytes, its header promises {data_start + end})",
-                   "the file was cut short; use another copy or the .last checkpoint")
+        raise _bad(
+            path,
+            f"is truncated ({size} bytes, its header promises {data_start + end})",
+            "the file was cut short; use another copy or the .last checkpoint",
+        )
     return Header(
         path=path,
         model=model,
@@ -215,19 +235,26 @@ def write(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], header
     path = Path(path)
     for name, t in tensors.items():
         if name.startswith("model.") and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise CheckpointError(f"refusing to write {path}: weight {name} is not finite",
-                                  "the run diverged; lower --lr or --clip")
+            raise CheckpointError(
+                f"refusing to write {path}: weight {name} is not finite", "the run diverged; lower --lr or --clip"
+            )
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "charlm_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "charlm_version": __version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
     for key, value in header.items():
         meta[key] = value if isinstance(value, str) else json.dumps(value)
     blob = save(flat, metadata=meta)
     try:
         atomic_write(path, blob)
     except OSError as e:
-        raise CheckpointError(f"cannot write {path} ({e.strerror}); the previous checkpoint is intact",
-                              "free some disk space or choose another --out") from None
+        raise CheckpointError(
+            f"cannot write {path} ({e.strerror}); the previous checkpoint is intact",
+            "free some disk space or choose another --out",
+        ) from None
 
 
 def read_tensors(header: Header) -> dict[str, torch.Tensor]:
@@ -270,7 +297,7 @@ def build_model(header: Header, tensors: dict[str, torch.Tensor] | None = None) 
             raise _bad(header.path, f"has tensor {k} of non-float type {header.tensors[k][0]}")
     tensors = tensors if tensors is not None else read_tensors(header)
     model = CharRNN(header.model)
-    state = {k[len("model."):]: v.float() for k, v in tensors.items() if k.startswith("model.")}
+    state = {k[len("model.") :]: v.float() for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(state)
     return model
 
@@ -282,11 +309,13 @@ def model_tensors(model: CharRNN) -> dict[str, torch.Tensor]:
 def newest_checkpoint(folder: str | os.PathLike[str] = "checkpoints") -> Path:
     """The most recently written best checkpoint (not a .last resume file) in `folder`."""
     folder = Path(folder)
-    found = [p for p in folder.glob("*.safetensors") if not p.name.endswith(".last.safetensors")] \
-        if folder.is_dir() else []
+    found = (
+        [p for p in folder.glob("*.safetensors") if not p.name.endswith(".last.safetensors")] if folder.is_dir() else []
+    )
     if not found:
-        raise CheckpointError(f"no checkpoint in {folder}/",
-                              "train one first (charlm train FILE) or pass --checkpoint PATH")
+        raise CheckpointError(
+            f"no checkpoint in {folder}/", "train one first (charlm train FILE) or pass --checkpoint PATH"
+        )
     return max(found, key=lambda p: p.stat().st_mtime_ns)
 
 

@@ -51,8 +51,13 @@ def _verbosity(f: Callable) -> Callable:
 
 
 def _checkpoint_option(f: Callable) -> Callable:
-    return click.option("--checkpoint", "-c", type=click.Path(dir_okay=True, path_type=Path), default=None,
-                        help="Checkpoint to use.  [default: the newest in ./checkpoints]")(f)
+    return click.option(
+        "--checkpoint",
+        "-c",
+        type=click.Path(dir_okay=True, path_type=Path),
+        default=None,
+        help="Checkpoint to use.  [default: the newest in ./checkpoints]",
+    )(f)
 
 
 def _device_option(f: Callable) -> Callable:
@@ -60,9 +65,13 @@ def _device_option(f: Callable) -> Callable:
 
 
 def _threads_option(f: Callable) -> Callable:
-    return click.option("--threads", type=int, default=None,
-                        help="CPU threads for torch; fixing it makes results repeat exactly.  [default: adapt: one "
-                        "thread or all cores, whichever runs faster under the machine's current load]")(f)
+    return click.option(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch; fixing it makes results repeat exactly.  [default: adapt: one "
+        "thread or all cores, whichever runs faster under the machine's current load]",
+    )(f)
 
 
 @click.group(context_settings=CONTEXT)
@@ -85,71 +94,166 @@ M, T = ModelConfig, TrainConfig
 
 @cli.command(context_settings=CONTEXT, short_help="Train a model on a text file or a built-in corpus.")
 @click.argument("corpus")
-@click.option("--model", "cell", type=click.Choice(choices(Cell)), default=default(M, "model"),
-              help="Recurrent cell: LSTM, GRU, or Elman RNN with tanh (rnn) or ReLU (rnn-relu).")
+@click.option(
+    "--model",
+    "cell",
+    type=click.Choice(choices(Cell)),
+    default=default(M, "model"),
+    help="Recurrent cell: LSTM, GRU, or Elman RNN with tanh (rnn) or ReLU (rnn-relu).",
+)
 @click.option("--layers", type=int, default=default(M, "num_layers"), help="Stacked recurrent layers.")
-@click.option("--hidden", type=int, default=None, help="Hidden units per layer.  [default: from the budget: "
-              f"{budget_hidden_size(360)} for --time up to 6m, {budget_hidden_size(1800)} up to 30m, else "
-              f"{budget_hidden_size(None)}]")
+@click.option(
+    "--hidden",
+    type=int,
+    default=None,
+    help="Hidden units per layer.  [default: from the budget: "
+    f"{budget_hidden_size(360)} for --time up to 6m, {budget_hidden_size(1800)} up to 30m, else "
+    f"{budget_hidden_size(None)}]",
+)
 @click.option("--embed", type=int, default=default(M, "embed_size"), help="Character embedding size.")
-@click.option("--dropout", type=float, default=default(M, "dropout"),
-              help="Dropout on embeddings, between layers and before the output.")
-@click.option("--init", type=click.Choice(choices(Init)), default=default(M, "init"),
-              help="Weight initialisation (orthogonal = orthogonal recurrent, Xavier input weights).")
-@click.option("--seq-len", type=int, default=default(T, "seq_len"),
-              help="Characters per chunk: the truncated-BPTT length.")
+@click.option(
+    "--dropout",
+    type=float,
+    default=default(M, "dropout"),
+    help="Dropout on embeddings, between layers and before the output.",
+)
+@click.option(
+    "--init",
+    type=click.Choice(choices(Init)),
+    default=default(M, "init"),
+    help="Weight initialisation (orthogonal = orthogonal recurrent, Xavier input weights).",
+)
+@click.option(
+    "--seq-len", type=int, default=default(T, "seq_len"), help="Characters per chunk: the truncated-BPTT length."
+)
 @click.option("--batch-size", type=int, default=default(T, "batch_size"), help="Parallel text streams per step.")
 @click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW).  [default: 2e-3 x 512 / --hidden]")
-@click.option("--weight-decay", type=float, default=default(T, "weight_decay"),
-              help="AdamW weight decay on weight matrices.")
+@click.option(
+    "--weight-decay", type=float, default=default(T, "weight_decay"), help="AdamW weight decay on weight matrices."
+)
 @click.option("--clip", type=float, default=default(T, "clip"), help="Clip the global gradient norm to this (0 = off).")
-@click.option("--schedule", type=click.Choice(choices(Schedule)), default=default(T, "schedule"),
-              help="Learning-rate decay after warmup; auto = cosine to the budget when there is one, else "
-              "reduce-on-plateau.")
+@click.option(
+    "--schedule",
+    type=click.Choice(choices(Schedule)),
+    default=default(T, "schedule"),
+    help="Learning-rate decay after warmup; auto = cosine to the budget when there is one, else reduce-on-plateau.",
+)
 @click.option("--warmup", type=int, default=default(T, "warmup"), help="Linear warmup steps.")
-@click.option("--min-lr-ratio", type=float, default=default(T, "min_lr_ratio"),
-              help="Floor of every decay, as a fraction of --lr.")
+@click.option(
+    "--min-lr-ratio",
+    type=float,
+    default=default(T, "min_lr_ratio"),
+    help="Floor of every decay, as a fraction of --lr.",
+)
 @click.option("--lr-decay", type=float, default=default(T, "lr_decay"), help="Exponential schedule: factor per epoch.")
 @click.option("--steps", type=int, default=None, help="Stop after this many steps.")
 @click.option("--epochs", type=float, default=None, help="Stop after this many passes over the text.")
-@click.option("--time", "time_budget", default=None, help="Stop after this long, e.g. 90s, 5m, 2h: the whole run, "
-              "final validation and checkpoints included (start-up aside).")
-@click.option("--patience", type=int, default=default(T, "patience"),
-              help="Stop when validation has not improved for this many evaluations (0 = never).")
-@click.option("--eval-every", type=int, default=default(T, "eval_every"),
-              help="Steps between validations (0 = auto: validation costs about 10% of the time).")
-@click.option("--val-fraction", type=float, default=default(T, "val_fraction"),
-              help="Tail of the text held out for validation.")
-@click.option("--max-val-chars", type=int, default=default(T, "max_val_chars"),
-              help="Cap on the held-out tail, so a big corpus spends its budget training; the rest trains.")
-@click.option("--min-count", type=int, default=default(T, "min_count"), help="Characters seen fewer times share one "
-              "unknown symbol (for vocabularies of thousands); scores spread its probability evenly over them.")
-@click.option("--save-every", default="5m", help="Longest time between resume checkpoints (they are also "
-              "written at every evaluation and on Ctrl-C).")
-@click.option("--rng-seed", type=int, default=default(T, "rng_seed"), help="Random seed: the same seed, CPU and "
-              "--threads give the same model.")
+@click.option(
+    "--time",
+    "time_budget",
+    default=None,
+    help="Stop after this long, e.g. 90s, 5m, 2h: the whole run, "
+    "final validation and checkpoints included (start-up aside).",
+)
+@click.option(
+    "--patience",
+    type=int,
+    default=default(T, "patience"),
+    help="Stop when validation has not improved for this many evaluations (0 = never).",
+)
+@click.option(
+    "--eval-every",
+    type=int,
+    default=default(T, "eval_every"),
+    help="Steps between validations (0 = auto: validation costs about 10% of the time).",
+)
+@click.option(
+    "--val-fraction", type=float, default=default(T, "val_fraction"), help="Tail of the text held out for validation."
+)
+@click.option(
+    "--max-val-chars",
+    type=int,
+    default=default(T, "max_val_chars"),
+    help="Cap on the held-out tail, so a big corpus spends its budget training; the rest trains.",
+)
+@click.option(
+    "--min-count",
+    type=int,
+    default=default(T, "min_count"),
+    help="Characters seen fewer times share one "
+    "unknown symbol (for vocabularies of thousands); scores spread its probability evenly over them.",
+)
+@click.option(
+    "--save-every",
+    default="5m",
+    help="Longest time between resume checkpoints (they are also written at every evaluation and on Ctrl-C).",
+)
+@click.option(
+    "--rng-seed",
+    type=int,
+    default=default(T, "rng_seed"),
+    help="Random seed: the same seed, CPU and --threads give the same model.",
+)
 @_device_option
-@click.option("--precision", type=click.Choice(choices(TrainPrecision)), default=default(T, "precision"),
-              help="auto = bf16 autocast where the hardware is fast at it (CUDA, AMX/AVX512-BF16 CPUs).")
+@click.option(
+    "--precision",
+    type=click.Choice(choices(TrainPrecision)),
+    default=default(T, "precision"),
+    help="auto = bf16 autocast where the hardware is fast at it (CUDA, AMX/AVX512-BF16 CPUs).",
+)
 @_threads_option
-@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
-              help="Best checkpoint path.  [default: checkpoints/<corpus name>.safetensors, or <name>-2, -3, ... "
-              "when an earlier run has that name]")
-@click.option("--overwrite", is_flag=True, help="Replace the run already at the checkpoint path instead of keeping "
-              "it.")
-@click.option("--resume", is_flag=False, flag_value="", default=None, metavar="[PATH]",
-              help="Continue the interrupted run (the newest .last.safetensors of the corpus name, or PATH).")
-@click.option("--init-from", type=click.Path(path_type=Path), default=None,
-              help="Fine-tune: start from this checkpoint's weights (its vocab is extended if needed).")
-@click.option("--tensorboard", type=click.Path(file_okay=False, path_type=Path), default=None, metavar="DIR",
-              help="Also log losses, bits/char and the learning rate for TensorBoard to DIR (needs the tensorboard "
-              "package).")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Best checkpoint path.  [default: checkpoints/<corpus name>.safetensors, or <name>-2, -3, ... "
+    "when an earlier run has that name]",
+)
+@click.option("--overwrite", is_flag=True, help="Replace the run already at the checkpoint path instead of keeping it.")
+@click.option(
+    "--resume",
+    is_flag=False,
+    flag_value="",
+    default=None,
+    metavar="[PATH]",
+    help="Continue the interrupted run (the newest .last.safetensors of the corpus name, or PATH).",
+)
+@click.option(
+    "--init-from",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Fine-tune: start from this checkpoint's weights (its vocab is extended if needed).",
+)
+@click.option(
+    "--tensorboard",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Also log losses, bits/char and the learning rate for TensorBoard to DIR (needs the tensorboard package).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
 @_verbosity
-def train(corpus: str, cell: str, layers: int, hidden: int | None, embed: int, dropout: float, init: str,
-          time_budget: str | None, save_every: str, resume: str | None, init_from: Path | None, out: Path | None,
-          overwrite: bool, tensorboard: Path | None, as_json: bool, quiet: bool, verbose: bool,
-          **options: Any) -> int:
+def train(
+    corpus: str,
+    cell: str,
+    layers: int,
+    hidden: int | None,
+    embed: int,
+    dropout: float,
+    init: str,
+    time_budget: str | None,
+    save_every: str,
+    resume: str | None,
+    init_from: Path | None,
+    out: Path | None,
+    overwrite: bool,
+    tensorboard: Path | None,
+    as_json: bool,
+    quiet: bool,
+    verbose: bool,
+    **options: Any,
+) -> int:
     """Train a model on CORPUS: a UTF-8 text file, or a built-in corpus name (shakespeare, python-stdlib).
 
     Reports cross-entropy (nats/char), perplexity (e^CE) and bits/char (CE / ln 2) on the held-out tail.
@@ -164,16 +268,31 @@ def train(corpus: str, cell: str, layers: int, hidden: int | None, embed: int, d
     from .trainer import train as run
 
     if resume is not None and init_from is not None:
-        raise click.UsageError("--resume and --init-from do not go together: resume continues a run, "
-                               "--init-from starts a new one")
+        raise click.UsageError(
+            "--resume and --init-from do not go together: resume continues a run, --init-from starts a new one"
+        )
     ctx = click.get_current_context()
     given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
-    settings = dict(options, time=parse_duration(time_budget) if time_budget else None,
-                    save_every=parse_duration(save_every, "--save-every"))
-    model_options = {"model": cell, "num_layers": layers, "hidden_size": hidden or 0, "embed_size": embed,
-                     "dropout": dropout, "init": init}
-    flag_of = {"cell": "model", "layers": "num_layers", "hidden": "hidden_size", "embed": "embed_size",
-               "time_budget": "time"}
+    settings = dict(
+        options,
+        time=parse_duration(time_budget) if time_budget else None,
+        save_every=parse_duration(save_every, "--save-every"),
+    )
+    model_options = {
+        "model": cell,
+        "num_layers": layers,
+        "hidden_size": hidden or 0,
+        "embed_size": embed,
+        "dropout": dropout,
+        "init": init,
+    }
+    flag_of = {
+        "cell": "model",
+        "layers": "num_layers",
+        "hidden": "hidden_size",
+        "embed": "embed_size",
+        "time_budget": "time",
+    }
     resume_arg: bool | Path = False
     if resume is None:
         model: ModelConfig | None = ModelConfig(**model_options)
@@ -181,9 +300,12 @@ def train(corpus: str, cell: str, layers: int, hidden: int | None, embed: int, d
     else:  # the interrupted run's settings, with only the options typed now on top
         typed = {flag_of.get(name, name) for name in given}
         config, model, resume_arg = resume_settings(
-            corpus, out=out, resume=Path(resume) if resume else True,
+            corpus,
+            out=out,
+            resume=Path(resume) if resume else True,
             train_changes={k: v for k, v in settings.items() if k in typed},
-            model_changes={k: v for k, v in model_options.items() if k in typed})
+            model_changes={k: v for k, v in model_options.items() if k in typed},
+        )
     view = TrainView()
     sinks: list[Any] = [view]  # each takes every event and has close()
     if tensorboard is not None:
@@ -196,17 +318,32 @@ def train(corpus: str, cell: str, layers: int, hidden: int | None, embed: int, d
             sink(event)
 
     try:
-        result = run(corpus, model=model, config=config, out=out, resume=resume_arg, init_from=init_from,
-                     overwrite=overwrite, on_event=on_event)
+        result = run(
+            corpus,
+            model=model,
+            config=config,
+            out=out,
+            resume=resume_arg,
+            init_from=init_from,
+            overwrite=overwrite,
+            on_event=on_event,
+        )
     finally:
         for sink in sinks:
             sink.close()
     if as_json and rank0:
         click.echo(json.dumps(result.to_dict()))
-    why = {"steps": "step budget reached", "epochs": "epoch budget reached", "time": "time budget reached",
-           "patience": "validation stopped improving", "interrupted": "interrupted; resume with --resume"}
-    info(f"done: {why.get(result.stopped, result.stopped)} after {result.steps} steps ({result.epochs:.2f} epochs, "
-         f"{result.elapsed_s:.0f}s, {result.chars_per_sec:,.0f} chars/s)")
+    why = {
+        "steps": "step budget reached",
+        "epochs": "epoch budget reached",
+        "time": "time budget reached",
+        "patience": "validation stopped improving",
+        "interrupted": "interrupted; resume with --resume",
+    }
+    info(
+        f"done: {why.get(result.stopped, result.stopped)} after {result.steps} steps ({result.epochs:.2f} epochs, "
+        f"{result.elapsed_s:.0f}s, {result.chars_per_sec:,.0f} chars/s)"
+    )
     info(f"best validation (step {result.best_step}): {fmt_loss(result.val_loss)}")
     info(f"checkpoint: {result.checkpoint}  (resume file: {result.last_checkpoint})")
     from .console import err, verbosity
@@ -223,29 +360,65 @@ def train(corpus: str, cell: str, layers: int, hidden: int | None, embed: int, d
 
 @cli.command(context_settings=CONTEXT, short_help="Generate text that continues a seed.")
 @_checkpoint_option
-@click.option("--seed", "-s", default="", help="Text to continue. Empty: start as at the beginning of a text "
-              "(the model is primed with a newline).")
+@click.option(
+    "--seed",
+    "-s",
+    default="",
+    help="Text to continue. Empty: start as at the beginning of a text (the model is primed with a newline).",
+)
 @click.option("--length", "-n", type=int, default=500, help="Characters to generate after the seed.")
-@click.option("--temperature", "-t", type=float, default=1.0,
-              help="Below 1 is safer, above 1 wilder; 0 = always the most likely character.")
+@click.option(
+    "--temperature",
+    "-t",
+    type=float,
+    default=1.0,
+    help="Below 1 is safer, above 1 wilder; 0 = always the most likely character.",
+)
 @click.option("--top-k", type=int, default=None, help="Draw only from the K most likely characters.")
-@click.option("--top-p", type=float, default=None, help="Draw only from the smallest set of characters whose "
-              "probability reaches P (nucleus). Order: temperature, then top-k, then top-p.")
+@click.option(
+    "--top-p",
+    type=float,
+    default=None,
+    help="Draw only from the smallest set of characters whose "
+    "probability reaches P (nucleus). Order: temperature, then top-k, then top-p.",
+)
 @click.option("--num-samples", type=int, default=1, help="Samples generated together as one batch.")
-@click.option("--separator", default="-" * 40,
-              help="Line printed between samples when --num-samples > 1.")
+@click.option("--separator", default="-" * 40, help="Line printed between samples when --num-samples > 1.")
 @click.option("--rng-seed", type=int, default=None, help="Random seed for reproducible samples.  [default: random]")
 @_device_option
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True,
-              help="Weights read per generated character: int8 is fastest on an x86 CPU (auto there), bf16 on a GPU "
-              "(auto there); fp32 gives the model's exact probabilities.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "int8"]),
+    default="auto",
+    show_default=True,
+    help="Weights read per generated character: int8 is fastest on an x86 CPU (auto there), bf16 on a GPU "
+    "(auto there); fp32 gives the model's exact probabilities.",
+)
 @_threads_option
-@click.option("--json", "as_json", is_flag=True,
-              help='Print {"samples": [...], "checkpoint": ..., "chars_per_sec": ...} instead of text.')
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print {"samples": [...], "checkpoint": ..., "chars_per_sec": ...} instead of text.',
+)
 @_verbosity
-def sample(checkpoint: Path | None, seed: str, length: int, temperature: float, top_k: int | None,
-           top_p: float | None, num_samples: int, separator: str, rng_seed: int | None, device: str,
-           precision: str, threads: int | None, as_json: bool, quiet: bool, verbose: bool) -> None:
+def sample(
+    checkpoint: Path | None,
+    seed: str,
+    length: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    num_samples: int,
+    separator: str,
+    rng_seed: int | None,
+    device: str,
+    precision: str,
+    threads: int | None,
+    as_json: bool,
+    quiet: bool,
+    verbose: bool,
+) -> None:
     """Generate text that continues --seed, streamed to stdout as it is written."""
     set_verbosity(quiet=quiet, verbose=verbose)
     from .lm import CharLM
@@ -256,14 +429,25 @@ def sample(checkpoint: Path | None, seed: str, length: int, temperature: float, 
     encode_seed(seed, lm.vocab)
     info(f"checkpoint: {lm.path}")
     began = time.perf_counter()
-    chunks = lm.stream_batch(seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                             num_samples=num_samples, rng_seed=rng_seed)
+    chunks = lm.stream_batch(
+        seed,
+        length=length,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_samples=num_samples,
+        rng_seed=rng_seed,
+    )
     if as_json:
         columns = list(chunks)
         elapsed = time.perf_counter() - began
         samples = [seed + "".join(col[i] for col in columns) for i in range(num_samples)]
-        click.echo(json.dumps({"samples": samples, "checkpoint": str(lm.path),
-                               "chars_per_sec": length * num_samples / elapsed}, ensure_ascii=False))
+        click.echo(
+            json.dumps(
+                {"samples": samples, "checkpoint": str(lm.path), "chars_per_sec": length * num_samples / elapsed},
+                ensure_ascii=False,
+            )
+        )
         return
     stdout = sys.stdout
     stdout.write(seed)
@@ -291,19 +475,42 @@ def sample(checkpoint: Path | None, seed: str, length: int, temperature: float, 
 @cli.command(context_settings=CONTEXT, short_help="Score a file: cross-entropy, perplexity, bits/char.")
 @click.argument("file")
 @_checkpoint_option
-@click.option("--batch-size", type=int, default=64, help="Parallel streams the text is cut into (each at "
-              "least 4096 chars); the B-1 stream starts are scored with less context.")
-@click.option("--unknown", type=click.Choice(["skip", "error"]), default="skip",
-              help="Characters the model never saw: skip (drop and count them) or error.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=64,
+    help="Parallel streams the text is cut into (each at "
+    "least 4096 chars); the B-1 stream starts are scored with less context.",
+)
+@click.option(
+    "--unknown",
+    type=click.Choice(["skip", "error"]),
+    default="skip",
+    help="Characters the model never saw: skip (drop and count them) or error.",
+)
 @_device_option
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto",
-              help="auto = bf16 autocast where the hardware is fast at it, as in training, so the validation "
-              "figure of `train` is reproduced; fp32 for the exact float32 score.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    help="auto = bf16 autocast where the hardware is fast at it, as in training, so the validation "
+    "figure of `train` is reproduced; fp32 for the exact float32 score.",
+)
 @_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @_verbosity
-def perplexity(file: str, checkpoint: Path | None, batch_size: int, unknown: str, device: str, precision: str,
-               threads: int | None, as_json: bool, quiet: bool, verbose: bool) -> None:
+def perplexity(
+    file: str,
+    checkpoint: Path | None,
+    batch_size: int,
+    unknown: str,
+    device: str,
+    precision: str,
+    threads: int | None,
+    as_json: bool,
+    quiet: bool,
+    verbose: bool,
+) -> None:
     """Score FILE: cross-entropy (nats/char), perplexity and bits/char under a model."""
     set_verbosity(quiet=quiet, verbose=verbose)
     from .corpora import resolve
@@ -319,10 +526,22 @@ def perplexity(file: str, checkpoint: Path | None, batch_size: int, unknown: str
     info(f"checkpoint: {lm.path}")
     m = lm.perplexity(path, batch_size=batch_size, unknown=unknown)  # type: ignore[arg-type]
     if as_json:
-        click.echo(json.dumps({"chars": m.chars, "unknown": m.unknown, "unknown_chars": m.unknown_chars,
-                               "cross_entropy": m.cross_entropy, "perplexity": m.perplexity, "bpc": m.bpc,
-                               "chars_per_sec": m.chars_per_sec, "checkpoint": str(lm.path), "streams": m.streams},
-                              ensure_ascii=False))
+        click.echo(
+            json.dumps(
+                {
+                    "chars": m.chars,
+                    "unknown": m.unknown,
+                    "unknown_chars": m.unknown_chars,
+                    "cross_entropy": m.cross_entropy,
+                    "perplexity": m.perplexity,
+                    "bpc": m.bpc,
+                    "chars_per_sec": m.chars_per_sec,
+                    "checkpoint": str(lm.path),
+                    "streams": m.streams,
+                },
+                ensure_ascii=False,
+            )
+        )
         return
     from rich.table import Table
 
@@ -347,8 +566,9 @@ def _one_checkpoint(argument: Path | None, option: Path | None, name: str) -> Pa
     """The checkpoint given as the argument or as --checkpoint (every model-reading command takes the
     option; these also take it positionally), refusing two different ones."""
     if argument is not None and option is not None and argument.resolve() != option.resolve():
-        raise click.UsageError(f"{name} and --checkpoint name different files ({argument} and {option}): "
-                               "give one of them")
+        raise click.UsageError(
+            f"{name} and --checkpoint name different files ({argument} and {option}): give one of them"
+        )
     return argument if argument is not None else option
 
 
@@ -386,11 +606,13 @@ def _vocab_cell(chars: tuple[str, ...]) -> Text:
 
     groups = sorted(Counter(_char_group(c) for c in chars).items(), key=lambda g: (-g[1], g[0]))
     summary = ", ".join(f"{n:,} {group}" for group, n in groups)
-    visible = "".join(("\u25cc" + c) if unicodedata.category(c)[0] == "M" else c
-                      for c in chars if c.isprintable() and not c.isspace())
+    visible = "".join(
+        ("\u25cc" + c) if unicodedata.category(c)[0] == "M" else c for c in chars if c.isprintable() and not c.isspace()
+    )
     invisible = ", ".join(describe_char(c) for c in chars if not c.isprintable() or c.isspace())
-    return Text(f"{len(chars):,} characters: {summary}\n{visible}" + (f"\n+ {invisible}" if invisible else ""),
-                overflow="fold")
+    return Text(
+        f"{len(chars):,} characters: {summary}\n{visible}" + (f"\n+ {invisible}" if invisible else ""), overflow="fold"
+    )
 
 
 @cli.command(context_settings=CONTEXT, short_help="Describe a checkpoint: model, vocab, training, figures.")
@@ -413,23 +635,35 @@ def info_cmd(checkpoint_arg: Path | None, checkpoint: Path | None, as_json: bool
 
     m, s, met, corpus = header.model, header.state, header.metrics, header.corpus
     table = Table(title=str(header.path), show_header=False, title_justify="left")
-    table.add_row("model", f"{m.model} {m.num_layers}x{m.hidden_size}, embed {m.embed_size}, dropout {m.dropout:g}, "
-                           f"init {m.init}")
+    table.add_row(
+        "model", f"{m.model} {m.num_layers}x{m.hidden_size}, embed {m.embed_size}, dropout {m.dropout:g}, init {m.init}"
+    )
     table.add_row("parameters", f"{m.num_params():,}")
     table.add_row("vocab", _vocab_cell(header.vocab.chars))
     if corpus:
-        table.add_row("corpus", f"{corpus.get('name')} ({fmt_count(corpus.get('chars', 0))} chars, "
-                                f"sha256 {str(corpus.get('sha256', ''))[:12]}...)")
+        table.add_row(
+            "corpus",
+            f"{corpus.get('name')} ({fmt_count(corpus.get('chars', 0))} chars, "
+            f"sha256 {str(corpus.get('sha256', ''))[:12]}...)",
+        )
     if s:
-        table.add_row("training", f"step {s.get('step')}, {s.get('chars', 0):,} chars seen, "
-                                  f"{s.get('elapsed', 0):.0f}s, best at step {s.get('best_step')}")
+        table.add_row(
+            "training",
+            f"step {s.get('step')}, {s.get('chars', 0):,} chars seen, "
+            f"{s.get('elapsed', 0):.0f}s, best at step {s.get('best_step')}",
+        )
     if "best_val_loss" in met:
         v = met["best_val_loss"]
-        table.add_row("best validation", f"{v:.4f} nats/char, perplexity {met['best_val_ppl']:.3f}, "
-                                         f"{met['best_val_bpc']:.4f} bits/char")
+        table.add_row(
+            "best validation",
+            f"{v:.4f} nats/char, perplexity {met['best_val_ppl']:.3f}, {met['best_val_bpc']:.4f} bits/char",
+        )
     table.add_row("kind", "resume checkpoint (.last)" if header.kind == "last" else "best weights")
-    table.add_row("file", f"{header.file_size / 1e6:.1f} MB, format version {header.format_version}, "
-                          f"charlm {header.charlm_version}, {header.created}")
+    table.add_row(
+        "file",
+        f"{header.file_size / 1e6:.1f} MB, format version {header.format_version}, "
+        f"charlm {header.charlm_version}, {header.created}",
+    )
     out.print(table)
 
 
@@ -438,9 +672,14 @@ def info_cmd(checkpoint_arg: Path | None, checkpoint: Path | None, as_json: bool
 
 @cli.command(context_settings=CONTEXT, short_help="Draw learning curves: bits/char vs characters seen.")
 @click.argument("source", required=False, type=click.Path(path_type=Path))
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the picture to this .png, .svg or .pdf file (needs matplotlib: pip install "
-              "'charlm[plot]').  [default: draw it in the terminal]")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the picture to this .png, .svg or .pdf file (needs matplotlib: pip install "
+    "'charlm[plot]').  [default: draw it in the terminal]",
+)
 @_checkpoint_option
 @_verbosity
 def plot(source: Path | None, out: Path | None, checkpoint: Path | None, quiet: bool, verbose: bool) -> None:
@@ -472,17 +711,39 @@ def _force_option(f: Callable) -> Callable:
 @click.argument("file")
 @click.option("--out", "-o", default=None, help="Archive to write ('-' = stdout).  [default: FILE.clm]")
 @_checkpoint_option
-@click.option("--threads", type=int, default=1, help="torch threads while coding; recorded in the archive so "
-              "that decompression repeats the very same arithmetic.")
-@click.option("--adapt/--no-adapt", default=True, show_default=True,
-              help="Let the model keep learning from the file as it codes it (decompression repeats the same "
-              "learning): names and phrases that recur cost fewer bits, at about 40% of the speed.")
+@click.option(
+    "--threads",
+    type=int,
+    default=1,
+    help="torch threads while coding; recorded in the archive so that decompression repeats the very same arithmetic.",
+)
+@click.option(
+    "--adapt/--no-adapt",
+    default=True,
+    show_default=True,
+    help="Let the model keep learning from the file as it codes it (decompression repeats the same "
+    "learning): names and phrases that recur cost fewer bits, at about 40% of the speed.",
+)
 @_force_option
-@click.option("--json", "as_json", is_flag=True, help="Print sizes, bits/char achieved and the model's "
-              "cross-entropy, and what zlib, bz2 and lzma make of the same file, as one JSON object.")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print sizes, bits/char achieved and the model's "
+    "cross-entropy, and what zlib, bz2 and lzma make of the same file, as one JSON object.",
+)
 @_verbosity
-def compress(file: str, out: str | None, checkpoint: Path | None, threads: int, adapt: bool, force: bool,
-             as_json: bool, quiet: bool, verbose: bool) -> None:
+def compress(
+    file: str,
+    out: str | None,
+    checkpoint: Path | None,
+    threads: int,
+    adapt: bool,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+    verbose: bool,
+) -> None:
     """Compress FILE ('-' = stdin): the model's next-character probabilities drive a range coder, so the
     archive holds about its cross-entropy in bits per character.
 
@@ -499,17 +760,25 @@ def compress(file: str, out: str | None, checkpoint: Path | None, threads: int, 
     r = compress_file(file, out, checkpoint=checkpoint, threads=threads, adapt=adapt, force=force, baselines=as_json)
     if as_json:
         click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
-    info(f"{r.input} -> {r.output}: {r.original_bytes:,} -> {r.compressed_bytes:,} bytes, "
-         f"{r.bits_per_char:.3f} bits/char (model cross-entropy {r.model_bits_per_char:.3f}), "
-         f"{r.chars_per_sec:,.0f} chars/s")
+    info(
+        f"{r.input} -> {r.output}: {r.original_bytes:,} -> {r.compressed_bytes:,} bytes, "
+        f"{r.bits_per_char:.3f} bits/char (model cross-entropy {r.model_bits_per_char:.3f}), "
+        f"{r.chars_per_sec:,.0f} chars/s"
+    )
 
 
 @cli.command(context_settings=CONTEXT, short_help="Restore a file made by `charlm compress`.")
 @click.argument("file")
 @click.option("--out", "-o", default=None, help="File to write ('-' = stdout).  [default: FILE without .clm]")
-@click.option("--checkpoint", "-c", type=click.Path(dir_okay=False, path_type=Path), default=None, metavar="PATH",
-              help="The checkpoint FILE was compressed with.  [default: checkpoints/<the name FILE records>, "
-              "else the newest in ./checkpoints]")
+@click.option(
+    "--checkpoint",
+    "-c",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="PATH",
+    help="The checkpoint FILE was compressed with.  [default: checkpoints/<the name FILE records>, "
+    "else the newest in ./checkpoints]",
+)
 @_force_option
 @_verbosity
 def decompress(file: str, out: str | None, checkpoint: Path | None, force: bool, quiet: bool, verbose: bool) -> None:
@@ -521,8 +790,10 @@ def decompress(file: str, out: str | None, checkpoint: Path | None, force: bool,
     from .compress import decompress_file
 
     r = decompress_file(file, out, checkpoint=checkpoint, force=force)
-    info(f"{r.input} -> {r.output}: {r.original_bytes:,} bytes, {r.chars_per_sec:,.0f} chars/s "
-         f"(checkpoint {r.checkpoint})")
+    info(
+        f"{r.input} -> {r.output}: {r.original_bytes:,} bytes, {r.chars_per_sec:,.0f} chars/s "
+        f"(checkpoint {r.checkpoint})"
+    )
 
 
 # ------------------------------------------------------------------------------------------------ cache
@@ -559,16 +830,24 @@ def cache_cmd(clear: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
 
     from .console import out
 
-    holds = {"scans": "character counts per text file", "ids": "text files encoded as ids",
-             "corpora": "built-in corpora assembled from packages"}
+    holds = {
+        "scans": "character counts per text file",
+        "ids": "text files encoded as ids",
+        "corpora": "built-in corpora assembled from packages",
+    }
     table = Table(title=str(r.folder), title_justify="left")
     table.add_column("kind")
     table.add_column("entries", justify="right")
     table.add_column("size", justify="right")
     table.add_column("holds")
     for kind in KINDS:
-        table.add_row(kind, f"{r.kinds[kind].entries:,}", format_size(r.kinds[kind].bytes), holds[kind],
-                      end_section=kind == KINDS[-1])
+        table.add_row(
+            kind,
+            f"{r.kinds[kind].entries:,}",
+            format_size(r.kinds[kind].bytes),
+            holds[kind],
+            end_section=kind == KINDS[-1],
+        )
     table.add_row("total", f"{r.entries:,}", format_size(r.bytes), "")
     cap = format_size(r.max_bytes) if r.max_bytes is not None else "none"
     where = "default; set CHARLM_CACHE_MAX to change" if r.max_source == "default" else r.max_source
@@ -581,13 +860,18 @@ def cache_cmd(clear: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
 
 @cli.command("corpus", context_settings=CONTEXT, short_help="List the built-in corpora, or write one out as text.")
 @click.argument("name", required=False)
-@click.option("--out", "-o", "out_path", default=None, metavar="FILE",
-              help="Write the text to FILE ('-' = stdout).  [default: stdout]")
+@click.option(
+    "--out",
+    "-o",
+    "out_path",
+    default=None,
+    metavar="FILE",
+    help="Write the text to FILE ('-' = stdout).  [default: stdout]",
+)
 @_force_option
 @click.option("--json", "as_json", is_flag=True, help="List the corpora as one JSON object instead of a table.")
 @_verbosity
-def corpus_cmd(name: str | None, out_path: str | None, force: bool, as_json: bool, quiet: bool,
-               verbose: bool) -> None:
+def corpus_cmd(name: str | None, out_path: str | None, force: bool, as_json: bool, quiet: bool, verbose: bool) -> None:
     """List the built-in corpora (with their size once assembled), or write corpus NAME as a plain UTF-8
     text file, to read it or to train on a copy of it.
 
@@ -601,8 +885,14 @@ def corpus_cmd(name: str | None, out_path: str | None, force: bool, as_json: boo
     from .files import atomic_write
 
     if name is None:
-        listing = {n: {"description": d, "path": str(p) if (p := assembled_path(n)).exists() else None,
-                       "bytes": p.stat().st_size if p.exists() else None} for n, (d, _) in BUILTIN.items()}
+        listing = {
+            n: {
+                "description": d,
+                "path": str(p) if (p := assembled_path(n)).exists() else None,
+                "bytes": p.stat().st_size if p.exists() else None,
+            }
+            for n, (d, _) in BUILTIN.items()
+        }
         if as_json:
             click.echo(json.dumps({"corpora": listing}))
             return
@@ -615,8 +905,11 @@ def corpus_cmd(name: str | None, out_path: str | None, force: bool, as_json: boo
         for column in ("name", "size", "description"):
             table.add_column(column)
         for n, entry in listing.items():
-            table.add_row(n, "not assembled yet" if entry["bytes"] is None else f"{entry['bytes'] / 1e6:.1f} MB",
-                          escape(str(entry["description"])))  # not markup: "charlm[demo]"
+            table.add_row(
+                n,
+                "not assembled yet" if entry["bytes"] is None else f"{entry['bytes'] / 1e6:.1f} MB",
+                escape(str(entry["description"])),
+            )  # not markup: "charlm[demo]"
         out.print(table)
         return
     if name not in BUILTIN:
@@ -636,8 +929,10 @@ def corpus_cmd(name: str | None, out_path: str | None, force: bool, as_json: boo
         try:
             atomic_write(target, lambda f: shutil.copyfileobj(text, f))
         except OSError as e:
-            raise ConfigError(f"cannot write {target} ({e.strerror}); nothing was written",
-                              "free some disk space or choose another -o") from None
+            raise ConfigError(
+                f"cannot write {target} ({e.strerror}); nothing was written",
+                "free some disk space or choose another -o",
+            ) from None
     info(f"wrote {target}: {source.stat().st_size:,} bytes of {name}")
 
 
@@ -651,8 +946,9 @@ def _report_bug(exc: BaseException) -> None:
         where = f"traceback saved to {log}"
     except OSError:
         where = "the traceback could not be saved"
-    error_line(f"internal error ({type(exc).__name__}: {str(exc)[:200]}); this is a bug in charlm, {where} "
-               f"- please report it")
+    error_line(
+        f"internal error ({type(exc).__name__}: {str(exc)[:200]}); this is a bug in charlm, {where} - please report it"
+    )
 
 
 class _Terminated(BaseException):

@@ -177,14 +177,24 @@ class CompressReport:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("baselines")
-        d.update(payload_bytes=self.payload_bytes, bits_per_char=self.bits_per_char,
-                 payload_bits_per_char=self.payload_bits_per_char, model_cross_entropy=self.model_cross_entropy,
-                 model_bits_per_char=self.model_bits_per_char, chars_per_sec=self.chars_per_sec,
-                 ratio=self.original_bytes / self.compressed_bytes)
+        d.update(
+            payload_bytes=self.payload_bytes,
+            bits_per_char=self.bits_per_char,
+            payload_bits_per_char=self.payload_bits_per_char,
+            model_cross_entropy=self.model_cross_entropy,
+            model_bits_per_char=self.model_bits_per_char,
+            chars_per_sec=self.chars_per_sec,
+            ratio=self.original_bytes / self.compressed_bytes,
+        )
         if self.baselines is not None:
-            d["baselines"] = {name: {"bytes": size, "ratio": self.original_bytes / size if size else 0.0,
-                                     "bits_per_char": 8 * size / self.original_chars if self.original_chars else 0.0}
-                              for name, size in self.baselines.items()}
+            d["baselines"] = {
+                name: {
+                    "bytes": size,
+                    "ratio": self.original_bytes / size if size else 0.0,
+                    "bits_per_char": 8 * size / self.original_chars if self.original_chars else 0.0,
+                }
+                for name, size in self.baselines.items()
+            }
             d["saving_vs_best_baseline"] = 1 - self.compressed_bytes / min(self.baselines.values())
         return d
 
@@ -217,8 +227,9 @@ def _constriction() -> Any:
     try:
         import constriction
     except ImportError:
-        raise CharlmError("charlm compress needs the constriction package",
-                          "install it with: pip install 'charlm[compress]'") from None
+        raise CharlmError(
+            "charlm compress needs the constriction package", "install it with: pip install 'charlm[compress]'"
+        ) from None
     return constriction
 
 
@@ -317,8 +328,10 @@ class Stepper:
             x, y = torch.from_numpy(inputs), torch.from_numpy(targets)  # y -1: not a known character
             start = tuple(s.clone() for s in self.block_state)  # plain tensors: autograd may not save inference ones
             logits, _ = self.model(x, start)
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-1,
-                                   reduction="sum") / y.numel()
+            loss = (
+                F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=-1, reduction="sum")
+                / y.numel()
+            )
             grads = torch.autograd.grad(loss, self.params)
         with torch.no_grad():
             norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
@@ -362,14 +375,20 @@ def _platform_info(model_name: str) -> dict[str, str]:
 
     from . import __version__
 
-    return {"model": model_name, "charlm": __version__, "torch": torch.__version__, "machine": platform.machine(),
-            "isa": torch.backends.cpu.get_cpu_capability()}
+    return {
+        "model": model_name,
+        "charlm": __version__,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def _check_model(lm: CharLM) -> None:
     if len(lm.vocab) > MAX_VOCAB:
-        raise ConfigError(f"the model's vocab of {len(lm.vocab):,} characters is too large to code "
-                          f"(at most {MAX_VOCAB:,})")
+        raise ConfigError(
+            f"the model's vocab of {len(lm.vocab):,} characters is too large to code (at most {MAX_VOCAB:,})"
+        )
     lm.model.float().to("cpu").eval()
 
 
@@ -388,8 +407,10 @@ def decode_utf8(data: bytes, what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ArchiveError(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} is invalid)",
-                           "charlm compress codes UTF-8 text only; use xz for other files") from None
+        raise ArchiveError(
+            f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} is invalid)",
+            "charlm compress codes UTF-8 text only; use xz for other files",
+        ) from None
 
 
 def _encode_row(encoder: Any, symbols: np.ndarray, weights: np.ndarray, escapes: list[bytes]) -> None:
@@ -398,16 +419,25 @@ def _encode_row(encoder: Any, symbols: np.ndarray, weights: np.ndarray, escapes:
     start = 0
     escape = weights.shape[1] - 1
     for i, raw in zip(np.flatnonzero(symbols == escape), escapes, strict=True):
-        encoder.encode(symbols[start:i + 1], family, weights[start:i + 1])
+        encoder.encode(symbols[start : i + 1], family, weights[start : i + 1])
         encoder.encode(np.frombuffer(raw, dtype=np.uint8).astype(np.int32), byte_model)
         start = i + 1
     if start < len(symbols):
         encoder.encode(symbols[start:], family, weights[start:])
 
 
-def compress_bytes(data: bytes, lm: CharLM, *, model_sha256: str, threads: int = 1, adapt: bool = True,
-                   max_segments: int = MAX_SEGMENTS, min_segment_chars: int = MIN_SEGMENT_CHARS,
-                   progress: Progress | None = None, what: str = "the input") -> tuple[bytes, CompressReport]:
+def compress_bytes(
+    data: bytes,
+    lm: CharLM,
+    *,
+    model_sha256: str,
+    threads: int = 1,
+    adapt: bool = True,
+    max_segments: int = MAX_SEGMENTS,
+    min_segment_chars: int = MIN_SEGMENT_CHARS,
+    progress: Progress | None = None,
+    what: str = "the input",
+) -> tuple[bytes, CompressReport]:
     """A .clm archive of UTF-8 `data`, and what it achieved. The model runs step by step over all
     segments at once (never the fast whole-sequence pass) so that decompression can repeat it exactly."""
     _constriction()
@@ -423,21 +453,39 @@ def compress_bytes(data: bytes, lm: CharLM, *, model_sha256: str, threads: int =
     segments = segment_count(len(codes), max_segments=max_segments, min_segment_chars=min_segment_chars)
     with exact_arithmetic(threads):
         payloads, nats, probe = _encode_segments(lm, codes, ids, segments, progress, adapt=adapt)
-    header = _pack_header(model_sha256=model_sha256, text_sha256=hashlib.sha256(data).digest(),
-                          byte_length=len(data), char_count=len(codes), threads=threads, flags=flags, probe=probe,
-                          info=_platform_info(lm.path.name if lm.path else "?"),
-                          segment_words=[len(p) for p in payloads])
+    header = _pack_header(
+        model_sha256=model_sha256,
+        text_sha256=hashlib.sha256(data).digest(),
+        byte_length=len(data),
+        char_count=len(codes),
+        threads=threads,
+        flags=flags,
+        probe=probe,
+        info=_platform_info(lm.path.name if lm.path else "?"),
+        segment_words=[len(p) for p in payloads],
+    )
     archive = header + b"".join(p.tobytes() for p in payloads)
-    report = CompressReport(original_bytes=len(data), original_chars=len(original),
-                            coded_chars=len(codes), compressed_bytes=len(archive), header_bytes=len(header),
-                            unknown_chars=int((ids < 0).sum()), segments=segments,
-                            threads=threads, adapted=adapt, model_nats=nats, elapsed_s=time.perf_counter() - started,
-                            checkpoint=str(lm.path or ""), checkpoint_sha256=model_sha256)
+    report = CompressReport(
+        original_bytes=len(data),
+        original_chars=len(original),
+        coded_chars=len(codes),
+        compressed_bytes=len(archive),
+        header_bytes=len(header),
+        unknown_chars=int((ids < 0).sum()),
+        segments=segments,
+        threads=threads,
+        adapted=adapt,
+        model_nats=nats,
+        elapsed_s=time.perf_counter() - started,
+        checkpoint=str(lm.path or ""),
+        checkpoint_sha256=model_sha256,
+    )
     return archive, report
 
 
-def _encode_segments(lm: CharLM, codes: np.ndarray, ids: np.ndarray, segments: int, progress: Progress | None, *,
-                     adapt: bool) -> tuple[list[np.ndarray], float, bytes]:
+def _encode_segments(
+    lm: CharLM, codes: np.ndarray, ids: np.ndarray, segments: int, progress: Progress | None, *, adapt: bool
+) -> tuple[list[np.ndarray], float, bytes]:
     """(each segment's 32-bit words, summed model nats over known characters, fingerprint).
 
     The model steps one character at a time; the symbols and weights of ENCODE_BLOCK steps are then
@@ -497,8 +545,17 @@ def _model_nats(logits: torch.Tensor, target: np.ndarray) -> float:
 def _decode_escape(decoder: Any, byte_model: Any) -> int:
     """The code point after an escape symbol, from its UTF-8 bytes; -1 when they are not UTF-8."""
     lead = int(decoder.decode(byte_model))
-    length = 1 if lead < 0x80 else 2 if 0xC2 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else \
-        4 if 0xF0 <= lead < 0xF5 else 0
+    length = (
+        1
+        if lead < 0x80
+        else 2
+        if 0xC2 <= lead < 0xE0
+        else 3
+        if 0xE0 <= lead < 0xF0
+        else 4
+        if 0xF0 <= lead < 0xF5
+        else 0
+    )
     if not length:
         return -1
     rest = bytes(int(b) for b in decoder.decode(byte_model, length - 1)) if length > 1 else b""
@@ -508,8 +565,9 @@ def _decode_escape(decoder: Any, byte_model: Any) -> int:
         return -1
 
 
-def decompress_bytes(archive: bytes, lm: CharLM, *, model_sha256: str, progress: Progress | None = None,
-                     what: str = "the archive") -> bytes:
+def decompress_bytes(
+    archive: bytes, lm: CharLM, *, model_sha256: str, progress: Progress | None = None, what: str = "the archive"
+) -> bytes:
     """The original bytes of a .clm archive, verified against its checksum; ArchiveError when the
     archive is damaged, was made with another model, or on a machine whose arithmetic differs."""
     _constriction()
@@ -526,8 +584,9 @@ def decompress_bytes(archive: bytes, lm: CharLM, *, model_sha256: str, progress:
     return _verify(codes, header, what, same_arithmetic)
 
 
-def _decode_segments(lm: CharLM, payloads: list[np.ndarray], header: ArchiveHeader,
-                     progress: Progress | None) -> tuple[np.ndarray | None, bool]:
+def _decode_segments(
+    lm: CharLM, payloads: list[np.ndarray], header: ArchiveHeader, progress: Progress | None
+) -> tuple[np.ndarray | None, bool]:
     """(decoded code points or None when the payload cannot be what an encoder wrote, whether step 0
     matched the fingerprint).
 
@@ -554,7 +613,7 @@ def _decode_segments(lm: CharLM, payloads: list[np.ndarray], header: ArchiveHead
         coded = np.full(segments, -1, dtype=np.int64)
         for row in np.flatnonzero(lo + k < hi):
             try:
-                symbol = int(decoders[row].decode(family, weights[row:row + 1])[0])
+                symbol = int(decoders[row].decode(family, weights[row : row + 1])[0])
                 code = vocab_codes[symbol] if symbol < escape else _decode_escape(decoders[row], byte_model)
             except AssertionError:  # constriction's way of saying no encoder could have written these words
                 return None, same_arithmetic
@@ -591,48 +650,78 @@ def _verify(codes: np.ndarray, header: ArchiveHeader, what: str, same_arithmetic
 
 def _decode_failure(header: ArchiveHeader, what: str, same_arithmetic: bool) -> ArchiveError:
     if same_arithmetic:
-        return ArchiveError(f"{what} is corrupt: the decoded text does not match its checksum",
-                            "the archive was damaged after it was written; use another copy")
+        return ArchiveError(
+            f"{what} is corrupt: the decoded text does not match its checksum",
+            "the archive was damaged after it was written; use another copy",
+        )
     here = _platform_info(header.model_name)
     made = ", ".join(f"{k} {header.info.get(k, '?')}" for k in ("charlm", "torch", "machine", "isa"))
     now = ", ".join(f"{k} {here[k]}" for k in ("charlm", "torch", "machine", "isa"))
-    return ArchiveError(f"{what} cannot be decoded here: it was compressed on a machine whose arithmetic differs "
-                        f"({made}; this one: {now})",
-                        "decompress it with the same charlm and torch on the same kind of CPU")
+    return ArchiveError(
+        f"{what} cannot be decoded here: it was compressed on a machine whose arithmetic differs "
+        f"({made}; this one: {now})",
+        "decompress it with the same charlm and torch on the same kind of CPU",
+    )
 
 
 # --------------------------------------------------------------------------------------------- container
 
 
-def _pack_header(*, model_sha256: str, text_sha256: bytes, byte_length: int, char_count: int, threads: int,
-                 flags: int, probe: bytes, info: dict, segment_words: list[int]) -> bytes:
+def _pack_header(
+    *,
+    model_sha256: str,
+    text_sha256: bytes,
+    byte_length: int,
+    char_count: int,
+    threads: int,
+    flags: int,
+    probe: bytes,
+    info: dict,
+    segment_words: list[int],
+) -> bytes:
     info_raw = json.dumps(info, separators=(",", ":"), ensure_ascii=False).encode("utf-8")[:65535]
-    head = (_HEAD.pack(MAGIC, FORMAT_VERSION)
-            + _BODY.pack(bytes.fromhex(model_sha256), text_sha256, byte_length, char_count, len(segment_words),
-                         threads, flags, probe, len(info_raw))
-            + info_raw + np.asarray(segment_words, dtype=_WORD).tobytes())
+    head = (
+        _HEAD.pack(MAGIC, FORMAT_VERSION)
+        + _BODY.pack(
+            bytes.fromhex(model_sha256),
+            text_sha256,
+            byte_length,
+            char_count,
+            len(segment_words),
+            threads,
+            flags,
+            probe,
+            len(info_raw),
+        )
+        + info_raw
+        + np.asarray(segment_words, dtype=_WORD).tobytes()
+    )
     return head + struct.pack("<I", zlib.crc32(head))
 
 
 def read_header(archive: bytes, what: str = "the archive") -> ArchiveHeader:
     """The validated header of a .clm archive (without its payload)."""
     truncated = ArchiveError(f"{what} is truncated ({len(archive)} bytes)", "the file was cut short; use another copy")
-    if len(archive) < _HEAD.size or archive[:len(MAGIC)] != MAGIC:
-        if MAGIC.startswith(archive[:len(MAGIC)]) and archive:
+    if len(archive) < _HEAD.size or archive[: len(MAGIC)] != MAGIC:
+        if MAGIC.startswith(archive[: len(MAGIC)]) and archive:
             raise truncated
-        raise ArchiveError(f"{what} is not a charlm archive (no .clm signature)",
-                           "give a file written by `charlm compress`")
+        raise ArchiveError(
+            f"{what} is not a charlm archive (no .clm signature)", "give a file written by `charlm compress`"
+        )
     _, version = _HEAD.unpack_from(archive)
     if version > FORMAT_VERSION:
-        raise ArchiveError(f"{what} uses .clm format version {version}, newer than this charlm reads "
-                           f"({FORMAT_VERSION})", "upgrade charlm: pip install -U charlm")
+        raise ArchiveError(
+            f"{what} uses .clm format version {version}, newer than this charlm reads ({FORMAT_VERSION})",
+            "upgrade charlm: pip install -U charlm",
+        )
     if version < 1:
         raise ArchiveError(f"{what} has an invalid .clm format version {version}", "use another copy")
     body_end = _HEAD.size + _BODY.size
     if len(archive) < body_end:
         raise truncated
-    model_sha, text_sha, byte_length, chars, segments, threads, flags, probe, info_len = \
-        _BODY.unpack_from(archive, _HEAD.size)
+    model_sha, text_sha, byte_length, chars, segments, threads, flags, probe, info_len = _BODY.unpack_from(
+        archive, _HEAD.size
+    )
     table_end = body_end + info_len + 4 * segments
     if len(archive) < table_end + 4:
         raise truncated
@@ -640,36 +729,53 @@ def read_header(archive: bytes, what: str = "the archive") -> ArchiveHeader:
     if zlib.crc32(archive[:table_end]) != crc:
         raise ArchiveError(f"{what} is corrupt: its header fails its checksum", "use another copy")
     try:
-        info = json.loads(archive[body_end:body_end + info_len].decode("utf-8"))
+        info = json.loads(archive[body_end : body_end + info_len].decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: deeply nested JSON
         info = None
-    words = [int(w) for w in np.frombuffer(archive[body_end + info_len:table_end], dtype=_WORD)]
-    plausible = (chars <= byte_length <= 5 * chars and (segments == 0) == (chars == 0)
-                 and segments <= min(chars, MAX_SEGMENTS) and 1 <= threads
-                 and chars * MIN_BITS_PER_CHAR <= sum(segment_bits(w) for w in words))
+    words = [int(w) for w in np.frombuffer(archive[body_end + info_len : table_end], dtype=_WORD)]
+    plausible = (
+        chars <= byte_length <= 5 * chars
+        and (segments == 0) == (chars == 0)
+        and segments <= min(chars, MAX_SEGMENTS)
+        and 1 <= threads
+        and chars * MIN_BITS_PER_CHAR <= sum(segment_bits(w) for w in words)
+    )
     strings = isinstance(info, dict) and all(isinstance(value, str) for value in info.values())
     known_flags = FLAG_CRLF | (FLAG_ADAPT if version >= 2 else 0)
     if not strings or not plausible or flags & ~known_flags:
         raise ArchiveError(f"{what} is corrupt: its header is inconsistent", "use another copy")
-    return ArchiveHeader(model_sha256=model_sha.hex(), text_sha256=text_sha.hex(), byte_length=byte_length,
-                         char_count=chars, threads=threads, flags=flags, fingerprint=probe, info=info,
-                         segment_words=tuple(words), header_bytes=table_end + 4)
+    return ArchiveHeader(
+        model_sha256=model_sha.hex(),
+        text_sha256=text_sha.hex(),
+        byte_length=byte_length,
+        char_count=chars,
+        threads=threads,
+        flags=flags,
+        fingerprint=probe,
+        info=info,
+        segment_words=tuple(words),
+        header_bytes=table_end + 4,
+    )
 
 
 def check_payload(header: ArchiveHeader, size: int, what: str) -> None:
     expected = header.header_bytes + header.payload_bytes
     if size < expected:
-        raise ArchiveError(f"{what} is truncated ({size} bytes, its header promises {expected})",
-                           "the file was cut short; use another copy")
+        raise ArchiveError(
+            f"{what} is truncated ({size} bytes, its header promises {expected})",
+            "the file was cut short; use another copy",
+        )
     if size > expected:
         raise ArchiveError(f"{what} is corrupt: {size - expected} unexpected bytes after its end", "use another copy")
 
 
 def check_model(header: ArchiveHeader, model_sha256: str, path: Path | None, what: str) -> None:
     if model_sha256 != header.model_sha256:
-        raise ArchiveError(f"{what} was compressed with the model {header.model_name} (sha256 "
-                           f"{header.model_sha256[:16]}...), not {path} (sha256 {model_sha256[:16]}...)",
-                           f"pass --checkpoint with the {header.model_name} it was compressed with")
+        raise ArchiveError(
+            f"{what} was compressed with the model {header.model_name} (sha256 "
+            f"{header.model_sha256[:16]}...), not {path} (sha256 {model_sha256[:16]}...)",
+            f"pass --checkpoint with the {header.model_name} it was compressed with",
+        )
 
 
 # ----------------------------------------------------------------------------------------------- files
@@ -719,9 +825,10 @@ def output_path(source: str | os.PathLike[str], out: str | os.PathLike[str] | No
     if compressing:
         return str(source) + SUFFIX
     if not str(source).endswith(SUFFIX) or len(Path(source).name) <= len(SUFFIX):
-        raise ConfigError(f"{source} does not end in {SUFFIX}, so the output name cannot be guessed",
-                          "give one with -o")
-    return str(source)[:-len(SUFFIX)]
+        raise ConfigError(
+            f"{source} does not end in {SUFFIX}, so the output name cannot be guessed", "give one with -o"
+        )
+    return str(source)[: -len(SUFFIX)]
 
 
 def check_output(out: str, *, force: bool) -> None:
@@ -747,19 +854,31 @@ def write_output(out: str, data: bytes) -> None:
     try:
         atomic_write(path, data)
     except OSError as e:
-        raise ConfigError(f"cannot write {path} ({e.strerror}); nothing was written",
-                          "free some disk space or choose another -o") from None
+        raise ConfigError(
+            f"cannot write {path} ({e.strerror}); nothing was written", "free some disk space or choose another -o"
+        ) from None
 
 
 def baseline_sizes(data: bytes) -> dict[str, int]:
     """What the standard library's general-purpose compressors make of the same bytes."""
-    return {"zlib-9": len(zlib.compress(data, 9)), "bz2-9": len(bz2.compress(data, 9)),
-            "lzma-9": len(lzma.compress(data, preset=9))}
+    return {
+        "zlib-9": len(zlib.compress(data, 9)),
+        "bz2-9": len(bz2.compress(data, 9)),
+        "lzma-9": len(lzma.compress(data, preset=9)),
+    }
 
 
-def compress_file(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
-                  checkpoint: str | os.PathLike[str] | None = None, threads: int = 1, adapt: bool = True,
-                  force: bool = False, baselines: bool = False, progress: Progress | None = None) -> CompressReport:
+def compress_file(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    threads: int = 1,
+    adapt: bool = True,
+    force: bool = False,
+    baselines: bool = False,
+    progress: Progress | None = None,
+) -> CompressReport:
     """Compresses a UTF-8 file (or stdin, '-') into a .clm archive written atomically."""
     _constriction()  # before any slow work
     target = output_path(source, out, compressing=True)
@@ -767,11 +886,13 @@ def compress_file(source: str | os.PathLike[str], out: str | os.PathLike[str] | 
     data = _read_input(source)
     lm, sha = load_model(checkpoint)
     what = _name(source)
-    archive, report = compress_bytes(data, lm, model_sha256=sha, threads=threads, adapt=adapt, progress=progress,
-                                     what=what)
+    archive, report = compress_bytes(
+        data, lm, model_sha256=sha, threads=threads, adapt=adapt, progress=progress, what=what
+    )
     write_output(target, archive)
-    return replace(report, input=what, output=_name(target, "stdout"),
-                   baselines=baseline_sizes(data) if baselines else None)
+    return replace(
+        report, input=what, output=_name(target, "stdout"), baselines=baseline_sizes(data) if baselines else None
+    )
 
 
 def _name(path: str | os.PathLike[str], stdio: str = "stdin") -> str:
@@ -790,8 +911,15 @@ def archive_checkpoint(header: ArchiveHeader, checkpoint: str | os.PathLike[str]
         return Path(checkpoint)
     named = Path("checkpoints") / Path(header.model_name).name
     folder = Path("checkpoints")
-    others = sorted((p for p in folder.glob("*.safetensors") if not p.name.endswith(".last.safetensors")
-                     and p != named), key=lambda p: p.stat().st_mtime_ns, reverse=True) if folder.is_dir() else []
+    others = (
+        sorted(
+            (p for p in folder.glob("*.safetensors") if not p.name.endswith(".last.safetensors") and p != named),
+            key=lambda p: p.stat().st_mtime_ns,
+            reverse=True,
+        )
+        if folder.is_dir()
+        else []
+    )
     for candidate in ([named] if named.is_file() else []) + others:
         try:
             if file_sha256(candidate) == header.model_sha256:
@@ -803,13 +931,21 @@ def archive_checkpoint(header: ArchiveHeader, checkpoint: str | os.PathLike[str]
     try:
         return ckpt.newest_checkpoint()
     except CheckpointError:
-        raise ArchiveError(f"{what} needs the model {header.model_name} (sha256 {header.model_sha256[:16]}...) "
-                           "and there is no checkpoint in checkpoints/", "pass --checkpoint PATH") from None
+        raise ArchiveError(
+            f"{what} needs the model {header.model_name} (sha256 {header.model_sha256[:16]}...) "
+            "and there is no checkpoint in checkpoints/",
+            "pass --checkpoint PATH",
+        ) from None
 
 
-def decompress_file(source: str | os.PathLike[str], out: str | os.PathLike[str] | None = None, *,
-                    checkpoint: str | os.PathLike[str] | None = None, force: bool = False,
-                    progress: Progress | None = None) -> DecompressReport:
+def decompress_file(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> DecompressReport:
     """Restores the original file of a .clm archive; nothing is written unless it verifies."""
     _constriction()
     target = output_path(source, out, compressing=False)
@@ -822,6 +958,12 @@ def decompress_file(source: str | os.PathLike[str], out: str | os.PathLike[str] 
     data = decompress_bytes(archive, lm, model_sha256=sha, progress=progress, what=what)
     elapsed = time.perf_counter() - started
     write_output(target, data)
-    return DecompressReport(original_bytes=len(data), original_chars=len(data.decode("utf-8")),
-                            compressed_bytes=len(archive), elapsed_s=elapsed, checkpoint=str(lm.path), input=what,
-                            output=_name(target, "stdout"))
+    return DecompressReport(
+        original_bytes=len(data),
+        original_chars=len(data.decode("utf-8")),
+        compressed_bytes=len(archive),
+        elapsed_s=elapsed,
+        checkpoint=str(lm.path),
+        input=what,
+        output=_name(target, "stdout"),
+    )

@@ -69,13 +69,16 @@ class ModelConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise CheckpointError(f"the checkpoint's model config has unknown keys {sorted(unknown)}",
-                                  "it was written by a newer charlm: upgrade charlm")
+            raise CheckpointError(
+                f"the checkpoint's model config has unknown keys {sorted(unknown)}",
+                "it was written by a newer charlm: upgrade charlm",
+            )
         try:
             config = cls(**data)
             if config.hidden_size == 0 or config.vocab_size == 0:
-                raise ConfigError(f"--hidden and the vocab size must be at least 1 (got {config.hidden_size} and "
-                                  f"{config.vocab_size})")
+                raise ConfigError(
+                    f"--hidden and the vocab size must be at least 1 (got {config.hidden_size} and {config.vocab_size})"
+                )
             return config
         except ConfigError as e:
             raise CheckpointError(f"the checkpoint's model config is invalid ({e.message})") from None
@@ -166,8 +169,9 @@ class TrainConfig:
             raise ConfigError(f"--val-fraction must be between 0 and 0.5 (got {self.val_fraction!r})")
         if self.max_val_chars is not None:
             _check_int("--max-val-chars", self.max_val_chars, 2, 1 << 40)
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
             raise ConfigError(f"--threads must be at least 1 (got {self.threads!r})")
         if isinstance(self.rng_seed, bool) or not isinstance(self.rng_seed, int) or self.rng_seed < 0:
             raise ConfigError(f"--rng-seed must be a whole number of 0 or more (got {self.rng_seed!r})")
@@ -199,9 +203,23 @@ class TrainConfig:
 
 
 # Options that decide which numbers a resumed run computes; changing them breaks exact resume.
-RESUME_FIXED = ("seq_len", "batch_size", "lr", "weight_decay", "clip", "schedule", "warmup", "min_lr_ratio",
-                "lr_decay", "plateau_factor", "plateau_patience", "val_fraction", "max_val_chars", "rng_seed",
-                "min_count")
+RESUME_FIXED = (
+    "seq_len",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "clip",
+    "schedule",
+    "warmup",
+    "min_lr_ratio",
+    "lr_decay",
+    "plateau_factor",
+    "plateau_patience",
+    "val_fraction",
+    "max_val_chars",
+    "rng_seed",
+    "min_count",
+)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|hr)?\s*$")
 

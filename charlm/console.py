@@ -106,14 +106,24 @@ class TrainView:
         self.started = e
         m, c = e.model, e.config
         what = "resuming at step " + str(e.resumed_step) if e.resumed_step is not None else "training"
-        budget = ", ".join(x for x in (f"{c.steps} steps" if c.steps else "",
-                                       f"{c.epochs:g} epochs" if c.epochs else "",
-                                       f"{fmt_duration(c.time)}" if c.time else "") if x) or \
-            f"until validation stops improving ({c.patience} evaluations)"
-        self.print(f"[bold]{what}[/bold] {m.model} {m.num_layers}x{m.hidden_size} (embed {m.embed_size}, "
-                   f"{fmt_count(e.params)} params, vocab {m.vocab_size}) on {escape(e.corpus['name'])}: "
-                   f"{fmt_count(e.train_chars)} train / {fmt_count(e.val_chars)} validation chars; "
-                   f"{e.device} {e.precision}; batch {c.batch_size}x{c.seq_len}; budget {budget}")
+        budget = (
+            ", ".join(
+                x
+                for x in (
+                    f"{c.steps} steps" if c.steps else "",
+                    f"{c.epochs:g} epochs" if c.epochs else "",
+                    f"{fmt_duration(c.time)}" if c.time else "",
+                )
+                if x
+            )
+            or f"until validation stops improving ({c.patience} evaluations)"
+        )
+        self.print(
+            f"[bold]{what}[/bold] {m.model} {m.num_layers}x{m.hidden_size} (embed {m.embed_size}, "
+            f"{fmt_count(e.params)} params, vocab {m.vocab_size}) on {escape(e.corpus['name'])}: "
+            f"{fmt_count(e.train_chars)} train / {fmt_count(e.val_chars)} validation chars; "
+            f"{e.device} {e.precision}; batch {c.batch_size}x{c.seq_len}; budget {budget}"
+        )
         if e.new_chars:
             self.print(f"fine-tuning from {escape(str(e.init_from))}: vocab extended by {len(e.new_chars)} characters")
         self.print(f"checkpoint {escape(str(e.checkpoint))}, evaluating every {e.eval_every} steps", level=2)
@@ -136,13 +146,19 @@ class TrainView:
         if e.train_loss is not None:
             self.loss = e.train_loss
             if not self.bar:
-                self.print(f"step {e.step:>7}  train {fmt_loss(e.train_loss)}  lr {e.lr:.2e}  "
-                           f"{fmt_count(e.chars_per_sec or 0)} chars/s", level=2)
+                self.print(
+                    f"step {e.step:>7}  train {fmt_loss(e.train_loss)}  lr {e.lr:.2e}  "
+                    f"{fmt_count(e.chars_per_sec or 0)} chars/s",
+                    level=2,
+                )
         if not self.bar and _level == 1 and time.monotonic() - self.last_line >= HEARTBEAT_S:
             self.heartbeat(e)  # off a terminal (CI, nohup, notebooks): a sign of life
         if self.bar:
-            status = f"step {e.step} loss {self.loss:.3f} {fmt_count(e.chars_per_sec or 0)} chars/s" \
-                if self.loss is not None else f"step {e.step}"
+            status = (
+                f"step {e.step} loss {self.loss:.3f} {fmt_count(e.chars_per_sec or 0)} chars/s"
+                if self.loss is not None
+                else f"step {e.step}"
+            )
             if e.fraction is not None:
                 self.bar.update(self.task, completed=int(1000 * e.fraction), status=status)
             else:
@@ -153,8 +169,10 @@ class TrainView:
         left = ""
         if e.fraction:
             left = f", {fmt_duration(e.elapsed_s / e.fraction - e.elapsed_s)} left"
-        self.print(f"step {e.step:>7}  {loss}  {fmt_count(e.chars_per_sec or 0)} chars/s  "
-                   f"{fmt_duration(e.elapsed_s)} elapsed{left}")
+        self.print(
+            f"step {e.step:>7}  {loss}  {fmt_count(e.chars_per_sec or 0)} chars/s  "
+            f"{fmt_duration(e.elapsed_s)} elapsed{left}"
+        )
 
     def on_eval(self, e: Any) -> None:
         mark = " [green]best[/green]" if e.best else f" (best {e.best_val:.4f}, {e.evals_since_best} without gain)"

@@ -69,13 +69,15 @@ def refuse_charlm_file(path: Path, *, reader: Reader = "train") -> None:
     """
     kind = charlm_file_kind(path)
     if kind == "checkpoint":
-        hint = (f"pass it as --checkpoint {path}" if reader == "model" else
-                f"to fine-tune it, charlm train CORPUS --init-from {path}; to continue its run, "
-                "charlm train CORPUS --resume")
+        hint = (
+            f"pass it as --checkpoint {path}"
+            if reader == "model"
+            else f"to fine-tune it, charlm train CORPUS --init-from {path}; to continue its run, "
+            "charlm train CORPUS --resume"
+        )
         raise CorpusError(f"{path} is a charlm checkpoint, not a text file", hint)
     if kind == "archive":
-        raise CorpusError(f"{path} is a charlm archive (.clm), not a text file",
-                          f"run charlm decompress {path} first")
+        raise CorpusError(f"{path} is a charlm archive (.clm), not a text file", f"run charlm decompress {path} first")
     if kind == "safetensors":
         raise CorpusError(f"{path} is a safetensors file, not a text file", "give a UTF-8 text file")
 
@@ -347,8 +349,9 @@ def load_corpus(
     )
 
 
-def corpus_from_text(text: str, *, name: str = "text", vocab: Vocab | None = None,
-                     unknown: Unknown = "error") -> Corpus:
+def corpus_from_text(
+    text: str, *, name: str = "text", vocab: Vocab | None = None, unknown: Unknown = "error"
+) -> Corpus:
     """An in-memory corpus, for the Python API and tests."""
     text = text.replace("\r\n", "\n")
     if not text:

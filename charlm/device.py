@@ -140,8 +140,13 @@ class ThreadTuner:
     FIRST_INTERVAL_S, MAX_INTERVAL_S = 10.0, 80.0
     DROP = 0.6  # speed below this fraction of the probed speed, 3 samples running, triggers a probe
 
-    def __init__(self, device: torch.device | str = "cpu", threads: int | None = None, *,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        threads: int | None = None,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.before = torch.get_num_threads()
         fixed = fixed_threads(threads)
         cores = cpu_cores()
@@ -228,8 +233,11 @@ class ThreadTuner:
                 return
             best = max(self._probe_speeds, key=lambda n: (self._probe_speeds[n], -n))
             previous = self.choice if not self.history else self.history[-1][1]
-            self._interval = min(self.MAX_INTERVAL_S, self._interval * 2) \
-                if best == previous and self.history else self.FIRST_INTERVAL_S
+            self._interval = (
+                min(self.MAX_INTERVAL_S, self._interval * 2)
+                if best == previous and self.history
+                else self.FIRST_INTERVAL_S
+            )
             self._set(best)
             self.history.append((self.clock(), best))
             self._reference = self._probe_speeds[best]

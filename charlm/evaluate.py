@@ -143,8 +143,18 @@ def evaluate(
     the summed nats are reduced exactly."""
     dist = dist or Dist()
     started = time.perf_counter()
-    nats, _ = score(model, ids, start_id=start_id, batch_size=batch_size, device=device,
-                    precision=precision, progress=progress, shard=(dist.rank, dist.world), fold=fold, tuner=tuner)
+    nats, _ = score(
+        model,
+        ids,
+        start_id=start_id,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        progress=progress,
+        shard=(dist.rank, dist.world),
+        fold=fold,
+        tuner=tuner,
+    )
     count = len(ids)
     return Metrics(
         chars=count,

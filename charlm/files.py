@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import IO
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[IO[bytes]], object], *,
-                 durable: bool = True) -> None:
+def atomic_write(
+    path: str | os.PathLike[str], data: bytes | Callable[[IO[bytes]], object], *, durable: bool = True
+) -> None:
     """Write `data` (bytes, or a function that writes to the open file) to `path` atomically.
 
     durable=False skips the fsyncs, for caches that can be rebuilt. Raises OSError; the caller
@@ -54,7 +55,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | Callable[[IO[bytes]
         except OSError:
             pass  # not every filesystem lets a directory be fsynced
     for stale in folder.glob(f".{glob.escape(path.name)}.*.tmp"):
-        if _killed_mid_write(stale.name[len(path.name) + 2:]):
+        if _killed_mid_write(stale.name[len(path.name) + 2 :]):
             stale.unlink(missing_ok=True)
 
 

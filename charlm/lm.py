@@ -18,8 +18,16 @@ from .vocab import Unknown, Vocab
 class CharLM:
     """A model with its vocab and the checkpoint header it came from."""
 
-    def __init__(self, model: CharRNN, vocab: Vocab, *, header: ckpt.Header | None = None,
-                 precision: str = "fp32", sample_precision: str = "auto", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model: CharRNN,
+        vocab: Vocab,
+        *,
+        header: ckpt.Header | None = None,
+        precision: str = "fp32",
+        sample_precision: str = "auto",
+        threads: int | None = None,
+    ) -> None:
         self.model = model.eval()
         self.vocab = vocab
         self.header = header
@@ -30,8 +38,15 @@ class CharLM:
         self._sampler = Sampler(self.model, vocab, precision=self.sample_precision, threads=threads)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None, *, device: str = "auto",
-             precision: str = "auto", sample_precision: str = "auto", threads: int | None = None) -> CharLM:
+    def load(
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        device: str = "auto",
+        precision: str = "auto",
+        sample_precision: str = "auto",
+        threads: int | None = None,
+    ) -> CharLM:
         """Loads a checkpoint (default: the newest in ./checkpoints) onto `device`, whatever device
         it was trained on. precision 'auto' scores with the precision the model was trained with;
         sample_precision 'auto' generates with the fastest weights the device offers (see
@@ -42,42 +57,98 @@ class CharLM:
         dev = resolve_device(device)
         if precision == "auto":  # score as training validated, so `perplexity` reproduces train's figure
             precision = str(header.train.get("precision", "auto"))
-        return cls(model.to(dev), header.vocab, header=header, precision=resolve_precision(precision, dev),
-                   sample_precision=sample_precision, threads=threads)
+        return cls(
+            model.to(dev),
+            header.vocab,
+            header=header,
+            precision=resolve_precision(precision, dev),
+            sample_precision=sample_precision,
+            threads=threads,
+        )
 
     @property
     def path(self) -> Path | None:
         return self.header.path if self.header else None
 
-    def stream_batch(self, seed: str = "", *, length: int = 500, temperature: float = 1.0,
-                     top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
-                     rng_seed: int | None = None) -> Iterator[list[str]]:
+    def stream_batch(
+        self,
+        seed: str = "",
+        *,
+        length: int = 500,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        num_samples: int = 1,
+        rng_seed: int | None = None,
+    ) -> Iterator[list[str]]:
         """Per generated position, one new character for each of `num_samples` samples."""
-        return self._sampler.stream(seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    num_samples=num_samples, rng_seed=rng_seed)
+        return self._sampler.stream(
+            seed,
+            length=length,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            num_samples=num_samples,
+            rng_seed=rng_seed,
+        )
 
-    def stream(self, seed: str = "", *, length: int = 500, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, rng_seed: int | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        seed: str = "",
+        *,
+        length: int = 500,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        rng_seed: int | None = None,
+    ) -> Iterator[str]:
         """The generated characters one at a time, as they are produced (the seed is not repeated)."""
-        for chars in self.stream_batch(seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       rng_seed=rng_seed):
+        for chars in self.stream_batch(
+            seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p, rng_seed=rng_seed
+        ):
             yield chars[0]
 
-    def sample(self, seed: str = "", *, length: int = 500, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, rng_seed: int | None = None) -> str:
+    def sample(
+        self,
+        seed: str = "",
+        *,
+        length: int = 500,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        rng_seed: int | None = None,
+    ) -> str:
         """The seed followed by `length` generated characters."""
-        return seed + "".join(self.stream(seed, length=length, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, rng_seed=rng_seed))
+        return seed + "".join(
+            self.stream(seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p, rng_seed=rng_seed)
+        )
 
-    def sample_many(self, seed: str = "", *, num_samples: int, length: int = 500, temperature: float = 1.0,
-                    top_k: int | None = None, top_p: float | None = None, rng_seed: int | None = None) -> list[str]:
+    def sample_many(
+        self,
+        seed: str = "",
+        *,
+        num_samples: int,
+        length: int = 500,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        rng_seed: int | None = None,
+    ) -> list[str]:
         """`num_samples` continuations generated together as one batch."""
-        columns = list(self.stream_batch(seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p,
-                                         num_samples=num_samples, rng_seed=rng_seed))
+        columns = list(
+            self.stream_batch(
+                seed,
+                length=length,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                num_samples=num_samples,
+                rng_seed=rng_seed,
+            )
+        )
         return [seed + "".join(col[i] for col in columns) for i in range(num_samples)]
 
-    def perplexity(self, source: str | os.PathLike[str], *, batch_size: int = 64,
-                   unknown: Unknown = "skip") -> Metrics:
+    def perplexity(self, source: str | os.PathLike[str], *, batch_size: int = 64, unknown: Unknown = "skip") -> Metrics:
         """Scores a text (a str) or a file (a pathlib.Path or other path object) exactly.
 
         Unknown characters are dropped and counted with unknown='skip', refused with 'error'.
@@ -87,12 +158,19 @@ class CharLM:
         else:
             corpus = load_corpus(source, vocab=self.vocab, unknown=unknown)
         with ThreadTuner(self.device, self.threads) as tuner:
-            return evaluate(self.model, corpus.ids, start_id=self.vocab.start_id, batch_size=batch_size,
-                            device=self.device, precision=self.precision, unknown=corpus.unknown,
-                            unknown_chars=corpus.unknown_chars, fold=self.vocab.fold_penalty, tuner=tuner)
+            return evaluate(
+                self.model,
+                corpus.ids,
+                start_id=self.vocab.start_id,
+                batch_size=batch_size,
+                device=self.device,
+                precision=self.precision,
+                unknown=corpus.unknown,
+                unknown_chars=corpus.unknown_chars,
+                fold=self.vocab.fold_penalty,
+                tuner=tuner,
+            )
 
     def __repr__(self) -> str:
         c = self.model.config
         return f"CharLM({c.model} {c.num_layers}x{c.hidden_size}, vocab {len(self.vocab)}, from {self.path})"
-
-

@@ -58,18 +58,22 @@ def find_metrics(target: str | os.PathLike[str] | None = None) -> Path:
         try:
             path = ckpt.newest_checkpoint(path)
         except CheckpointError as e:  # the same finding, with the fix that fits this command
-            raise CheckpointError(e.message, "train one first (charlm train FILE) or give a checkpoint or "
-                                  ".metrics.jsonl path") from None
+            raise CheckpointError(
+                e.message, "train one first (charlm train FILE) or give a checkpoint or .metrics.jsonl path"
+            ) from None
     if path.name.endswith(".safetensors"):
         best = path.with_name(path.name.removesuffix(".last.safetensors").removesuffix(".safetensors") + ".safetensors")
         metrics = ckpt.sibling_paths(best)[1]
         if not metrics.is_file():
-            raise CheckpointError(f"no metrics log for {path} (looked for {metrics})",
-                                  "it is written by `charlm train`; give the .metrics.jsonl path if it was moved")
+            raise CheckpointError(
+                f"no metrics log for {path} (looked for {metrics})",
+                "it is written by `charlm train`; give the .metrics.jsonl path if it was moved",
+            )
         return metrics
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such metrics log",
-                              "give a checkpoint or its .metrics.jsonl file (both are in ./checkpoints)")
+        raise CheckpointError(
+            f"{path}: no such metrics log", "give a checkpoint or its .metrics.jsonl file (both are in ./checkpoints)"
+        )
     return path
 
 
@@ -93,12 +97,18 @@ def read_curves(target: str | os.PathLike[str] | None = None) -> Curves:
             records.append(record)
     if not records:
         if any(line.strip() for line in lines):
-            raise CheckpointError(f"{path} is not a metrics log written by `charlm train`",
-                                  "give a checkpoint or its .metrics.jsonl file")
-        raise CheckpointError(f"{path} has no metrics yet",
-                              "plot again once the run has logged a step (every --log-every steps)")
-    return Curves(source=path, train_bpc=_series(records, "train", "train_bpc"),
-                  val_bpc=_series(records, "eval", "val_bpc"), lr=_series(records, "train", "lr"))
+            raise CheckpointError(
+                f"{path} is not a metrics log written by `charlm train`", "give a checkpoint or its .metrics.jsonl file"
+            )
+        raise CheckpointError(
+            f"{path} has no metrics yet", "plot again once the run has logged a step (every --log-every steps)"
+        )
+    return Curves(
+        source=path,
+        train_bpc=_series(records, "train", "train_bpc"),
+        val_bpc=_series(records, "eval", "val_bpc"),
+        lr=_series(records, "train", "lr"),
+    )
 
 
 def _series(records: list[dict], event: str, key: str) -> Points:
@@ -126,28 +136,54 @@ def _chars_unit(points: Points) -> tuple[float, str]:
     return 1.0, ""
 
 
-def terminal_plot(curves: Curves, *, width: int | None = None, height: int = 12, color: bool = False,
-                  learning_rate: bool = True) -> str:
+def terminal_plot(
+    curves: Curves, *, width: int | None = None, height: int = 12, color: bool = False, learning_rate: bool = True
+) -> str:
     """Text drawing of bits/char (train and validation) against characters seen, with the
     learning rate below when asked. Without colour the series differ by their marks (+ and x)."""
     import uniplot
 
     width = width or max(30, min(100, shutil.get_terminal_size().columns - 12))
-    style = {"width": width, "color": color, "character_set": "braille" if color else "ascii",
-             "x_gridlines": [], "y_gridlines": []}
-    named = [(label, points) for label, points in (("train", curves.train_bpc), ("validation", curves.val_bpc))
-             if points]
+    style = {
+        "width": width,
+        "color": color,
+        "character_set": "braille" if color else "ascii",
+        "x_gridlines": [],
+        "y_gridlines": [],
+    }
+    named = [
+        (label, points) for label, points in (("train", curves.train_bpc), ("validation", curves.val_bpc)) if points
+    ]
     size, suffix = _chars_unit(curves.train_bpc + curves.val_bpc)
     best = curves.best_val_bpc
     title = f"{curves.name}: bits/char" + (f" (best validation {best:.4f})" if best is not None else "")
-    parts = [uniplot.plot_to_string([[y for _, y in p] for _, p in named], [[x / size for x, _ in p] for _, p in named],
-                                    legend_labels=[label for label, _ in named], lines=True, height=height,
-                                    title=title, x_unit=f"{suffix} chars", **style)]
+    parts = [
+        uniplot.plot_to_string(
+            [[y for _, y in p] for _, p in named],
+            [[x / size for x, _ in p] for _, p in named],
+            legend_labels=[label for label, _ in named],
+            lines=True,
+            height=height,
+            title=title,
+            x_unit=f"{suffix} chars",
+            **style,
+        )
+    ]
     if learning_rate and curves.lr:
         top = max(y for _, y in curves.lr)
-        parts.append(uniplot.plot_to_string([y for _, y in curves.lr], [x / size for x, _ in curves.lr], lines=True,
-                                            height=max(3, height // 3), title="learning rate", y_min=0,
-                                            y_max=top * 1.1 or 1.0, x_unit=f"{suffix} chars", **style))
+        parts.append(
+            uniplot.plot_to_string(
+                [y for _, y in curves.lr],
+                [x / size for x, _ in curves.lr],
+                lines=True,
+                height=max(3, height // 3),
+                title="learning rate",
+                y_min=0,
+                y_max=top * 1.1 or 1.0,
+                x_unit=f"{suffix} chars",
+                **style,
+            )
+        )
     return "\n".join(parts)
 
 
@@ -173,15 +209,18 @@ def write_image(curves: Curves, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in IMAGE_FORMATS:
-        raise ConfigError(f"-o {path}: cannot tell the image format from the name",
-                          f"end it in {', '.join('.' + f for f in IMAGE_FORMATS)}")
+        raise ConfigError(
+            f"-o {path}: cannot tell the image format from the name",
+            f"end it in {', '.join('.' + f for f in IMAGE_FORMATS)}",
+        )
     try:
         from matplotlib.figure import Figure
         from matplotlib.ticker import EngFormatter
     except ImportError:
-        raise ConfigError("writing an image needs matplotlib, which is not installed",
-                          "pip install 'charlm[plot]' (or pip install matplotlib), or leave out -o to plot in "
-                          "the terminal") from None
+        raise ConfigError(
+            "writing an image needs matplotlib, which is not installed",
+            "pip install 'charlm[plot]' (or pip install matplotlib), or leave out -o to plot in the terminal",
+        ) from None
 
     figure = Figure(figsize=(8, 6), layout="constrained")
     loss_axes, lr_axes = figure.subplots(2, 1, sharex=True, height_ratios=[3, 1])

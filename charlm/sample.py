@@ -41,8 +41,13 @@ def closest_known(text: str, vocab: Vocab) -> str:
         if ch in vocab:
             out.append(ch)
             continue
-        candidates = ["".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c)),
-                      ch.swapcase(), ch.lower(), ch.upper(), " " if ch.isspace() else ""]
+        candidates = [
+            "".join(c for c in unicodedata.normalize("NFKD", ch) if not unicodedata.combining(c)),
+            ch.swapcase(),
+            ch.lower(),
+            ch.upper(),
+            " " if ch.isspace() else "",
+        ]
         out.append(next((c for c in candidates if c and all(x in vocab for x in c)), ""))
     return "".join(out)
 
@@ -54,8 +59,10 @@ def encode_seed(seed: str, vocab: Vocab) -> list[int]:
         shown = ", ".join(describe_char(c) for c in unknown[:10])
         suggestion = closest_known(seed, vocab)
         hint = f"try --seed {suggestion!r}" if suggestion else "use characters from the training text"
-        raise VocabError(f"the seed has {len(unknown)} character{'s' if len(unknown) != 1 else ''} "
-                         f"the model never saw: {shown}", hint)
+        raise VocabError(
+            f"the seed has {len(unknown)} character{'s' if len(unknown) != 1 else ''} the model never saw: {shown}",
+            hint,
+        )
     return ids.tolist()
 
 
@@ -147,8 +154,11 @@ class StepModel:
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # of the state and pointwise maths
         self.bounded = cfg.model != "rnn-relu"  # |h| <= 1: int8 inputs can use the fixed step 1/127
         rnn, h = model.rnn, cfg.hidden_size
-        order = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)]) \
-            if cfg.model == "lstm" else None  # i, f, g, o -> i, f, o, g
+        order = (
+            torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
+            if cfg.model == "lstm"
+            else None
+        )  # i, f, g, o -> i, f, o, g
 
         def rows(t: torch.Tensor) -> torch.Tensor:
             t = t.detach().float()
@@ -165,11 +175,25 @@ class StepModel:
                 table = torch.addmm(b_ih, model.embed.weight.detach().float(), w_ih.t()).to(self.dtype)
                 self.layers.append(_Layer(table, None, None, _Linear(w_hh, precision, self.dtype), b_hh))
             elif b_hh is None and (self.bounded or precision != "int8"):  # one matmul reads [x, h]
-                self.layers.append(_Layer(None, None, b_ih.to(self.dtype),
-                                          _Linear(torch.cat([w_ih, w_hh], 1), precision, self.dtype), None))
+                self.layers.append(
+                    _Layer(
+                        None,
+                        None,
+                        b_ih.to(self.dtype),
+                        _Linear(torch.cat([w_ih, w_hh], 1), precision, self.dtype),
+                        None,
+                    )
+                )
             else:  # GRU (its n gate needs the two products apart) and rnn-relu in int8 (x and h scales differ)
-                self.layers.append(_Layer(None, _Linear(w_ih, precision, self.dtype), b_ih.to(self.dtype),
-                                          _Linear(w_hh, precision, self.dtype), b_hh))
+                self.layers.append(
+                    _Layer(
+                        None,
+                        _Linear(w_ih, precision, self.dtype),
+                        b_ih.to(self.dtype),
+                        _Linear(w_hh, precision, self.dtype),
+                        b_hh,
+                    )
+                )
         self.head = _Linear(model.head.weight, precision, self.dtype)
         self.head_bias = model.head.bias.detach().to(self.dtype)
         self.hs: list[torch.Tensor] = []
@@ -296,8 +320,9 @@ class Sampler:
     def _greedy() -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda logits: logits.argmax(-1)
 
-    def _gumbel(self, temperature: float, length: int,
-                generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _gumbel(
+        self, temperature: float, length: int, generator: torch.Generator
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         """A draw from softmax(logits / T) as argmax(logits + T * Gumbel noise): two tensor ops per step,
         with the noise for many steps drawn in one call."""
         noise: list[torch.Tensor] = []
@@ -312,8 +337,9 @@ class Sampler:
         return pick
 
     @staticmethod
-    def _filtered(temperature: float, top_k: int | None, top_p: float | None,
-                  generator: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _filtered(
+        temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         def pick(logits: torch.Tensor) -> torch.Tensor:
             return draw(filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p), generator)
 

@@ -25,9 +25,10 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ConfigError("--tensorboard needs the tensorboard package, which is not installed",
-                              "pip install tensorboard (or pip install 'charlm[tensorboard]'), or leave out "
-                              "--tensorboard") from None
+            raise ConfigError(
+                "--tensorboard needs the tensorboard package, which is not installed",
+                "pip install tensorboard (or pip install 'charlm[tensorboard]'), or leave out --tensorboard",
+            ) from None
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise ConfigError(f"--tensorboard {self.folder} is a file, not a folder", "give a folder for the logs")
@@ -59,11 +60,19 @@ class TensorBoardLog:
         try:
             self.writer = self.writer_class(log_dir=str(self.folder), purge_step=event.resumed_step)
         except OSError as e:
-            raise ConfigError(f"cannot write TensorBoard logs to {self.folder} ({e.strerror})",
-                              "choose a writable folder with --tensorboard") from None
+            raise ConfigError(
+                f"cannot write TensorBoard logs to {self.folder} ({e.strerror})",
+                "choose a writable folder with --tensorboard",
+            ) from None
         self.step = event.resumed_step or 0
-        setup = {"model": event.model.to_dict(), "train": event.config.to_dict(), "corpus": event.corpus,
-                 "params": event.params, "device": event.device, "precision": event.precision}
+        setup = {
+            "model": event.model.to_dict(),
+            "train": event.config.to_dict(),
+            "corpus": event.corpus,
+            "params": event.params,
+            "device": event.device,
+            "precision": event.precision,
+        }
         self.writer.add_text("setup", "```\n" + json.dumps(setup, indent=2, default=str) + "\n```", self.step)
 
     def losses(self, split: str, loss: float, step: int) -> None:

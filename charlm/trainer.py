@@ -107,8 +107,10 @@ def new_run_path(name: str, out: str | os.PathLike[str] | None, *, overwrite: bo
     if overwrite or not taken(best):
         return best, (f"replacing the run at {best} (--overwrite)" if taken(best) else "")
     if out is not None:
-        raise ConfigError(f"{best} already holds a trained model",
-                          "pass --overwrite to replace it, --resume to continue it, or choose another --out")
+        raise ConfigError(
+            f"{best} already holds a trained model",
+            "pass --overwrite to replace it, --resume to continue it, or choose another --out",
+        )
     stem = best.name.removesuffix(".safetensors")
     n = max(2, len(numbered_runs(best)) + 1)
     while taken(best.with_name(f"{stem}-{n}.safetensors")):
@@ -134,13 +136,24 @@ def best_path_of(last: Path) -> Path | None:
     return last.with_name(last.name.removesuffix(".last.safetensors") + ".safetensors")
 
 
-MODEL_FLAGS = {"model": "--model", "hidden_size": "--hidden", "num_layers": "--layers", "embed_size": "--embed",
-               "dropout": "--dropout", "init": "--init"}
+MODEL_FLAGS = {
+    "model": "--model",
+    "hidden_size": "--hidden",
+    "num_layers": "--layers",
+    "embed_size": "--embed",
+    "dropout": "--dropout",
+    "init": "--init",
+}
 
 
-def resume_settings(corpus: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None,
-                    resume: bool | str | os.PathLike[str] = True, train_changes: dict | None = None,
-                    model_changes: dict | None = None) -> tuple[TrainConfig, ModelConfig | None, Path]:
+def resume_settings(
+    corpus: str | os.PathLike[str],
+    *,
+    out: str | os.PathLike[str] | None = None,
+    resume: bool | str | os.PathLike[str] = True,
+    train_changes: dict | None = None,
+    model_changes: dict | None = None,
+) -> tuple[TrainConfig, ModelConfig | None, Path]:
     """The interrupted run's settings with the given changes on top: (config, model or None, .last path).
 
     The CLI passes only what the user typed, so an option left alone keeps the run's value;
@@ -264,8 +277,9 @@ Event = Started | Progress | Evaluated | Note
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def learning_rate(config: TrainConfig, *, step: int, fraction: float | None, epoch: float,
-                  plateau_scale: float) -> float:
+def learning_rate(
+    config: TrainConfig, *, step: int, fraction: float | None, epoch: float, plateau_scale: float
+) -> float:
     """The rate for `step`: linear warmup, then the chosen decay (nanoGPT's get_lr, generalised)."""
     warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
     schedule = config.effective_schedule()
@@ -429,8 +443,16 @@ def train(
     `model=None` and `config=None` mean the defaults of ModelConfig and TrainConfig (the same as
     `charlm train`'s): a GRU 2x256 for budgets up to 6 minutes, 2x384 up to 30, else 2x512.
     """
-    run = _Run(corpus, model=model, config=config or TrainConfig(), out=out, resume=resume, init_from=init_from,
-               overwrite=overwrite, on_event=on_event)
+    run = _Run(
+        corpus,
+        model=model,
+        config=config or TrainConfig(),
+        out=out,
+        resume=resume,
+        init_from=init_from,
+        overwrite=overwrite,
+        on_event=on_event,
+    )
     try:
         return run.loop()
     finally:
@@ -441,10 +463,18 @@ class _Run:
     """One training session: set-up in __init__, then loop(); state lives in `self.st` so that a
     checkpoint of it (plus weights, optimizer, RNG and recurrent state) continues the run exactly."""
 
-    def __init__(self, corpus: str | os.PathLike[str] | Corpus, *, model: ModelConfig | None, config: TrainConfig,
-                 out: str | os.PathLike[str] | None, resume: bool | str | os.PathLike[str],
-                 init_from: str | os.PathLike[str] | None, overwrite: bool,
-                 on_event: Callable[[Event], None] | None) -> None:
+    def __init__(
+        self,
+        corpus: str | os.PathLike[str] | Corpus,
+        *,
+        model: ModelConfig | None,
+        config: TrainConfig,
+        out: str | os.PathLike[str] | None,
+        resume: bool | str | os.PathLike[str],
+        init_from: str | os.PathLike[str] | None,
+        overwrite: bool,
+        on_event: Callable[[Event], None] | None,
+    ) -> None:
         configure_cpu(config.threads)
         device = resolve_device(config.device)
         self.dist, self.device = distributed.setup(device)
@@ -464,13 +494,17 @@ class _Run:
         if resume:
             last = resume_path(name, out, resume)
             if not last.exists():
-                raise CheckpointError(f"--resume: no resume checkpoint at {last}",
-                                      "start without --resume, or give the .last.safetensors file to continue")
+                raise CheckpointError(
+                    f"--resume: no resume checkpoint at {last}",
+                    "start without --resume, or give the .last.safetensors file to continue",
+                )
             resume_header = ckpt.read_header(last)
             if resume_header.kind != "last" or "optim_groups" not in resume_header.state:
-                raise CheckpointError(f"--resume: {last} holds no training state (it is a best checkpoint)",
-                                      f"resume from {ckpt.sibling_paths(best_path_of(last))[0].name}, or fine-tune "
-                                      f"with --init-from {last}")
+                raise CheckpointError(
+                    f"--resume: {last} holds no training state (it is a best checkpoint)",
+                    f"resume from {ckpt.sibling_paths(best_path_of(last))[0].name}, or fine-tune "
+                    f"with --init-from {last}",
+                )
             best_path = default_paths(name, out) if out is not None else best_path_of(last) or default_paths(name, out)
         else:
             best_path, placement_note = new_run_path(name, out, overwrite=overwrite)
@@ -507,7 +541,9 @@ class _Run:
             raise CorpusError(
                 f"{data.path or data.name} is too short to train on: {len(data)} characters, need at least {need} for "
                 f"--batch-size {self.global_batch}, --seq-len {config.seq_len} and --val-fraction "
-                f"{config.val_fraction}", "lower --batch-size or --seq-len, or use a longer text")
+                f"{config.val_fraction}",
+                "lower --batch-size or --seq-len, or use a longer text",
+            )
         self.train_ids, self.val_ids = split(data.ids, config.val_fraction, max_chars=config.max_val_chars)
         self.batches = Batches(self.train_ids, self.global_batch, config.seq_len, config.rng_seed)
         self.rows = slice(self.dist.rank * config.batch_size, (self.dist.rank + 1) * config.batch_size)
@@ -537,44 +573,81 @@ class _Run:
             from torch.nn.parallel import DistributedDataParallel
 
             torch.manual_seed(config.rng_seed + self.dist.rank)  # each rank its own dropout masks
-            self.forward = DistributedDataParallel(self.net, device_ids=[self.device] if self.device.type == "cuda"
-                                                   else None)
+            self.forward = DistributedDataParallel(
+                self.net, device_ids=[self.device] if self.device.type == "cuda" else None
+            )
         self.opt = make_optimizer(self.net, config, self.device)
         self.params = sum(p.numel() for p in self.net.parameters())
 
         # --- training state
         self.st: dict[str, Any] = {
-            "step": 0, "epoch": 0, "chunk": 0, "chars": 0, "elapsed": 0.0, "best_val": math.inf, "best_step": 0,
-            "evals_since_best": 0, "plateau_scale": 1.0, "plateau_best": math.inf, "plateau_bad": 0, "skipped": 0,
-            "last_eval_step": -1, "train_loss": None, "world": self.dist.world}
+            "step": 0,
+            "epoch": 0,
+            "chunk": 0,
+            "chars": 0,
+            "elapsed": 0.0,
+            "best_val": math.inf,
+            "best_step": 0,
+            "evals_since_best": 0,
+            "plateau_scale": 1.0,
+            "plateau_best": math.inf,
+            "plateau_bad": 0,
+            "skipped": 0,
+            "last_eval_step": -1,
+            "train_loss": None,
+            "world": self.dist.world,
+        }
         self.state: State = self.net.initial_state(config.batch_size, self.device)
         if resume_header is not None:
             saved = resume_header.state
             self.st.update({k: saved[k] for k in self.st if k in saved and k != "world"})
             load_optimizer(self.opt, tensors, saved["optim_groups"])
             if self.dist.is_main:
-                set_rng_state({k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}, self.device)
+                set_rng_state({k[len("rng.") :]: v for k, v in tensors.items() if k.startswith("rng.")}, self.device)
             hidden = [tensors.get(f"hidden.{i}") for i in range(len(self.state))]
             if all(h is not None and h.shape[1] == self.global_batch for h in hidden):
                 self.state = tuple(h[:, self.rows].to(self.device) for h in hidden)  # type: ignore[index]
 
         self.eval_every = auto_eval_every(len(self.val_ids), config)
         corpus_info = {**data.identity(), "train_chars": len(self.train_ids), "val_chars": len(self.val_ids)}
-        self.header_common = {"model": self.net.config.to_dict(), "vocab": list(data.vocab.chars),
-                              "folded": list(data.vocab.folded),
-                              "train": config.to_dict(), "corpus": corpus_info}
+        self.header_common = {
+            "model": self.net.config.to_dict(),
+            "vocab": list(data.vocab.chars),
+            "folded": list(data.vocab.folded),
+            "train": config.to_dict(),
+            "corpus": corpus_info,
+        }
         if placement_note:
             self.emit(Note(placement_note))
         if self.dist.active:
-            self.emit(Note(f"data-parallel on {self.dist.world} processes: global batch {self.global_batch} "
-                           f"streams ({config.batch_size} per process)"))
-        self.emit(Started(model=self.net.config, config=config, params=self.params, device=str(self.device),
-                          precision=self.precision, corpus=corpus_info, train_chars=len(self.train_ids),
-                          val_chars=len(self.val_ids), eval_every=self.eval_every, checkpoint=best_path,
-                          resumed_step=self.st["step"] if resume_header is not None else None,
-                          init_from=str(init_from) if init_from is not None else None, new_chars=new_chars))
-        self.log = _MetricsLog(self.metrics_path, resume_step=self.st["step"] if resume_header is not None else None) \
-            if self.dist.is_main else None
+            self.emit(
+                Note(
+                    f"data-parallel on {self.dist.world} processes: global batch {self.global_batch} "
+                    f"streams ({config.batch_size} per process)"
+                )
+            )
+        self.emit(
+            Started(
+                model=self.net.config,
+                config=config,
+                params=self.params,
+                device=str(self.device),
+                precision=self.precision,
+                corpus=corpus_info,
+                train_chars=len(self.train_ids),
+                val_chars=len(self.val_ids),
+                eval_every=self.eval_every,
+                checkpoint=best_path,
+                resumed_step=self.st["step"] if resume_header is not None else None,
+                init_from=str(init_from) if init_from is not None else None,
+                new_chars=new_chars,
+            )
+        )
+        self.log = (
+            _MetricsLog(self.metrics_path, resume_step=self.st["step"] if resume_header is not None else None)
+            if self.dist.is_main
+            else None
+        )
 
         # --- session counters (not checkpointed)
         self.session_start = time.perf_counter()
@@ -622,8 +695,13 @@ class _Run:
         return 1.15 * (eval_s + 2 * self.save_s) + 0.2
 
     def current_lr(self) -> float:
-        return learning_rate(self.config, step=self.st["step"], fraction=self.fraction(), epoch=self.epoch_float(),
-                             plateau_scale=self.st["plateau_scale"])
+        return learning_rate(
+            self.config,
+            step=self.st["step"],
+            fraction=self.fraction(),
+            epoch=self.epoch_float(),
+            plateau_scale=self.st["plateau_scale"],
+        )
 
     def budget_reached(self) -> str:
         c, st = self.config, self.st
@@ -664,8 +742,9 @@ class _Run:
             self.opt.step()
         elif not bool(bad):
             self.opt.step()
-        self.state = tuple(torch.where(bad, old.to(new.dtype), new.detach())
-                           for old, new in zip(self.state, new_state, strict=True))
+        self.state = tuple(
+            torch.where(bad, old.to(new.dtype), new.detach()) for old, new in zip(self.state, new_state, strict=True)
+        )
         self.loss_sum += torch.where(bad, 0.0, loss.detach())
         self.bad_run = (self.bad_run + 1) * bad
         self.skipped += bad
@@ -682,9 +761,18 @@ class _Run:
         report = st["step"] % self.config.log_every == 0
         if report:
             self.report(lr)
-        self.emit(Progress(step=st["step"], epoch=self.epoch_float(), chars=st["chars"], elapsed_s=self.elapsed(),
-                           fraction=self.fraction(), lr=lr, train_loss=st["train_loss"] if report else None,
-                           chars_per_sec=self.session_chars / self.train_time()))
+        self.emit(
+            Progress(
+                step=st["step"],
+                epoch=self.epoch_float(),
+                chars=st["chars"],
+                elapsed_s=self.elapsed(),
+                fraction=self.fraction(),
+                lr=lr,
+                train_loss=st["train_loss"] if report else None,
+                chars_per_sec=self.session_chars / self.train_time(),
+            )
+        )
 
     def report(self, lr: float) -> None:
         """Every log_every steps: the one host sync, the training loss, and the divergence check."""
@@ -703,18 +791,35 @@ class _Run:
             raise TrainingError(
                 f"the loss or gradients were not finite for {MAX_BAD_STEPS} steps in a row (step {st['step']}); "
                 "the last good checkpoint is kept",
-                f"lower --lr (now {self.config.lr:g}) or --clip (now {self.config.clip:g}), or try --precision fp32")
+                f"lower --lr (now {self.config.lr:g}) or --clip (now {self.config.clip:g}), or try --precision fp32",
+            )
         if self.log and has_loss:
-            self.log.write({"event": "train", "step": st["step"], "epoch": round(self.epoch_float(), 5),
-                            "chars": st["chars"], "elapsed_s": round(self.elapsed(), 3), "lr": lr,
-                            **_loss_record("train", st["train_loss"]),
-                            "chars_per_sec": self.session_chars / self.train_time()})
+            self.log.write(
+                {
+                    "event": "train",
+                    "step": st["step"],
+                    "epoch": round(self.epoch_float(), 5),
+                    "chars": st["chars"],
+                    "elapsed_s": round(self.elapsed(), 3),
+                    "lr": lr,
+                    **_loss_record("train", st["train_loss"]),
+                    "chars_per_sec": self.session_chars / self.train_time(),
+                }
+            )
 
     def evaluate(self) -> None:
         st, began = self.st, time.perf_counter()
-        metrics = evaluate(self.net, self.val_ids, start_id=self.data.vocab.start_id,
-                           batch_size=self.config.eval_batch_size, device=self.device, precision=self.precision,
-                           dist=self.dist, fold=self.data.vocab.fold_penalty, tuner=self.tuner)
+        metrics = evaluate(
+            self.net,
+            self.val_ids,
+            start_id=self.data.vocab.start_id,
+            batch_size=self.config.eval_batch_size,
+            device=self.device,
+            precision=self.precision,
+            dist=self.dist,
+            fold=self.data.vocab.fold_penalty,
+            tuner=self.tuner,
+        )
         self.eval_speed = len(self.val_ids) / self.dist.world / max(1e-9, time.perf_counter() - began)
         self.last_val = metrics
         st["last_eval_step"] = st["step"]
@@ -728,27 +833,49 @@ class _Run:
         else:
             st["plateau_bad"] += 1
             if st["plateau_bad"] > self.config.plateau_patience:
-                st.update(plateau_scale=max(self.config.min_lr_ratio, st["plateau_scale"] * self.config.plateau_factor),
-                          plateau_bad=0)
+                st.update(
+                    plateau_scale=max(self.config.min_lr_ratio, st["plateau_scale"] * self.config.plateau_factor),
+                    plateau_bad=0,
+                )
         self.non_train_time += time.perf_counter() - began
         if self.log:
-            self.log.write({"event": "eval", "step": st["step"], "epoch": round(self.epoch_float(), 5),
-                            "chars": st["chars"], "elapsed_s": round(self.elapsed(), 3), "lr": self.current_lr(),
-                            **_loss_record("val", metrics.cross_entropy),
-                            **({} if st["train_loss"] is None else _loss_record("train", st["train_loss"]))})
+            self.log.write(
+                {
+                    "event": "eval",
+                    "step": st["step"],
+                    "epoch": round(self.epoch_float(), 5),
+                    "chars": st["chars"],
+                    "elapsed_s": round(self.elapsed(), 3),
+                    "lr": self.current_lr(),
+                    **_loss_record("val", metrics.cross_entropy),
+                    **({} if st["train_loss"] is None else _loss_record("train", st["train_loss"])),
+                }
+            )
         if improved:
             self.save("best")
         self.save("last")
-        self.emit(Evaluated(step=st["step"], val=metrics, train_loss=st["train_loss"], best=improved,
-                            best_val=st["best_val"], evals_since_best=st["evals_since_best"]))
+        self.emit(
+            Evaluated(
+                step=st["step"],
+                val=metrics,
+                train_loss=st["train_loss"],
+                best=improved,
+                best_val=st["best_val"],
+                evals_since_best=st["evals_since_best"],
+            )
+        )
 
     def save(self, kind: str) -> None:
         """Rank 0 writes; under torchrun every rank must call this (the recurrent state is gathered)."""
         began = time.perf_counter()
         hidden = [self.dist.gather_rows(s) for s in self.state] if kind == "last" else []
         if self.dist.is_main:
-            meta = {**self.header_common, "kind": kind, "state": {**self.st, "elapsed": self.elapsed()},
-                    "metrics": _metrics_summary(self.st, self.last_val)}
+            meta = {
+                **self.header_common,
+                "kind": kind,
+                "state": {**self.st, "elapsed": self.elapsed()},
+                "metrics": _metrics_summary(self.st, self.last_val),
+            }
             tensors = ckpt.model_tensors(self.net)
             if kind == "last":
                 opt_tensors, groups = optimizer_tensors(self.opt)
@@ -767,8 +894,7 @@ class _Run:
         final one within moments: skip it and train instead (one process only: under torchrun
         every rank must take the same branch)."""
         c = self.config
-        return (c.time is not None and not self.dist.active
-                and self.elapsed() + 3 * self.finish_reserve() >= c.time)
+        return c.time is not None and not self.dist.active and self.elapsed() + 3 * self.finish_reserve() >= c.time
 
     def loop(self) -> TrainResult:
         stopped = ""
@@ -802,15 +928,26 @@ class _Run:
                 self.log.close()
         st = self.st
         if not math.isfinite(st["best_val"]):
-            raise TrainingError("training stopped before the first evaluation, so no checkpoint was written",
-                                "train for longer")
-        return TrainResult(checkpoint=self.best_path, last_checkpoint=self.last_path, metrics_log=self.metrics_path,
-                           steps=st["step"], epochs=self.epoch_float(), params=self.params,
-                           train_loss=st["train_loss"], val_loss=st["best_val"], best_step=st["best_step"],
-                           chars_per_sec=self.session_chars / self.train_time(), elapsed_s=self.elapsed(),
-                           stopped=stopped, skipped_steps=st["skipped"],
-                           signal=int(stop_requested.signal or signal.SIGINT) if stopped == "interrupted" else None,
-                           threads=self.tuner.threads)
+            raise TrainingError(
+                "training stopped before the first evaluation, so no checkpoint was written", "train for longer"
+            )
+        return TrainResult(
+            checkpoint=self.best_path,
+            last_checkpoint=self.last_path,
+            metrics_log=self.metrics_path,
+            steps=st["step"],
+            epochs=self.epoch_float(),
+            params=self.params,
+            train_loss=st["train_loss"],
+            val_loss=st["best_val"],
+            best_step=st["best_step"],
+            chars_per_sec=self.session_chars / self.train_time(),
+            elapsed_s=self.elapsed(),
+            stopped=stopped,
+            skipped_steps=st["skipped"],
+            signal=int(stop_requested.signal or signal.SIGINT) if stopped == "interrupted" else None,
+            threads=self.tuner.threads,
+        )
 
 
 def _rebatch(header: ckpt.Header, config: TrainConfig, world: int) -> TrainConfig:
@@ -822,8 +959,10 @@ def _rebatch(header: ckpt.Header, config: TrainConfig, world: int) -> TrainConfi
         return config
     global_batch = saved_batch * saved_world
     if global_batch % world:
-        raise CheckpointError(f"--resume: the run's global batch of {global_batch} streams does not split over "
-                              f"{world} processes", f"resume with a number of processes that divides {global_batch}")
+        raise CheckpointError(
+            f"--resume: the run's global batch of {global_batch} streams does not split over {world} processes",
+            f"resume with a number of processes that divides {global_batch}",
+        )
     if config.batch_size not in (saved_batch, global_batch // world):
         return config  # _check_resume reports the conflicting --batch-size
     return replace(config, batch_size=global_batch // world)
@@ -841,25 +980,33 @@ def _metrics_summary(st: dict, val: Metrics | None) -> dict:
 def _check_writable(folder: Path) -> None:
     blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise ConfigError(f"cannot write checkpoints to {folder}/: {blocker} is a file, not a folder",
-                          "choose another place with --out")
+        raise ConfigError(
+            f"cannot write checkpoints to {folder}/: {blocker} is a file, not a folder",
+            "choose another place with --out",
+        )
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".charlm-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"cannot write checkpoints to {folder}/ ({e.strerror})",
-                          "choose a writable place with --out") from None
+        raise ConfigError(
+            f"cannot write checkpoints to {folder}/ ({e.strerror})", "choose a writable place with --out"
+        ) from None
 
 
 def _check_resume_model(asked: ModelConfig, saved: ModelConfig) -> None:
     """Refuse model options that differ from the interrupted run's, naming each with both values."""
-    diffs = [f"{flag} {getattr(asked, key)!r} (was {getattr(saved, key)!r})" for key, flag in MODEL_FLAGS.items()
-             if getattr(asked, key) != getattr(saved, key) and not (key == "hidden_size" and not asked.hidden_size)]
+    diffs = [
+        f"{flag} {getattr(asked, key)!r} (was {getattr(saved, key)!r})"
+        for key, flag in MODEL_FLAGS.items()
+        if getattr(asked, key) != getattr(saved, key) and not (key == "hidden_size" and not asked.hidden_size)
+    ]
     if diffs:
-        raise CheckpointError(f"--resume: the model options differ from the interrupted run: {', '.join(diffs)}",
-                              "drop them to continue the same run, or start a new one with --init-from")
+        raise CheckpointError(
+            f"--resume: the model options differ from the interrupted run: {', '.join(diffs)}",
+            "drop them to continue the same run, or start a new one with --init-from",
+        )
 
 
 def _check_resume(header: ckpt.Header, data: Corpus, config: TrainConfig, world: int = 1) -> None:
@@ -870,14 +1017,23 @@ def _check_resume(header: ckpt.Header, data: Corpus, config: TrainConfig, world:
             f"--resume: the corpus differs from the one this run trained on ({was.get('name')}, "
             f"{was.get('chars')} chars, sha256 {str(was.get('sha256'))[:12]}...; this is {data.name}, "
             f"{len(data)} chars, sha256 {data.sha256[:12]}...)",
-            f"resume with the original text, or fine-tune with --init-from {header.path}")
+            f"resume with the original text, or fine-tune with --init-from {header.path}",
+        )
     before = header.train
-    diffs = [f"--{k.replace('_', '-')} {getattr(config, k)!r} (was {before[k]!r})"
-             for k in RESUME_FIXED if k in before and k != "batch_size" and before[k] != getattr(config, k)]
+    diffs = [
+        f"--{k.replace('_', '-')} {getattr(config, k)!r} (was {before[k]!r})"
+        for k in RESUME_FIXED
+        if k in before and k != "batch_size" and before[k] != getattr(config, k)
+    ]
     saved_global = before.get("batch_size", config.batch_size) * int(header.state.get("world", 1))
     if saved_global != config.batch_size * world:
-        diffs.insert(0, f"--batch-size {config.batch_size} (was {before.get('batch_size')!r}"
-                        f"{' per process' if world > 1 or saved_global != before.get('batch_size') else ''})")
+        diffs.insert(
+            0,
+            f"--batch-size {config.batch_size} (was {before.get('batch_size')!r}"
+            f"{' per process' if world > 1 or saved_global != before.get('batch_size') else ''})",
+        )
     if diffs:
-        raise CheckpointError(f"--resume: options differ from the interrupted run: {', '.join(diffs)}",
-                              "drop them to continue the same run, or start a new one with --init-from")
+        raise CheckpointError(
+            f"--resume: options differ from the interrupted run: {', '.join(diffs)}",
+            "drop them to continue the same run, or start a new one with --init-from",
+        )

@@ -167,7 +167,6 @@ class Vocab:
         shown = ", ".join(describe_char(c) for c in chars[:10])
         more = f" and {len(chars) - 10} more" if len(chars) > 10 else ""
         return VocabError(
-            f"{what} has {len(chars)} character{'s' if len(chars) != 1 else ''} the model never saw: "
-            f"{shown}{more}",
+            f"{what} has {len(chars)} character{'s' if len(chars) != 1 else ''} the model never saw: {shown}{more}",
             "remove or replace them, or train on text that contains them",
         )

@@ -11,12 +11,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
-WORDS = ("the of and to in a is that it was for on are as with his they at be this from have or by one had not "
-         "but what all were when we there can an your which their said if do will each about how up out them then "
-         "she many some so these would other into has more her two like him see time could no make than first "
-         "been its who now people my made over did down only way find use may water long little very after words "
-         "called just where most know get through back much go good new write our me man too any day same right "
-         "look think also around another came come work three word must because does part even place well").split()
+WORDS = (
+    "the of and to in a is that it was for on are as with his they at be this from have or by one had not "
+    "but what all were when we there can an your which their said if do will each about how up out them then "
+    "she many some so these would other into has more her two like him see time could no make than first "
+    "been its who now people my made over did down only way find use may water long little very after words "
+    "called just where most know get through back much go good new write our me man too any day same right "
+    "look think also around another came come work three word must because does part even place well"
+).split()
 
 
 def make_text(chars: int, seed: int = 0) -> str:
@@ -58,10 +60,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ.setdefault("CHARLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "charlm-cache"))
     corpus = folder / "words.txt"
     corpus.write_text(make_text(60_000, seed=2), encoding="utf-8")
-    result = train(corpus, model=ModelConfig(vocab_size=1, model="lstm", hidden_size=48, embed_size=16, num_layers=2),
-                   config=TrainConfig(steps=60, batch_size=16, seq_len=32, eval_every=30, lr=1e-2, warmup=5,
-                                      precision="fp32", device="cpu"),
-                   out=folder / "words.safetensors")
+    result = train(
+        corpus,
+        model=ModelConfig(vocab_size=1, model="lstm", hidden_size=48, embed_size=16, num_layers=2),
+        config=TrainConfig(
+            steps=60, batch_size=16, seq_len=32, eval_every=30, lr=1e-2, warmup=5, precision="fp32", device="cpu"
+        ),
+        out=folder / "words.safetensors",
+    )
     return result.checkpoint
 
 

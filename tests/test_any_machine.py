@@ -23,8 +23,24 @@ from charlm.config import budget_hidden_size, default
 from charlm.data import split
 from charlm.device import ThreadTuner
 
-TINY = ["--hidden", "32", "--embed", "16", "--layers", "1", "--batch-size", "8", "--seq-len", "32",
-        "--eval-every", "10", "--device", "cpu", "--steps", "10"]
+TINY = [
+    "--hidden",
+    "32",
+    "--embed",
+    "16",
+    "--layers",
+    "1",
+    "--batch-size",
+    "8",
+    "--seq-len",
+    "32",
+    "--eval-every",
+    "10",
+    "--device",
+    "cpu",
+    "--steps",
+    "10",
+]
 
 
 @pytest.fixture
@@ -38,13 +54,35 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_writes_the_resume_checkpoint_then_exits_128_plus_its_number(in_tmp: Path, signum: int,
-                                                                                code: int) -> None:
+def test_a_signal_writes_the_resume_checkpoint_then_exits_128_plus_its_number(
+    in_tmp: Path, signum: int, code: int
+) -> None:
     (in_tmp / "big.txt").write_text(make_text(400_000, seed=6), encoding="utf-8")
-    args = [sys.executable, "-m", "charlm", "train", "big.txt", "--hidden", "32", "--embed", "16", "--batch-size",
-            "8", "--seq-len", "32", "--eval-every", "20", "--time", "5m", "--device", "cpu", "-v"]
-    proc = subprocess.Popen(args, cwd=in_tmp, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    args = [
+        sys.executable,
+        "-m",
+        "charlm",
+        "train",
+        "big.txt",
+        "--hidden",
+        "32",
+        "--embed",
+        "16",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "20",
+        "--time",
+        "5m",
+        "--device",
+        "cpu",
+        "-v",
+    ]
+    proc = subprocess.Popen(
+        args, cwd=in_tmp, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert proc.stderr is not None
     for line in proc.stderr:  # wait for the first validation, so there is a run to keep
         if " val " in line:
@@ -58,10 +96,18 @@ def test_a_signal_writes_the_resume_checkpoint_then_exits_128_plus_its_number(in
 
 
 def test_sigterm_outside_training_exits_143(tmp_path: Path) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
-                             "from charlm import cli\n"
-                             "cli.cli.command('wait')(lambda: time.sleep(60))\n"
-                             "cli.main(['wait'])"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from charlm import cli\n"
+            "cli.cli.command('wait')(lambda: time.sleep(60))\n"
+            "cli.main(['wait'])",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(3)  # not a timing assertion: only lets the interpreter reach the command
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -71,8 +117,9 @@ def test_sigterm_outside_training_exits_143(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------- no model is lost
 
 
-def test_a_second_run_takes_the_next_free_name_and_keeps_the_first(in_tmp: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_second_run_takes_the_next_free_name_and_keeps_the_first(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run_cli(["train", "corpus.txt", "--json", *TINY], capsys)
     first = json.loads(out)
     assert code == 0 and Path(first["checkpoint"]) == Path("checkpoints/corpus.safetensors")
@@ -81,12 +128,19 @@ def test_a_second_run_takes_the_next_free_name_and_keeps_the_first(in_tmp: Path,
     code, out, err = run_cli(["train", "corpus.txt", "--json", "--rng-seed", "7", *TINY], capsys)
     second = json.loads(out)
     assert code == 0 and Path(second["checkpoint"]) == Path("checkpoints/corpus-2.safetensors")
-    assert ("note: checkpoints/corpus.safetensors holds an earlier model, kept; this run writes "
-            "checkpoints/corpus-2.safetensors (--overwrite replaces instead)") in " ".join(err.split())
+    assert (
+        "note: checkpoints/corpus.safetensors holds an earlier model, kept; this run writes "
+        "checkpoints/corpus-2.safetensors (--overwrite replaces instead)"
+    ) in " ".join(err.split())
     assert (in_tmp / "checkpoints" / "corpus.safetensors").read_bytes() == before
     assert sorted(p.name for p in (in_tmp / "checkpoints").iterdir()) == [
-        "corpus-2.last.safetensors", "corpus-2.metrics.jsonl", "corpus-2.safetensors",
-        "corpus.last.safetensors", "corpus.metrics.jsonl", "corpus.safetensors"]
+        "corpus-2.last.safetensors",
+        "corpus-2.metrics.jsonl",
+        "corpus-2.safetensors",
+        "corpus.last.safetensors",
+        "corpus.metrics.jsonl",
+        "corpus.safetensors",
+    ]
 
     code, _, err = run_cli(["sample", "-n", "5", "--rng-seed", "1"], capsys)  # the newest model samples
     assert code == 0 and "checkpoints/corpus-2.safetensors" in err
@@ -107,13 +161,16 @@ def test_an_out_path_that_holds_a_model_is_refused_untouched(in_tmp: Path, capsy
     before = {p.name: p.read_bytes() for p in in_tmp.glob("m.*")}
     code, out, err = run_cli(["train", "corpus.txt", "-o", "m.safetensors", *TINY], capsys)
     assert code == 2 and out == ""
-    assert err == ("error: m.safetensors already holds a trained model: pass --overwrite to replace it, --resume to "
-                   "continue it, or choose another --out\n")
+    assert err == (
+        "error: m.safetensors already holds a trained model: pass --overwrite to replace it, --resume to "
+        "continue it, or choose another --out\n"
+    )
     assert {p.name: p.read_bytes() for p in in_tmp.glob("m.*")} == before
 
 
-def test_decompress_finds_the_model_by_its_hash_after_a_retrain(in_tmp: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_decompress_finds_the_model_by_its_hash_after_a_retrain(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     pytest.importorskip("constriction", reason="compression needs the compress extra: pip install 'charlm[compress]'")
     assert run_cli(["train", "corpus.txt", *TINY], capsys)[0] == 0
     (in_tmp / "note.txt").write_text("the people and the water, said one\n" * 20, encoding="utf-8")
@@ -129,13 +186,16 @@ def test_decompress_finds_the_model_by_its_hash_after_a_retrain(in_tmp: Path,
 # ------------------------------------------------------------------------------------------- resume
 
 
-def test_resume_with_changed_model_options_names_each_with_both_values(in_tmp: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_resume_with_changed_model_options_names_each_with_both_values(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert run_cli(["train", "corpus.txt", *TINY], capsys)[0] == 0
     code, _, err = run_cli(["train", "corpus.txt", "--resume", "--hidden", "64", "--model", "lstm"], capsys)
     assert code == 2
-    assert err == ("error: --resume: the model options differ from the interrupted run: --model 'lstm' (was 'gru'), "
-                   "--hidden 64 (was 32): drop them to continue the same run, or start a new one with --init-from\n")
+    assert err == (
+        "error: --resume: the model options differ from the interrupted run: --model 'lstm' (was 'gru'), "
+        "--hidden 64 (was 32): drop them to continue the same run, or start a new one with --init-from\n"
+    )
     # options left alone keep the run's values, even where they are not the defaults
     code, out, err = run_cli(["train", "corpus.txt", "--resume", "--steps", "20", "--json"], capsys)
     assert code == 0, err and json.loads(out)["steps"] == 20
@@ -146,13 +206,20 @@ def test_resume_with_changed_model_options_names_each_with_both_values(in_tmp: P
 
 def test_the_cli_reads_its_defaults_from_the_library_config() -> None:
     options = {p.name: p for p in cli.commands["train"].params}
-    for flag, (cls, field) in {"cell": (ModelConfig, "model"), "layers": (ModelConfig, "num_layers"),
-                               "embed": (ModelConfig, "embed_size"), "dropout": (ModelConfig, "dropout"),
-                               "init": (ModelConfig, "init"), "seq_len": (TrainConfig, "seq_len"),
-                               "batch_size": (TrainConfig, "batch_size"), "warmup": (TrainConfig, "warmup"),
-                               "schedule": (TrainConfig, "schedule"), "rng_seed": (TrainConfig, "rng_seed"),
-                               "val_fraction": (TrainConfig, "val_fraction"),
-                               "max_val_chars": (TrainConfig, "max_val_chars")}.items():
+    for flag, (cls, field) in {
+        "cell": (ModelConfig, "model"),
+        "layers": (ModelConfig, "num_layers"),
+        "embed": (ModelConfig, "embed_size"),
+        "dropout": (ModelConfig, "dropout"),
+        "init": (ModelConfig, "init"),
+        "seq_len": (TrainConfig, "seq_len"),
+        "batch_size": (TrainConfig, "batch_size"),
+        "warmup": (TrainConfig, "warmup"),
+        "schedule": (TrainConfig, "schedule"),
+        "rng_seed": (TrainConfig, "rng_seed"),
+        "val_fraction": (TrainConfig, "val_fraction"),
+        "max_val_chars": (TrainConfig, "max_val_chars"),
+    }.items():
         assert options[flag].default == default(cls, field), flag
     assert isinstance(options["cell"].type, click.Choice)
     assert list(options["cell"].type.choices) == ["lstm", "gru", "rnn", "rnn-relu"]
@@ -161,8 +228,26 @@ def test_the_cli_reads_its_defaults_from_the_library_config() -> None:
 def test_the_api_and_the_cli_train_the_same_model(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = TrainConfig(steps=2, eval_every=2, batch_size=8, seq_len=32, device="cpu")
     api = train("corpus.txt", config=config, out="api.safetensors")
-    code, out, _ = run_cli(["train", "corpus.txt", "--steps", "2", "--eval-every", "2", "--batch-size", "8",
-                            "--seq-len", "32", "--device", "cpu", "-o", "cli.safetensors", "--json"], capsys)
+    code, out, _ = run_cli(
+        [
+            "train",
+            "corpus.txt",
+            "--steps",
+            "2",
+            "--eval-every",
+            "2",
+            "--batch-size",
+            "8",
+            "--seq-len",
+            "32",
+            "--device",
+            "cpu",
+            "-o",
+            "cli.safetensors",
+            "--json",
+        ],
+        capsys,
+    )
     assert code == 0
     a, b = ckpt.read_header(api.checkpoint), ckpt.read_header(Path(json.loads(out)["checkpoint"]))
     assert a.model == b.model and a.model.model == "gru" and a.model.hidden_size == budget_hidden_size(None)
@@ -181,9 +266,12 @@ def test_validation_is_the_tail_capped_at_max_val_chars() -> None:
 
 
 def test_a_capped_run_records_its_split_and_an_old_run_resumes_uncapped(in_tmp: Path) -> None:
-    result = train("corpus.txt", model=ModelConfig(hidden_size=16, embed_size=8, num_layers=1),
-                   config=TrainConfig(steps=2, eval_every=2, batch_size=4, seq_len=16, device="cpu",
-                                      max_val_chars=1000), out="c.safetensors")
+    result = train(
+        "corpus.txt",
+        model=ModelConfig(hidden_size=16, embed_size=8, num_layers=1),
+        config=TrainConfig(steps=2, eval_every=2, batch_size=4, seq_len=16, device="cpu", max_val_chars=1000),
+        out="c.safetensors",
+    )
     header = ckpt.read_header(result.checkpoint)
     assert header.corpus["val_chars"] == 1000 and header.train["max_val_chars"] == 1000
     old = {k: v for k, v in header.train.items() if k != "max_val_chars"}
@@ -193,8 +281,9 @@ def test_a_capped_run_records_its_split_and_an_old_run_resumes_uncapped(in_tmp: 
 # ----------------------------------------------------------------------------------------- heartbeat
 
 
-def test_off_a_terminal_a_progress_line_comes_at_least_every_heartbeat(in_tmp: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_off_a_terminal_a_progress_line_comes_at_least_every_heartbeat(
+    in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr("charlm.console.HEARTBEAT_S", 0.0)
     code, _, err = run_cli(["train", "corpus.txt", *TINY[:-1], "12"], capsys)  # --steps 12, default verbosity
     assert code == 0

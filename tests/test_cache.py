@@ -68,8 +68,9 @@ def test_foreign_files_and_symlinks_are_not_counted_or_cleared(cache_root: Path,
     assert (cache_root / "corpora" / "linked-v1.txt").is_symlink()
 
 
-def test_clear_empties_the_cache_and_the_next_load_still_works(cache_root: Path, tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_clear_empties_the_cache_and_the_next_load_still_works(
+    cache_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = write_text(tmp_path, "a.txt", seed=1)
     first = load_corpus(path)
     size = cache.report().bytes
@@ -83,8 +84,9 @@ def test_clear_empties_the_cache_and_the_next_load_still_works(cache_root: Path,
     assert cache.report().entries == 2
 
 
-def test_the_cap_evicts_least_recently_used_entries_first(cache_root: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_cap_evicts_least_recently_used_entries_first(
+    cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     a, b, c, d = (write_text(tmp_path, f"{name}.txt", seed=i) for i, name in enumerate("abcd"))
     sha = {}
     for path in (a, b, c):
@@ -103,7 +105,8 @@ def test_the_cap_evicts_least_recently_used_entries_first(cache_root: Path, tmp_
 
 
 def test_an_entry_bigger_than_the_cap_is_still_written_and_evicts_everything_older(
-        cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = load_corpus(write_text(tmp_path, "a.txt", seed=1)).sha256[:32]
     time.sleep(0.02)
     monkeypatch.setenv("CHARLM_CACHE_MAX", "100")
@@ -114,28 +117,41 @@ def test_an_entry_bigger_than_the_cap_is_still_written_and_evicts_everything_old
 
 
 @pytest.mark.parametrize("value", ["0", "off", "OFF"])
-def test_zero_or_off_means_no_cap(cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                  value: str) -> None:
+def test_zero_or_off_means_no_cap(
+    cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
     monkeypatch.setenv("CHARLM_CACHE_MAX", value)
     for i in range(3):
         load_corpus(write_text(tmp_path, f"{i}.txt", seed=i))
     assert cache.report().entries == 6 and cache.report().max_bytes is None
 
 
-@pytest.mark.parametrize(("text", "size"), [("2G", 2 * 10**9), ("500M", 500 * 10**6), ("10GB", 10 * 10**9),
-                                            ("123456", 123456), ("1.5k", 1500), ("4GiB", 4 * 2**30),
-                                            (" 64 mb ", 64 * 10**6), ("0", None), ("off", None)])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("2G", 2 * 10**9),
+        ("500M", 500 * 10**6),
+        ("10GB", 10 * 10**9),
+        ("123456", 123456),
+        ("1.5k", 1500),
+        ("4GiB", 4 * 2**30),
+        (" 64 mb ", 64 * 10**6),
+        ("0", None),
+        ("off", None),
+    ],
+)
 def test_sizes_parse(text: str, size: int | None) -> None:
     assert cache.parse_size(text) == size
 
 
 @pytest.mark.parametrize("value", ["lots", "-1", "2X", "G", "1e9", "2 G B"])
-def test_a_malformed_cap_is_one_line_naming_the_variable(cache_root: Path, tmp_path: Path, value: str,
-                                                        monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_malformed_cap_is_one_line_naming_the_variable(
+    cache_root: Path, tmp_path: Path, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("CHARLM_CACHE_MAX", value)
-    expected = (f"CHARLM_CACHE_MAX={value!r} is not a size: give bytes or a size such as 500M, 2G or 10GB "
-                "(0 or off for no cap)")
+    expected = (
+        f"CHARLM_CACHE_MAX={value!r} is not a size: give bytes or a size such as 500M, 2G or 10GB (0 or off for no cap)"
+    )
     with pytest.raises(ConfigError) as e:
         load_corpus(write_text(tmp_path, "a.txt", seed=1))
     assert str(e.value) == expected
@@ -143,19 +159,27 @@ def test_a_malformed_cap_is_one_line_naming_the_variable(cache_root: Path, tmp_p
     assert (code, out, err) == (2, "", f"error: {expected}\n")
 
 
-def test_cache_json(cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_cache_json(
+    cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     load_corpus(write_text(tmp_path, "a.txt", seed=1))
     monkeypatch.setenv("CHARLM_CACHE_MAX", "2G")
     code, out, err = run(["cache", "--json"], capsys)
     assert code == 0 and err == ""
     data = json.loads(out)
     r = cache.report()
-    assert data == {"folder": str(cache_root), "entries": 2, "bytes": r.bytes,
-                    "kinds": {"scans": {"entries": 1, "bytes": r.kinds["scans"].bytes},
-                              "ids": {"entries": 1, "bytes": r.kinds["ids"].bytes},
-                              "corpora": {"entries": 0, "bytes": 0}},
-                    "max_bytes": 2 * 10**9, "max_source": "CHARLM_CACHE_MAX=2G"}
+    assert data == {
+        "folder": str(cache_root),
+        "entries": 2,
+        "bytes": r.bytes,
+        "kinds": {
+            "scans": {"entries": 1, "bytes": r.kinds["scans"].bytes},
+            "ids": {"entries": 1, "bytes": r.kinds["ids"].bytes},
+            "corpora": {"entries": 0, "bytes": 0},
+        },
+        "max_bytes": 2 * 10**9,
+        "max_source": "CHARLM_CACHE_MAX=2G",
+    }
     code, out, err = run(["cache", "--clear", "--json", "-q"], capsys)
     data = json.loads(out)
     assert code == 0 and err == "" and data["entries"] == 0 and data["freed"] == {"entries": 2, "bytes": r.bytes}

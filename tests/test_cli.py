@@ -12,8 +12,22 @@ import pytest
 
 from charlm.cli import main
 
-TINY = ["--hidden", "32", "--embed", "16", "--layers", "1", "--batch-size", "8", "--seq-len", "32",
-        "--eval-every", "10", "--device", "cpu"]
+TINY = [
+    "--hidden",
+    "32",
+    "--embed",
+    "16",
+    "--layers",
+    "1",
+    "--batch-size",
+    "8",
+    "--seq-len",
+    "32",
+    "--eval-every",
+    "10",
+    "--device",
+    "cpu",
+]
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -33,8 +47,18 @@ def test_train_sample_perplexity_info_end_to_end(in_tmp: Path, text_file: Path, 
     code, out, err = run(["train", str(text_file), "--steps", "30", "--json", *TINY], capsys)
     assert code == 0, err
     result = json.loads(out)  # stdout holds exactly one JSON object
-    for key in ("checkpoint", "steps", "epochs", "params", "train_loss", "val_loss", "val_perplexity", "val_bpc",
-                "chars_per_sec", "elapsed_s"):
+    for key in (
+        "checkpoint",
+        "steps",
+        "epochs",
+        "params",
+        "train_loss",
+        "val_loss",
+        "val_perplexity",
+        "val_bpc",
+        "chars_per_sec",
+        "elapsed_s",
+    ):
         assert key in result
     assert result["steps"] == 30 and Path(result["checkpoint"]) == Path("checkpoints/corpus.safetensors")
     assert (in_tmp / "checkpoints" / "corpus.last.safetensors").exists()
@@ -44,8 +68,7 @@ def test_train_sample_perplexity_info_end_to_end(in_tmp: Path, text_file: Path, 
     assert code == 0 and out.startswith("The ") and len(out) == len("The ") + 50 + 1
     assert "checkpoints/corpus.safetensors" in err
 
-    code, out, _ = run(["sample", "--seed", "A", "-n", "20", "--num-samples", "3", "--rng-seed", "1", "--json"],
-                       capsys)
+    code, out, _ = run(["sample", "--seed", "A", "-n", "20", "--num-samples", "3", "--rng-seed", "1", "--json"], capsys)
     samples = json.loads(out)
     assert len(samples["samples"]) == 3 and all(len(s) == 21 for s in samples["samples"])
 
@@ -70,31 +93,59 @@ def write(path: Path, content: bytes) -> Path:
         (lambda d: d / "missing.txt", [], "error: {p}: no such file: check the path"),
         (lambda d: d, [], "error: {p} is a directory, not a text file: give the path of a text file"),
         (lambda d: write(d / "empty.txt", b""), [], "error: {p} is empty: give a file with some text in it"),
-        (lambda d: write(d / "bin.txt", b"abc\x00def"), [],
-         "error: {p} is not a text file: NUL byte at byte offset 3: give a UTF-8 text file"),
-        (lambda d: write(d / "latin.txt", "café".encode("latin-1")), [],
-         "error: {p} is not valid UTF-8: bad byte at byte offset 3: convert it to UTF-8 (for example: "
-         "iconv -f latin1 -t utf-8)"),
-        (lambda d: write(d / "short.txt", b"too short for a batch\n" * 20), [],
-         "error: {p} is too short to train on: 440 characters, need at least 9248 for --batch-size 64, "
-         "--seq-len 128 and --val-fraction 0.1: lower --batch-size or --seq-len, or use a longer text"),
-        (lambda d: Path("shakespear"), [],
-         "error: shakespear: no such file and no built-in corpus of that name: known corpora: shakespeare, "
-         "python-stdlib"),
-        (lambda d: write(d / "ok.txt", b"x" * 50_000), ["--hidden", "-5"],
-         "error: --hidden must be a whole number from 1 to 65536 (got -5)"),
-        (lambda d: write(d / "ok.txt", b"x" * 50_000), ["--dropout", "1.5"],
-         "error: --dropout must be in [0, 1) (got 1.5)"),
-        (lambda d: write(d / "ok.txt", b"x" * 50_000), ["--time", "5x"],
-         "error: --time '5x' is not a duration: write it like 90s, 5m or 2h"),
-        (lambda d: write(d / "ok.txt", b"x" * 50_000), ["--lr", "-1"],
-         "error: --lr must be greater than zero (got -1.0)"),
-        (lambda d: write(d / "ok.txt", b"x" * 50_000), ["--hidden", "abc"],
-         "error: Invalid value for '--hidden': 'abc' is not a valid integer. (see 'charlm train --help')"),
+        (
+            lambda d: write(d / "bin.txt", b"abc\x00def"),
+            [],
+            "error: {p} is not a text file: NUL byte at byte offset 3: give a UTF-8 text file",
+        ),
+        (
+            lambda d: write(d / "latin.txt", "café".encode("latin-1")),
+            [],
+            "error: {p} is not valid UTF-8: bad byte at byte offset 3: convert it to UTF-8 (for example: "
+            "iconv -f latin1 -t utf-8)",
+        ),
+        (
+            lambda d: write(d / "short.txt", b"too short for a batch\n" * 20),
+            [],
+            "error: {p} is too short to train on: 440 characters, need at least 9248 for --batch-size 64, "
+            "--seq-len 128 and --val-fraction 0.1: lower --batch-size or --seq-len, or use a longer text",
+        ),
+        (
+            lambda d: Path("shakespear"),
+            [],
+            "error: shakespear: no such file and no built-in corpus of that name: known corpora: shakespeare, "
+            "python-stdlib",
+        ),
+        (
+            lambda d: write(d / "ok.txt", b"x" * 50_000),
+            ["--hidden", "-5"],
+            "error: --hidden must be a whole number from 1 to 65536 (got -5)",
+        ),
+        (
+            lambda d: write(d / "ok.txt", b"x" * 50_000),
+            ["--dropout", "1.5"],
+            "error: --dropout must be in [0, 1) (got 1.5)",
+        ),
+        (
+            lambda d: write(d / "ok.txt", b"x" * 50_000),
+            ["--time", "5x"],
+            "error: --time '5x' is not a duration: write it like 90s, 5m or 2h",
+        ),
+        (
+            lambda d: write(d / "ok.txt", b"x" * 50_000),
+            ["--lr", "-1"],
+            "error: --lr must be greater than zero (got -1.0)",
+        ),
+        (
+            lambda d: write(d / "ok.txt", b"x" * 50_000),
+            ["--hidden", "abc"],
+            "error: Invalid value for '--hidden': 'abc' is not a valid integer. (see 'charlm train --help')",
+        ),
     ],
 )
-def test_train_bad_input_is_one_line_exit_2(in_tmp: Path, capsys: pytest.CaptureFixture[str], make, extra: list[str],
-                                            message: str) -> None:
+def test_train_bad_input_is_one_line_exit_2(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str], make, extra: list[str], message: str
+) -> None:
     path = make(in_tmp)
     code, out, err = run(["train", str(path), *extra], capsys)
     assert code == 2
@@ -105,23 +156,28 @@ def test_train_bad_input_is_one_line_exit_2(in_tmp: Path, capsys: pytest.Capture
 
 def test_unwritable_out_directory(in_tmp: Path, text_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = write(in_tmp / "afile", b"")
-    code, _, err = run(["train", str(text_file), "--out", str(blocker / "m.safetensors"), "--steps", "5", *TINY],
-                       capsys)
+    code, _, err = run(
+        ["train", str(text_file), "--out", str(blocker / "m.safetensors"), "--steps", "5", *TINY], capsys
+    )
     assert code == 2
-    assert err == (f"error: cannot write checkpoints to {blocker}/: {blocker} is a file, not a folder: "
-                   "choose another place with --out\n")
+    assert err == (
+        f"error: cannot write checkpoints to {blocker}/: {blocker} is a file, not a folder: "
+        "choose another place with --out\n"
+    )
 
 
 def test_sample_without_checkpoints_says_how_to_train(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(["sample", "--seed", "x"], capsys)
     assert code == 2 and out == ""
-    assert err == ("error: no checkpoint in checkpoints/: train one first (charlm train FILE) or pass "
-                   "--checkpoint PATH\n")
+    assert err == (
+        "error: no checkpoint in checkpoints/: train one first (charlm train FILE) or pass --checkpoint PATH\n"
+    )
 
 
 def test_python_dash_m_and_version() -> None:
-    done = subprocess.run([sys.executable, "-m", "charlm", "--help"], capture_output=True, text=True,
-                          env={**os.environ, "NO_COLOR": "1"})
+    done = subprocess.run(
+        [sys.executable, "-m", "charlm", "--help"], capture_output=True, text=True, env={**os.environ, "NO_COLOR": "1"}
+    )
     assert done.returncode == 0
     for command in ("train", "sample", "perplexity", "info"):
         assert command in done.stdout

@@ -19,16 +19,35 @@ from conftest import make_text
 from charlm.cli import cli, main
 from charlm.plot import EVAL_KEYS, TRAIN_KEYS, find_metrics, read_curves, show_training_curve, write_image
 
-TINY = ["--steps", "20", "--hidden", "32", "--embed", "16", "--layers", "1", "--batch-size", "8", "--seq-len", "32",
-        "--eval-every", "10", "--device", "cpu", "--threads", "1"]
+TINY = [
+    "--steps",
+    "20",
+    "--hidden",
+    "32",
+    "--embed",
+    "16",
+    "--layers",
+    "1",
+    "--batch-size",
+    "8",
+    "--seq-len",
+    "32",
+    "--eval-every",
+    "10",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def charlm(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """`python -m charlm ARGS` in a subprocess whose stdout and stderr are pipes, not terminals."""
     env = {**os.environ, "CHARLM_CACHE_DIR": str(cwd / "cache")}
-    return subprocess.run([sys.executable, "-m", "charlm", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "charlm", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -47,8 +66,9 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.
 
 
 @pytest.fixture
-def run_copy(trained: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path,
-             monkeypatch: pytest.MonkeyPatch) -> Path:
+def run_copy(
+    trained: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
     """A private copy of the trained run's folder, as the working directory."""
     shutil.copytree(trained[0], tmp_path, dirs_exist_ok=True)
     monkeypatch.chdir(tmp_path)
@@ -74,8 +94,12 @@ def test_train_off_a_terminal_prints_json_and_no_escape_codes(trained) -> None:
 def test_metrics_log_lines_have_the_documented_keys(trained) -> None:
     folder, done = trained
     lines = metrics_lines(folder)
-    assert [(line["event"], line["step"]) for line in lines] == [("train", 10), ("eval", 10), ("train", 20),
-                                                                ("eval", 20)]
+    assert [(line["event"], line["step"]) for line in lines] == [
+        ("train", 10),
+        ("eval", 10),
+        ("train", 20),
+        ("eval", 20),
+    ]
     for line in lines:
         assert set(TRAIN_KEYS if line["event"] == "train" else EVAL_KEYS) <= set(line)
         assert line["chars"] == line["step"] * 8 * 32  # batch x seq_len characters per step
@@ -135,55 +159,79 @@ def test_closing_curve_is_drawn_only_when_there_is_one(run_copy: Path) -> None:
     assert not show_training_curve(Path("checkpoints/missing.metrics.jsonl"), stream, color=False)
 
 
-def test_train_on_a_terminal_ends_with_the_curve(run_copy: Path, monkeypatch: pytest.MonkeyPatch,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_train_on_a_terminal_ends_with_the_curve(
+    run_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from rich.console import Console
 
     monkeypatch.setattr("charlm.console.err", Console(stderr=True, force_terminal=True, no_color=True, width=90))
     code, _, err = run(["train", "corpus.txt", "-o", "checkpoints/t.safetensors", *TINY], capsys)
     assert code == 0 and "t: bits/char (best validation" in err and "validation" in err.splitlines()[-1]
-    code, _, err = run(["train", "corpus.txt", "-o", "checkpoints/t.safetensors", "--overwrite", "--quiet", *TINY],
-                       capsys)
+    code, _, err = run(
+        ["train", "corpus.txt", "-o", "checkpoints/t.safetensors", "--overwrite", "--quiet", *TINY], capsys
+    )
     assert code == 0 and err == ""
 
 
 @pytest.mark.parametrize(
     ("setup", "args", "message"),
     [
-        (lambda d: shutil.rmtree(d / "checkpoints"), ["plot"],
-         "error: no checkpoint in checkpoints/: train one first (charlm train FILE) or give a checkpoint or "
-         ".metrics.jsonl path"),
-        (lambda d: (d / "checkpoints" / "corpus.metrics.jsonl").unlink(), ["plot"],
-         "error: no metrics log for checkpoints/corpus.safetensors (looked for checkpoints/corpus.metrics.jsonl): "
-         "it is written by `charlm train`; give the .metrics.jsonl path if it was moved"),
-        (lambda d: (d / "checkpoints" / "corpus.metrics.jsonl").write_text(""), ["plot"],
-         "error: checkpoints/corpus.metrics.jsonl has no metrics yet: plot again once the run has logged a step "
-         "(every --log-every steps)"),
-        (lambda d: None, ["plot", "corpus.txt"],
-         "error: corpus.txt is not a metrics log written by `charlm train`: give a checkpoint or its .metrics.jsonl "
-         "file"),
-        (lambda d: None, ["plot", "nothing.jsonl"],
-         "error: nothing.jsonl: no such metrics log: give a checkpoint or its .metrics.jsonl file (both are in "
-         "./checkpoints)"),
-        (lambda d: None, ["plot", "-o", "curves.jpg"],
-         "error: -o curves.jpg: cannot tell the image format from the name: end it in .png, .svg, .pdf"),
+        (
+            lambda d: shutil.rmtree(d / "checkpoints"),
+            ["plot"],
+            "error: no checkpoint in checkpoints/: train one first (charlm train FILE) or give a checkpoint or "
+            ".metrics.jsonl path",
+        ),
+        (
+            lambda d: (d / "checkpoints" / "corpus.metrics.jsonl").unlink(),
+            ["plot"],
+            "error: no metrics log for checkpoints/corpus.safetensors (looked for checkpoints/corpus.metrics.jsonl): "
+            "it is written by `charlm train`; give the .metrics.jsonl path if it was moved",
+        ),
+        (
+            lambda d: (d / "checkpoints" / "corpus.metrics.jsonl").write_text(""),
+            ["plot"],
+            "error: checkpoints/corpus.metrics.jsonl has no metrics yet: plot again once the run has logged a step "
+            "(every --log-every steps)",
+        ),
+        (
+            lambda d: None,
+            ["plot", "corpus.txt"],
+            "error: corpus.txt is not a metrics log written by `charlm train`: give a checkpoint or its .metrics.jsonl "
+            "file",
+        ),
+        (
+            lambda d: None,
+            ["plot", "nothing.jsonl"],
+            "error: nothing.jsonl: no such metrics log: give a checkpoint or its .metrics.jsonl file (both are in "
+            "./checkpoints)",
+        ),
+        (
+            lambda d: None,
+            ["plot", "-o", "curves.jpg"],
+            "error: -o curves.jpg: cannot tell the image format from the name: end it in .png, .svg, .pdf",
+        ),
     ],
 )
-def test_plot_mistakes_are_one_line(run_copy: Path, capsys: pytest.CaptureFixture[str], setup, args: list[str],
-                                    message: str) -> None:
+def test_plot_mistakes_are_one_line(
+    run_copy: Path, capsys: pytest.CaptureFixture[str], setup, args: list[str], message: str
+) -> None:
     setup(run_copy)
     code, out, err = run(args, capsys)
     assert (code, out, err) == (2, "", message + "\n")
 
 
-def test_plot_without_matplotlib_says_how_to_get_it(run_copy: Path, monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_plot_without_matplotlib_says_how_to_get_it(
+    run_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     (run_copy / "curves.png").write_bytes(b"old picture")
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes `import matplotlib.figure` fail
     code, out, err = run(["plot", "-o", "curves.png"], capsys)
     assert (code, out) == (2, "")
-    assert err == ("error: writing an image needs matplotlib, which is not installed: pip install 'charlm[plot]' (or "
-                   "pip install matplotlib), or leave out -o to plot in the terminal\n")
+    assert err == (
+        "error: writing an image needs matplotlib, which is not installed: pip install 'charlm[plot]' (or "
+        "pip install matplotlib), or leave out -o to plot in the terminal\n"
+    )
     assert (run_copy / "curves.png").read_bytes() == b"old picture"
 
 
@@ -206,14 +254,17 @@ def test_image_write_is_atomic(run_copy: Path, monkeypatch: pytest.MonkeyPatch) 
 # ----------------------------------------------------------------------------------------- tensorboard
 
 
-def test_tensorboard_not_installed_is_one_line(run_copy: Path, monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_tensorboard_not_installed_is_one_line(
+    run_copy: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     shutil.rmtree(run_copy / "checkpoints")
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     code, out, err = run(["train", "corpus.txt", "--tensorboard", "tb", *TINY], capsys)
     assert (code, out) == (2, "")
-    assert err == ("error: --tensorboard needs the tensorboard package, which is not installed: pip install "
-                   "tensorboard (or pip install 'charlm[tensorboard]'), or leave out --tensorboard\n")
+    assert err == (
+        "error: --tensorboard needs the tensorboard package, which is not installed: pip install "
+        "tensorboard (or pip install 'charlm[tensorboard]'), or leave out --tensorboard\n"
+    )
     assert not (run_copy / "checkpoints").exists() and not (run_copy / "tb").exists()
 
 
@@ -226,7 +277,8 @@ def test_tensorboard_logs_the_same_figures_as_the_metrics_log(run_copy: Path, ca
     events = EventAccumulator(str(run_copy / "tb"))
     events.Reload()
     assert {"train/loss", "train/bpc", "val/loss", "val/bpc", "val/perplexity", "learning_rate"} <= set(
-        events.Tags()["scalars"])
+        events.Tags()["scalars"]
+    )
     logged = [(e.step, e.value) for e in events.Scalars("val/bpc")]
     expected = [(line["step"], line["val_bpc"]) for line in metrics_lines(run_copy) if line["event"] == "eval"]
     assert [step for step, _ in logged] == [step for step, _ in expected] == [10, 20]
@@ -257,8 +309,9 @@ def test_every_command_has_quiet_verbose_and_shows_defaults(name: str) -> None:
             assert "[default: " in param.get_help_record(ctx)[1], f"{name} --{param.name}"
 
 
-def test_json_outputs_parse_and_carry_no_escape_codes(trained, run_copy: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_outputs_parse_and_carry_no_escape_codes(
+    trained, run_copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     done = charlm(["info", "--json"], trained[0])
     assert done.returncode == 0 and "\x1b" not in done.stdout + done.stderr
     assert json.loads(done.stdout)["model"]["hidden_size"] == 32

@@ -62,18 +62,22 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 # ------------------------------------------------------------------------------------------- round trips
 
 
-@pytest.mark.parametrize("text", [
-    "",
-    "a",
-    "\n",
-    "The man said hello.\n",
-    "naïve café — “quoted” ✓ 中文\n",  # characters the model never saw go through the escape
-    "astral: \U0001F600 \U00010348 \U0010FFFF end",
-    "crlf line\r\nanother\r\n",
-    "mixed\r\nline ends\nand a lone\rcarriage return",
-    "\ufeffa byte order mark, a NUL \x00 and a DEL \x7f",
-    "中文" * 40,  # nothing the model knows: the adapting model learns from no characters at all
-], ids=["empty", "one", "newline", "known", "unknown", "astral", "crlf", "mixed-eol", "bom-nul", "all-unknown"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "a",
+        "\n",
+        "The man said hello.\n",
+        "naïve café — “quoted” ✓ 中文\n",  # characters the model never saw go through the escape
+        "astral: \U0001f600 \U00010348 \U0010ffff end",
+        "crlf line\r\nanother\r\n",
+        "mixed\r\nline ends\nand a lone\rcarriage return",
+        "\ufeffa byte order mark, a NUL \x00 and a DEL \x7f",
+        "中文" * 40,  # nothing the model knows: the adapting model learns from no characters at all
+    ],
+    ids=["empty", "one", "newline", "known", "unknown", "astral", "crlf", "mixed-eol", "bom-nul", "all-unknown"],
+)
 def test_round_trip_is_byte_exact(text: str, model: tuple[CharLM, str]) -> None:
     round_trip(text.encode("utf-8"), model)
 
@@ -139,9 +143,9 @@ def test_adapting_learns_what_recurs_and_leaves_the_model_alone(model: tuple[Cha
 
 
 def test_a_version_1_archive_cannot_claim_adaptation(two_segments: bytes, model: tuple[CharLM, str]) -> None:
-    head = bytearray(forge(two_segments)[:read_header(two_segments).header_bytes - 4])
+    head = bytearray(forge(two_segments)[: read_header(two_segments).header_bytes - 4])
     struct.pack_into("<H", head, len(MAGIC), 1)
-    forged = bytes(head) + struct.pack("<I", zlib.crc32(head)) + two_segments[len(head) + 4:]
+    forged = bytes(head) + struct.pack("<I", zlib.crc32(head)) + two_segments[len(head) + 4 :]
     with pytest.raises(ArchiveError, match=INCONSISTENT):
         read_header(forged)
 
@@ -155,8 +159,9 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def test_cli_round_trip_json_and_default_names(in_tmp: Path, tiny_checkpoint: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_round_trip_json_and_default_names(
+    in_tmp: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = in_tmp / "notes.txt"
     source.write_text(make_text(3000, seed=15) + "é\n", encoding="utf-8")
     code, out, err = run(["compress", "notes.txt", "--json", "-c", str(tiny_checkpoint)], capsys)
@@ -175,8 +180,9 @@ def test_cli_round_trip_json_and_default_names(in_tmp: Path, tiny_checkpoint: Pa
     assert source.read_bytes() == original
 
 
-def test_cli_streams_stdin_to_stdout(in_tmp: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
-                                     capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+def test_cli_streams_stdin_to_stdout(
+    in_tmp: Path, tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
     data = make_text(400, seed=16).encode()
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     with pytest.raises(SystemExit) as done:
@@ -189,8 +195,9 @@ def test_cli_streams_stdin_to_stdout(in_tmp: Path, tiny_checkpoint: Path, monkey
     assert done.value.code == 0 and capsysbinary.readouterr().out == data
 
 
-def test_existing_output_is_not_overwritten_without_force(in_tmp: Path, tiny_checkpoint: Path,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_output_is_not_overwritten_without_force(
+    in_tmp: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (in_tmp / "a.txt").write_text("hello\n")
     (in_tmp / "a.txt.clm").write_bytes(b"keep me")
     code, _, err = run(["compress", "a.txt", "-c", str(tiny_checkpoint)], capsys)
@@ -213,21 +220,29 @@ def other_model(tiny_checkpoint: Path, folder: Path) -> Path:
     """The same weights under different metadata: a file with another sha256."""
     header = ckpt.read_header(tiny_checkpoint)
     path = folder / "other.safetensors"
-    ckpt.write(path, ckpt.read_tensors(header), {"model": header.model.to_dict(), "vocab": list(header.vocab.chars),
-                                                 "kind": "best", "corpus": {"name": "other"}})
+    ckpt.write(
+        path,
+        ckpt.read_tensors(header),
+        {
+            "model": header.model.to_dict(),
+            "vocab": list(header.vocab.chars),
+            "kind": "best",
+            "corpus": {"name": "other"},
+        },
+    )
     return path
 
 
-def test_wrong_model_is_refused_by_name(in_tmp: Path, tiny_checkpoint: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_wrong_model_is_refused_by_name(
+    in_tmp: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (in_tmp / "t.txt").write_text(make_text(300, seed=17))
     assert run(["compress", "t.txt", "-c", str(tiny_checkpoint)], capsys)[0] == 0
     other = other_model(tiny_checkpoint, in_tmp)
     code, _, err = run(["decompress", "t.txt.clm", "-o", "back.txt", "-c", str(other)], capsys)
     sha = file_sha256(tiny_checkpoint)
     assert code == 2 and err.count("\n") == 1
-    assert (f"t.txt.clm was compressed with the model {tiny_checkpoint.name} (sha256 {sha[:16]}...), not {other}"
-            in err)
+    assert f"t.txt.clm was compressed with the model {tiny_checkpoint.name} (sha256 {sha[:16]}...), not {other}" in err
     assert f"pass --checkpoint with the {tiny_checkpoint.name} it was compressed with" in err
     assert not (in_tmp / "back.txt").exists()
 
@@ -241,18 +256,22 @@ def damage(archive: bytes, where: str) -> bytes:
         start = read_header(archive).header_bytes
         return archive[:start] + b"\xff" * (len(archive) - start)
     position = 20 if where == "header" else len(archive) - 5  # a model-sha byte, or inside the last segment
-    return archive[:position] + bytes([archive[position] ^ 0x40]) + archive[position + 1:]
+    return archive[:position] + bytes([archive[position] ^ 0x40]) + archive[position + 1 :]
 
 
-@pytest.mark.parametrize("where, message", [
-    ("truncated", "is truncated"),
-    ("trailing", "is corrupt: 1 unexpected bytes after its end"),
-    ("header", "is corrupt: its header fails its checksum"),
-    ("payload", "is corrupt: the decoded text does not match its checksum"),
-    ("payload-ones", "is corrupt: the decoded text does not match its checksum"),
-])
-def test_damaged_archive_is_refused_without_output(where: str, message: str, in_tmp: Path, tiny_checkpoint: Path,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        ("truncated", "is truncated"),
+        ("trailing", "is corrupt: 1 unexpected bytes after its end"),
+        ("header", "is corrupt: its header fails its checksum"),
+        ("payload", "is corrupt: the decoded text does not match its checksum"),
+        ("payload-ones", "is corrupt: the decoded text does not match its checksum"),
+    ],
+)
+def test_damaged_archive_is_refused_without_output(
+    where: str, message: str, in_tmp: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (in_tmp / "t.txt").write_text(make_text(2000, seed=18))
     assert run(["compress", "t.txt", "-c", str(tiny_checkpoint)], capsys)[0] == 0
     archive = in_tmp / "t.txt.clm"
@@ -303,12 +322,12 @@ def forge(archive: bytes, *, info: bytes | None = None, words: list[int] | None 
     header = read_header(archive)
     body = dict(zip(BODY_FIELDS, _BODY.unpack_from(archive, _HEAD.size), strict=True))
     start = _HEAD.size + _BODY.size
-    info = archive[start:start + body["info_len"]] if info is None else info
+    info = archive[start : start + body["info_len"]] if info is None else info
     words = list(header.segment_words) if words is None else words
     body.update(info_len=len(info), segments=len(words))
     body.update(fields)
-    head = archive[:_HEAD.size] + _BODY.pack(*body.values()) + info + struct.pack(f"<{len(words)}I", *words)
-    return head + struct.pack("<I", zlib.crc32(head)) + archive[header.header_bytes:]
+    head = archive[: _HEAD.size] + _BODY.pack(*body.values()) + info + struct.pack(f"<{len(words)}I", *words)
+    return head + struct.pack("<I", zlib.crc32(head)) + archive[header.header_bytes :]
 
 
 @pytest.fixture(scope="module")
@@ -344,8 +363,9 @@ FORGERIES = {  # name: (the forged fields, or a function of the archive giving t
 
 
 @pytest.mark.parametrize("name", FORGERIES)
-def test_forged_header_is_refused_without_output(name: str, two_segments: bytes, in_tmp: Path,
-                                                 tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_forged_header_is_refused_without_output(
+    name: str, two_segments: bytes, in_tmp: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     fields, message = FORGERIES[name]
     (in_tmp / "t.clm").write_bytes(forge(two_segments, **(fields(two_segments) if callable(fields) else fields)))
     code, out, err = run(["decompress", "t.clm", "-o", "back.txt", "-c", str(tiny_checkpoint)], capsys)
@@ -398,11 +418,22 @@ def test_unprintable_model_name_stays_on_one_line(two_segments: bytes) -> None:
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(chars=st.integers(0, (1 << 64) - 1), byte_length=st.integers(0, (1 << 64) - 1), threads=st.integers(0, 2),
-       flags=st.integers(0, 255), words=st.lists(st.integers(0, (1 << 32) - 1), max_size=3))
-def test_any_forged_header_is_an_archive_error(chars: int, byte_length: int, threads: int, flags: int,
-                                               words: list[int], two_segments: bytes,
-                                               model: tuple[CharLM, str]) -> None:
+@given(
+    chars=st.integers(0, (1 << 64) - 1),
+    byte_length=st.integers(0, (1 << 64) - 1),
+    threads=st.integers(0, 2),
+    flags=st.integers(0, 255),
+    words=st.lists(st.integers(0, (1 << 32) - 1), max_size=3),
+)
+def test_any_forged_header_is_an_archive_error(
+    chars: int,
+    byte_length: int,
+    threads: int,
+    flags: int,
+    words: list[int],
+    two_segments: bytes,
+    model: tuple[CharLM, str],
+) -> None:
     lm, sha = model
     forged = forge(two_segments, chars=chars, byte_length=byte_length, threads=threads, flags=flags, words=words)
     with pytest.raises(ArchiveError):

@@ -30,8 +30,9 @@ def crash_safety() -> ModuleType:
 def test_kill_9_never_breaks_a_checkpoint_and_resume_continues(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(make_text(40_000, seed=1), encoding="utf-8")
-    figures = crash_safety().run(3, workdir=tmp_path / "run", corpus=corpus, eval_every=EVAL_EVERY,
-                                 save_every=0.5, slack=1.0, rng_seed=0)
+    figures = crash_safety().run(
+        3, workdir=tmp_path / "run", corpus=corpus, eval_every=EVAL_EVERY, save_every=0.5, slack=1.0, rng_seed=0
+    )
     assert figures["problems"] == []
     assert figures["kills_by_mode"] == {"train": 1, "write": 1, "startup": 1, "write-best": 0}
     assert figures["kills_at_temp_file"] == 1  # the mid-write kill did find a checkpoint being written

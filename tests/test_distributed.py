@@ -13,15 +13,47 @@ import torch
 
 from charlm import checkpoint as ckpt
 
-TINY = ["--hidden", "32", "--embed", "16", "--layers", "2", "--seq-len", "32", "--eval-every", "6", "--steps", "12",
-        "--lr", "0.01", "--warmup", "2", "--precision", "fp32", "--device", "cpu", "--threads", "1", "--json"]
+TINY = [
+    "--hidden",
+    "32",
+    "--embed",
+    "16",
+    "--layers",
+    "2",
+    "--seq-len",
+    "32",
+    "--eval-every",
+    "6",
+    "--steps",
+    "12",
+    "--lr",
+    "0.01",
+    "--warmup",
+    "2",
+    "--precision",
+    "fp32",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+    "--json",
+]
 
 
 def charlm(args: list[str], cwd: Path, *, processes: int = 1) -> dict:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] \
-        if processes > 1 else [sys.executable]
-    done = subprocess.run([*launcher, "-m", "charlm", "train", *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+        if processes > 1
+        else [sys.executable]
+    )
+    done = subprocess.run(
+        [*launcher, "-m", "charlm", "train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, done.stdout  # only rank 0 prints
@@ -35,8 +67,11 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def test_two_processes_match_one_process_with_the_global_batch(text_file: Path, tmp_path: Path) -> None:
     two = charlm([str(text_file), "--batch-size", "4", "--out", "two/m.safetensors", *TINY], tmp_path, processes=2)
     one = charlm([str(text_file), "--batch-size", "8", "--out", "one/m.safetensors", *TINY], tmp_path)
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["m.last.safetensors", "m.metrics.jsonl",
-                                                                    "m.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "m.last.safetensors",
+        "m.metrics.jsonl",
+        "m.safetensors",
+    ]
     a, b = weights(tmp_path / "two/m.last.safetensors"), weights(tmp_path / "one/m.last.safetensors")
     # The two runs do the same maths in another order: each process sums the gradient over its 4
     # streams and gloo averages the halves, where one process sums all 8 in one kernel whose blocking
@@ -53,8 +88,9 @@ def test_two_processes_match_one_process_with_the_global_batch(text_file: Path, 
     assert two["steps"] == one["steps"] == 12
 
     # a 2-process run resumes in one process (the global batch of 8 streams is kept) and goes on
-    resumed = charlm([str(text_file), "--resume", "--out", "two/m.safetensors", *TINY[:-3], "--json",
-                      "--steps", "18"], tmp_path)
+    resumed = charlm(
+        [str(text_file), "--resume", "--out", "two/m.safetensors", *TINY[:-3], "--json", "--steps", "18"], tmp_path
+    )
     assert resumed["steps"] == 18
     header = ckpt.read_header(tmp_path / "two/m.last.safetensors")
     assert header.train["batch_size"] == 8 and header.state["world"] == 1

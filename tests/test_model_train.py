@@ -19,8 +19,7 @@ TINY = dict(hidden_size=32, embed_size=16, num_layers=2)
 
 
 def tiny_config(**overrides: object) -> TrainConfig:
-    base = dict(batch_size=8, seq_len=32, eval_every=20, lr=1e-2, warmup=5, precision="fp32", device="cpu",
-                steps=40)
+    base = dict(batch_size=8, seq_len=32, eval_every=20, lr=1e-2, warmup=5, precision="fp32", device="cpu", steps=40)
     base.update(overrides)
     return TrainConfig(**base)  # type: ignore[arg-type]
 
@@ -59,8 +58,9 @@ def test_bad_model_options() -> None:
 
 
 def test_loss_falls_and_checkpoint_reloads_identically(text_file: Path, tmp_path: Path) -> None:
-    result = train(text_file, model=ModelConfig(vocab_size=1, **TINY), config=tiny_config(steps=80),
-                   out=tmp_path / "m.safetensors")
+    result = train(
+        text_file, model=ModelConfig(vocab_size=1, **TINY), config=tiny_config(steps=80), out=tmp_path / "m.safetensors"
+    )
     header = ckpt.read_header(result.checkpoint)
     uniform = torch.log(torch.tensor(float(len(header.vocab)))).item()
     assert result.val_loss < 0.75 * uniform  # learned well beyond the uniform guess
@@ -76,8 +76,12 @@ def test_loss_falls_and_checkpoint_reloads_identically(text_file: Path, tmp_path
 def test_same_seed_gives_identical_weights(text_file: Path, tmp_path: Path) -> None:
     runs = []
     for name in ("a", "b"):
-        r = train(text_file, model=ModelConfig(vocab_size=1, model="lstm", dropout=0.1, **TINY),
-                  config=tiny_config(steps=25), out=tmp_path / f"{name}.safetensors")
+        r = train(
+            text_file,
+            model=ModelConfig(vocab_size=1, model="lstm", dropout=0.1, **TINY),
+            config=tiny_config(steps=25),
+            out=tmp_path / f"{name}.safetensors",
+        )
         runs.append(ckpt.read_tensors(ckpt.read_header(r.last_checkpoint)))
     assert runs[0].keys() == runs[1].keys()
     for key in runs[0]:
@@ -111,33 +115,44 @@ def test_resume_refuses_other_corpus_or_options(text_file: Path, tmp_path: Path)
     other.write_text(text_file.read_text()[::-1])
     with pytest.raises(CheckpointError, match="--resume: the corpus differs from the one this run trained on"):
         train(other, config=tiny_config(steps=30), out=out, resume=True)
-    with pytest.raises(CheckpointError,
-                       match=r"--resume: options differ from the interrupted run: --lr 0.5 \(was 0.01\)"):
+    with pytest.raises(
+        CheckpointError, match=r"--resume: options differ from the interrupted run: --lr 0.5 \(was 0.01\)"
+    ):
         train(text_file, config=tiny_config(steps=30, lr=0.5), out=out, resume=True)
 
 
 def test_fine_tune_extends_vocab_keeping_old_ids(text_file: Path, tmp_path: Path) -> None:
-    first = train(text_file, model=ModelConfig(vocab_size=1, **TINY), config=tiny_config(steps=20),
-                  out=tmp_path / "base.safetensors")
+    first = train(
+        text_file,
+        model=ModelConfig(vocab_size=1, **TINY),
+        config=tiny_config(steps=20),
+        out=tmp_path / "base.safetensors",
+    )
     new_text = tmp_path / "new.txt"
     new_text.write_text(text_file.read_text()[:20_000] + "Ω and ж are new here.\n" * 50)
-    tuned = train(new_text, config=tiny_config(steps=20), out=tmp_path / "tuned.safetensors",
-                  init_from=first.checkpoint)
+    tuned = train(
+        new_text, config=tiny_config(steps=20), out=tmp_path / "tuned.safetensors", init_from=first.checkpoint
+    )
     old, new = ckpt.read_header(first.checkpoint), ckpt.read_header(tuned.checkpoint)
     assert new.vocab.chars[: len(old.vocab)] == old.vocab.chars
-    assert set(new.vocab.chars[len(old.vocab):]) == {"Ω", "ж"}
+    assert set(new.vocab.chars[len(old.vocab) :]) == {"Ω", "ж"}
 
 
 def test_nonfinite_steps_are_skipped_and_never_saved(text_file: Path, tmp_path: Path) -> None:
     from charlm.errors import TrainingError
 
     with pytest.raises(TrainingError, match="not finite for 10 steps in a row"):
-        train(text_file, model=ModelConfig(vocab_size=1, **TINY), config=tiny_config(steps=40, lr=1e30, clip=0,
-                                                                                      warmup=0, log_every=5),
-              out=tmp_path / "nan.safetensors")
+        train(
+            text_file,
+            model=ModelConfig(vocab_size=1, **TINY),
+            config=tiny_config(steps=40, lr=1e30, clip=0, warmup=0, log_every=5),
+            out=tmp_path / "nan.safetensors",
+        )
     assert not (tmp_path / "nan.safetensors").exists() or all(
-        torch.isfinite(t).all() for k, t in ckpt.read_tensors(ckpt.read_header(tmp_path / "nan.safetensors")).items()
-        if k.startswith("model."))
+        torch.isfinite(t).all()
+        for k, t in ckpt.read_tensors(ckpt.read_header(tmp_path / "nan.safetensors")).items()
+        if k.startswith("model.")
+    )
 
 
 def test_checkpoint_header_reads_without_tensors(tiny_checkpoint: Path) -> None:

@@ -32,8 +32,9 @@ def test_a_file_that_shrinks_while_read_is_refused(tmp_path: Path) -> None:
         list(chunks)
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(tiny_checkpoint: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_disk_keeps_the_previous_checkpoint(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = tmp_path / "keep.safetensors"
     target.write_bytes(tiny_checkpoint.read_bytes())
     before = target.read_bytes()
@@ -46,8 +47,10 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tiny_checkpoint: Path, tmp_pa
     monkeypatch.setattr(os, "fsync", full)
     with pytest.raises(CheckpointError) as info:
         ckpt.write(target, tensors, {"model": header.model.to_dict(), "vocab": list(header.vocab.chars)})
-    assert str(info.value) == (f"cannot write {target} (No space left on device); the previous checkpoint is intact: "
-                               "free some disk space or choose another --out")
+    assert str(info.value) == (
+        f"cannot write {target} (No space left on device); the previous checkpoint is intact: "
+        "free some disk space or choose another --out"
+    )
     assert target.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.safetensors"]  # no temp file left
 
@@ -62,9 +65,9 @@ def test_non_finite_weights_are_never_written(tiny_checkpoint: Path, tmp_path: P
     assert not (tmp_path / "nan.safetensors").exists()
 
 
-def test_a_bug_prints_one_line_and_saves_the_traceback(tiny_checkpoint: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str],
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bug_prints_one_line_and_saves_the_traceback(
+    tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
 
@@ -86,5 +89,7 @@ def test_same_seed_same_samples_and_same_checkpoint(tiny_checkpoint: Path, capsy
     first = run(["sample", "-c", str(tiny_checkpoint), "--rng-seed", "5", "-n", "80"], capsys)[1]
     second = run(["sample", "-c", str(tiny_checkpoint), "--rng-seed", "5", "-n", "80"], capsys)[1]
     assert first == second and len(first) == 81
-    assert torch.equal(ckpt.read_tensors(ckpt.read_header(tiny_checkpoint))["model.head.bias"],
-                       ckpt.read_tensors(ckpt.read_header(tiny_checkpoint))["model.head.bias"])
+    assert torch.equal(
+        ckpt.read_tensors(ckpt.read_header(tiny_checkpoint))["model.head.bias"],
+        ckpt.read_tensors(ckpt.read_header(tiny_checkpoint))["model.head.bias"],
+    )

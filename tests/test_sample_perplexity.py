@@ -73,8 +73,7 @@ def test_batched_samples_match_their_count_and_length(lm: CharLM) -> None:
 def test_unknown_seed_characters_are_named_with_a_suggestion(lm: CharLM) -> None:
     with pytest.raises(VocabError) as info:
         lm.sample("Thé cat\x07", length=5)
-    assert str(info.value) == ("the seed has 2 characters the model never saw: '\\x07', 'é': "
-                               "try --seed 'The cat'")
+    assert str(info.value) == ("the seed has 2 characters the model never saw: '\\x07', 'é': try --seed 'The cat'")
 
 
 @pytest.mark.parametrize(
@@ -127,8 +126,9 @@ def test_streams_score_exactly_their_own_slices(lm: CharLM) -> None:
         first = start if lo == 0 else int(ids[lo - 1])
         x = torch.tensor(np.concatenate([[first], piece[:-1]]).astype(np.int64))[None]
         logits, _ = lm.model(x)
-        parts += torch.nn.functional.cross_entropy(logits[0], torch.tensor(piece.astype(np.int64)),
-                                                   reduction="sum").item()
+        parts += torch.nn.functional.cross_entropy(
+            logits[0], torch.tensor(piece.astype(np.int64)), reduction="sum"
+        ).item()
     assert nats_4.item() == pytest.approx(parts, rel=1e-5)
     assert abs(nats_4.item() - nats_1.item()) / nats_1.item() < 0.01  # the stream-start effect is small
 
@@ -148,7 +148,7 @@ def test_perplexity_on_the_validation_tail_reproduces_train(tiny_checkpoint: Pat
 
     header = ckpt.read_header(tiny_checkpoint)
     corpus_text = (tiny_checkpoint.parent / "words.txt").read_text()
-    tail = corpus_text[-header.corpus["val_chars"]:]
+    tail = corpus_text[-header.corpus["val_chars"] :]
     (tmp_path / "tail.txt").write_text(tail)
     lm = CharLM.load(tiny_checkpoint, device="cpu")
     m = lm.perplexity(tmp_path / "tail.txt", batch_size=header.train["eval_batch_size"])

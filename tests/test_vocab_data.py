@@ -33,8 +33,10 @@ def test_unknown_characters_error_names_them_and_skip_drops_them() -> None:
     vocab = Vocab.from_text("abc")
     with pytest.raises(VocabError) as info:
         vocab.encode("abxz\t")
-    assert str(info.value) == ("the text has 3 characters the model never saw: '\\t', 'x', 'z': "
-                               "remove or replace them, or train on text that contains them")
+    assert str(info.value) == (
+        "the text has 3 characters the model never saw: '\\t', 'x', 'z': "
+        "remove or replace them, or train on text that contains them"
+    )
     assert vocab.decode(vocab.encode("abxz", unknown="skip")) == "ab"
 
 
