@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_text
+from conftest import make_text, run_cli
 
-import charlm.cli
 from charlm import cache
 from charlm.data import load_corpus
 from charlm.errors import ConfigError
@@ -28,13 +27,6 @@ def write_text(folder: Path, name: str, seed: int, chars: int = 6000) -> Path:
     path = folder / name
     path.write_text(make_text(chars, seed=seed), encoding="utf-8")
     return path
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as e:
-        charlm.cli.main(args)
-    done = capsys.readouterr()
-    return e.value.code, done.out, done.err
 
 
 def ids_entries(root: Path) -> set[str]:
@@ -74,7 +66,7 @@ def test_clear_empties_the_cache_and_the_next_load_still_works(
     path = write_text(tmp_path, "a.txt", seed=1)
     first = load_corpus(path)
     size = cache.report().bytes
-    code, out, err = run(["cache", "--clear"], capsys)
+    code, out, err = run_cli(["cache", "--clear"], capsys)
     assert code == 0 and out == ""
     assert err == f"cleared {cache_root}: 2 entries, {cache.format_size(size)} freed\n"
     assert cache.report().entries == 0 and cache.report().bytes == 0
@@ -155,7 +147,7 @@ def test_a_malformed_cap_is_one_line_naming_the_variable(
     with pytest.raises(ConfigError) as e:
         load_corpus(write_text(tmp_path, "a.txt", seed=1))
     assert str(e.value) == expected
-    code, out, err = run(["cache"], capsys)
+    code, out, err = run_cli(["cache"], capsys)
     assert (code, out, err) == (2, "", f"error: {expected}\n")
 
 
@@ -164,7 +156,7 @@ def test_cache_json(
 ) -> None:
     load_corpus(write_text(tmp_path, "a.txt", seed=1))
     monkeypatch.setenv("CHARLM_CACHE_MAX", "2G")
-    code, out, err = run(["cache", "--json"], capsys)
+    code, out, err = run_cli(["cache", "--json"], capsys)
     assert code == 0 and err == ""
     data = json.loads(out)
     r = cache.report()
@@ -180,14 +172,14 @@ def test_cache_json(
         "max_bytes": 2 * 10**9,
         "max_source": "CHARLM_CACHE_MAX=2G",
     }
-    code, out, err = run(["cache", "--clear", "--json", "-q"], capsys)
+    code, out, err = run_cli(["cache", "--clear", "--json", "-q"], capsys)
     data = json.loads(out)
     assert code == 0 and err == "" and data["entries"] == 0 and data["freed"] == {"entries": 2, "bytes": r.bytes}
 
 
 def test_cache_table(cache_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     load_corpus(write_text(tmp_path, "a.txt", seed=1))
-    code, out, _ = run(["cache"], capsys)
+    code, out, _ = run_cli(["cache"], capsys)
     assert code == 0 and str(cache_root) in out and "\x1b" not in out
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 2}
     assert {"scans", "ids", "corpora", "total", "cap"} <= set(rows)

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from charlm.cli import main
+from conftest import run_cli
 
 TINY = [
     "--hidden",
@@ -30,13 +29,6 @@ TINY = [
 ]
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    captured = capsys.readouterr()
-    return int(info.value.code or 0), captured.out, captured.err
-
-
 @pytest.fixture
 def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
@@ -44,7 +36,7 @@ def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_train_sample_perplexity_info_end_to_end(in_tmp: Path, text_file: Path, capsys: pytest.CaptureFixture[str]):
-    code, out, err = run(["train", str(text_file), "--steps", "30", "--json", *TINY], capsys)
+    code, out, err = run_cli(["train", str(text_file), "--steps", "30", "--json", *TINY], capsys)
     assert code == 0, err
     result = json.loads(out)  # stdout holds exactly one JSON object
     for key in (
@@ -64,21 +56,23 @@ def test_train_sample_perplexity_info_end_to_end(in_tmp: Path, text_file: Path, 
     assert (in_tmp / "checkpoints" / "corpus.last.safetensors").exists()
     assert "\x1b" not in err  # not a terminal: no escape codes
 
-    code, out, err = run(["sample", "--seed", "The ", "--length", "50", "--rng-seed", "3"], capsys)
+    code, out, err = run_cli(["sample", "--seed", "The ", "--length", "50", "--rng-seed", "3"], capsys)
     assert code == 0 and out.startswith("The ") and len(out) == len("The ") + 50 + 1
     assert "checkpoints/corpus.safetensors" in err
 
-    code, out, _ = run(["sample", "--seed", "A", "-n", "20", "--num-samples", "3", "--rng-seed", "1", "--json"], capsys)
+    code, out, _ = run_cli(
+        ["sample", "--seed", "A", "-n", "20", "--num-samples", "3", "--rng-seed", "1", "--json"], capsys
+    )
     samples = json.loads(out)
     assert len(samples["samples"]) == 3 and all(len(s) == 21 for s in samples["samples"])
 
-    code, out, _ = run(["perplexity", str(text_file), "--json"], capsys)
+    code, out, _ = run_cli(["perplexity", str(text_file), "--json"], capsys)
     score = json.loads(out)
     assert score["chars"] == 40_000 and score["unknown"] == 0 and score["perplexity"] > 1
 
-    code, out, _ = run(["info", "--json"], capsys)
+    code, out, _ = run_cli(["info", "--json"], capsys)
     assert json.loads(out)["model"]["hidden_size"] == 32
-    code, out, _ = run(["info"], capsys)
+    code, out, _ = run_cli(["info"], capsys)
     assert code == 0 and "gru 1x32" in out
 
 
@@ -147,7 +141,7 @@ def test_train_bad_input_is_one_line_exit_2(
     in_tmp: Path, capsys: pytest.CaptureFixture[str], make, extra: list[str], message: str
 ) -> None:
     path = make(in_tmp)
-    code, out, err = run(["train", str(path), *extra], capsys)
+    code, out, err = run_cli(["train", str(path), *extra], capsys)
     assert code == 2
     assert out == ""
     assert err.rstrip("\n") == message.format(p=path)
@@ -156,7 +150,7 @@ def test_train_bad_input_is_one_line_exit_2(
 
 def test_unwritable_out_directory(in_tmp: Path, text_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = write(in_tmp / "afile", b"")
-    code, _, err = run(
+    code, _, err = run_cli(
         ["train", str(text_file), "--out", str(blocker / "m.safetensors"), "--steps", "5", *TINY], capsys
     )
     assert code == 2
@@ -167,7 +161,7 @@ def test_unwritable_out_directory(in_tmp: Path, text_file: Path, capsys: pytest.
 
 
 def test_sample_without_checkpoints_says_how_to_train(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(["sample", "--seed", "x"], capsys)
+    code, out, err = run_cli(["sample", "--seed", "x"], capsys)
     assert code == 2 and out == ""
     assert err == (
         "error: no checkpoint in checkpoints/: train one first (charlm train FILE) or pass --checkpoint PATH\n"

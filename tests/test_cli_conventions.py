@@ -14,9 +14,9 @@ from pathlib import Path
 
 import click
 import pytest
-from conftest import make_text
+from conftest import make_text, run_cli
 
-from charlm.cli import cli, main
+from charlm.cli import cli
 from charlm.plot import EVAL_KEYS, TRAIN_KEYS, find_metrics, read_curves, show_training_curve, write_image
 
 TINY = [
@@ -48,13 +48,6 @@ def charlm(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "charlm", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    captured = capsys.readouterr()
-    return int(info.value.code or 0), captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +106,7 @@ def test_metrics_log_lines_have_the_documented_keys(trained) -> None:
 
 def test_resumed_run_continues_the_same_metrics_log(run_copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = (run_copy / "checkpoints" / "corpus.metrics.jsonl").read_text()
-    code, _, err = run(["train", "corpus.txt", "--resume", "--steps", "30", *TINY[2:]], capsys)
+    code, _, err = run_cli(["train", "corpus.txt", "--resume", "--steps", "30", *TINY[2:]], capsys)
     assert code == 0, err
     after = (run_copy / "checkpoints" / "corpus.metrics.jsonl").read_text()
     assert after.startswith(before)
@@ -165,9 +158,9 @@ def test_train_on_a_terminal_ends_with_the_curve(
     from rich.console import Console
 
     monkeypatch.setattr("charlm.console.err", Console(stderr=True, force_terminal=True, no_color=True, width=90))
-    code, _, err = run(["train", "corpus.txt", "-o", "checkpoints/t.safetensors", *TINY], capsys)
+    code, _, err = run_cli(["train", "corpus.txt", "-o", "checkpoints/t.safetensors", *TINY], capsys)
     assert code == 0 and "t: bits/char (best validation" in err and "validation" in err.splitlines()[-1]
-    code, _, err = run(
+    code, _, err = run_cli(
         ["train", "corpus.txt", "-o", "checkpoints/t.safetensors", "--overwrite", "--quiet", *TINY], capsys
     )
     assert code == 0 and err == ""
@@ -217,7 +210,7 @@ def test_plot_mistakes_are_one_line(
     run_copy: Path, capsys: pytest.CaptureFixture[str], setup, args: list[str], message: str
 ) -> None:
     setup(run_copy)
-    code, out, err = run(args, capsys)
+    code, out, err = run_cli(args, capsys)
     assert (code, out, err) == (2, "", message + "\n")
 
 
@@ -226,7 +219,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(
 ) -> None:
     (run_copy / "curves.png").write_bytes(b"old picture")
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # makes `import matplotlib.figure` fail
-    code, out, err = run(["plot", "-o", "curves.png"], capsys)
+    code, out, err = run_cli(["plot", "-o", "curves.png"], capsys)
     assert (code, out) == (2, "")
     assert err == (
         "error: writing an image needs matplotlib, which is not installed: pip install 'charlm[plot]' (or "
@@ -259,7 +252,7 @@ def test_tensorboard_not_installed_is_one_line(
 ) -> None:
     shutil.rmtree(run_copy / "checkpoints")
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
-    code, out, err = run(["train", "corpus.txt", "--tensorboard", "tb", *TINY], capsys)
+    code, out, err = run_cli(["train", "corpus.txt", "--tensorboard", "tb", *TINY], capsys)
     assert (code, out) == (2, "")
     assert err == (
         "error: --tensorboard needs the tensorboard package, which is not installed: pip install "
@@ -272,7 +265,7 @@ def test_tensorboard_logs_the_same_figures_as_the_metrics_log(run_copy: Path, ca
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    code, _, err = run(["train", "corpus.txt", "--tensorboard", "tb", *TINY], capsys)
+    code, _, err = run_cli(["train", "corpus.txt", "--tensorboard", "tb", *TINY], capsys)
     assert code == 0, err
     events = EventAccumulator(str(run_copy / "tb"))
     events.Reload()
@@ -316,7 +309,7 @@ def test_json_outputs_parse_and_carry_no_escape_codes(
     assert done.returncode == 0 and "\x1b" not in done.stdout + done.stderr
     assert json.loads(done.stdout)["model"]["hidden_size"] == 32
     for args in (["sample", "--json", "-n", "20", "--rng-seed", "1"], ["perplexity", "corpus.txt", "--json"]):
-        code, out, err = run([*args, "--device", "cpu", "--threads", "1"], capsys)  # capsys: not a terminal
+        code, out, err = run_cli([*args, "--device", "cpu", "--threads", "1"], capsys)  # capsys: not a terminal
         assert code == 0 and isinstance(json.loads(out), dict)
         assert "\x1b" not in out + err
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_text
+from conftest import make_text, run_cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -50,13 +50,6 @@ def round_trip(data: bytes, model: tuple[CharLM, str], **options: int) -> bytes:
     archive, _ = compress_bytes(data, lm, model_sha256=sha, **options)
     assert decompress_bytes(archive, lm, model_sha256=sha) == data
     return archive
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    captured = capsys.readouterr()
-    return int(info.value.code or 0), captured.out, captured.err
 
 
 # ------------------------------------------------------------------------------------------- round trips
@@ -164,7 +157,7 @@ def test_cli_round_trip_json_and_default_names(
 ) -> None:
     source = in_tmp / "notes.txt"
     source.write_text(make_text(3000, seed=15) + "é\n", encoding="utf-8")
-    code, out, err = run(["compress", "notes.txt", "--json", "-c", str(tiny_checkpoint)], capsys)
+    code, out, err = run_cli(["compress", "notes.txt", "--json", "-c", str(tiny_checkpoint)], capsys)
     assert code == 0, err
     report = json.loads(out)
     assert report["output"] == "notes.txt.clm" and report["original_chars"] == 3002 and report["unknown_chars"] == 1
@@ -175,7 +168,7 @@ def test_cli_round_trip_json_and_default_names(
     source.unlink()
     (in_tmp / "checkpoints").mkdir()  # without --checkpoint: checkpoints/<the name the archive records>
     shutil.copy(tiny_checkpoint, in_tmp / "checkpoints" / tiny_checkpoint.name)
-    code, out, err = run(["decompress", "notes.txt.clm"], capsys)
+    code, out, err = run_cli(["decompress", "notes.txt.clm"], capsys)
     assert code == 0 and out == "", err
     assert source.read_bytes() == original
 
@@ -200,17 +193,17 @@ def test_existing_output_is_not_overwritten_without_force(
 ) -> None:
     (in_tmp / "a.txt").write_text("hello\n")
     (in_tmp / "a.txt.clm").write_bytes(b"keep me")
-    code, _, err = run(["compress", "a.txt", "-c", str(tiny_checkpoint)], capsys)
+    code, _, err = run_cli(["compress", "a.txt", "-c", str(tiny_checkpoint)], capsys)
     assert code == 2 and err == "error: a.txt.clm already exists: pass --force to overwrite it, or choose another -o\n"
     assert (in_tmp / "a.txt.clm").read_bytes() == b"keep me"
-    assert run(["compress", "a.txt", "-c", str(tiny_checkpoint), "--force"], capsys)[0] == 0
-    code, _, err = run(["decompress", "a.txt", "-c", str(tiny_checkpoint)], capsys)
+    assert run_cli(["compress", "a.txt", "-c", str(tiny_checkpoint), "--force"], capsys)[0] == 0
+    code, _, err = run_cli(["decompress", "a.txt", "-c", str(tiny_checkpoint)], capsys)
     assert code == 2 and "a.txt does not end in .clm" in err
 
 
 def test_non_utf8_input_is_refused(in_tmp: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (in_tmp / "latin1.txt").write_bytes("café\n".encode("latin-1"))
-    code, _, err = run(["compress", "latin1.txt", "-c", str(tiny_checkpoint)], capsys)
+    code, _, err = run_cli(["compress", "latin1.txt", "-c", str(tiny_checkpoint)], capsys)
     assert code == 2 and err.count("\n") == 1
     assert "latin1.txt is not UTF-8 text (byte 0xe9 at offset 3 is invalid)" in err
     assert sorted(p.name for p in in_tmp.iterdir()) == ["latin1.txt"]
@@ -237,9 +230,9 @@ def test_wrong_model_is_refused_by_name(
     in_tmp: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (in_tmp / "t.txt").write_text(make_text(300, seed=17))
-    assert run(["compress", "t.txt", "-c", str(tiny_checkpoint)], capsys)[0] == 0
+    assert run_cli(["compress", "t.txt", "-c", str(tiny_checkpoint)], capsys)[0] == 0
     other = other_model(tiny_checkpoint, in_tmp)
-    code, _, err = run(["decompress", "t.txt.clm", "-o", "back.txt", "-c", str(other)], capsys)
+    code, _, err = run_cli(["decompress", "t.txt.clm", "-o", "back.txt", "-c", str(other)], capsys)
     sha = file_sha256(tiny_checkpoint)
     assert code == 2 and err.count("\n") == 1
     assert f"t.txt.clm was compressed with the model {tiny_checkpoint.name} (sha256 {sha[:16]}...), not {other}" in err
@@ -273,10 +266,10 @@ def test_damaged_archive_is_refused_without_output(
     where: str, message: str, in_tmp: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (in_tmp / "t.txt").write_text(make_text(2000, seed=18))
-    assert run(["compress", "t.txt", "-c", str(tiny_checkpoint)], capsys)[0] == 0
+    assert run_cli(["compress", "t.txt", "-c", str(tiny_checkpoint)], capsys)[0] == 0
     archive = in_tmp / "t.txt.clm"
     archive.write_bytes(damage(archive.read_bytes(), where))
-    code, out, err = run(["decompress", "t.txt.clm", "-o", "back.txt", "-c", str(tiny_checkpoint)], capsys)
+    code, out, err = run_cli(["decompress", "t.txt.clm", "-o", "back.txt", "-c", str(tiny_checkpoint)], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
     assert sorted(p.name for p in in_tmp.iterdir()) == ["t.txt", "t.txt.clm"]  # no output, no temp file
 
@@ -292,7 +285,7 @@ def test_other_arithmetic_is_named_as_the_cause(model: tuple[CharLM, str], monke
 
 def test_not_an_archive(in_tmp: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (in_tmp / "x.clm").write_text("just text")
-    code, _, err = run(["decompress", "x.clm", "-c", str(tiny_checkpoint)], capsys)
+    code, _, err = run_cli(["decompress", "x.clm", "-c", str(tiny_checkpoint)], capsys)
     assert code == 2 and "x.clm is not a charlm archive (no .clm signature)" in err
     assert not (in_tmp / "x").exists()
 
@@ -368,7 +361,7 @@ def test_forged_header_is_refused_without_output(
 ) -> None:
     fields, message = FORGERIES[name]
     (in_tmp / "t.clm").write_bytes(forge(two_segments, **(fields(two_segments) if callable(fields) else fields)))
-    code, out, err = run(["decompress", "t.clm", "-o", "back.txt", "-c", str(tiny_checkpoint)], capsys)
+    code, out, err = run_cli(["decompress", "t.clm", "-o", "back.txt", "-c", str(tiny_checkpoint)], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
     assert sorted(p.name for p in in_tmp.iterdir()) == ["t.clm"]
 

@@ -10,9 +10,10 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from charlm import CharLM
-from charlm.cli import cli, main
+from charlm.cli import cli
 from charlm.data import ARCHIVE_MAGIC, iter_text, read_text
 from charlm.errors import CorpusError
 
@@ -32,13 +33,6 @@ TINY = [
     "--device",
     "cpu",
 ]
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(args)
-    captured = capsys.readouterr()
-    return int(info.value.code or 0), captured.out, captured.err
 
 
 @pytest.fixture
@@ -66,19 +60,19 @@ def test_info_takes_the_checkpoint_as_an_option_or_an_argument(
         [str(tiny_checkpoint)],
         [str(tiny_checkpoint), "--checkpoint", str(tiny_checkpoint)],
     ):
-        code, out, err = run(["info", *args], capsys)
+        code, out, err = run_cli(["info", *args], capsys)
         assert code == 0, err
         assert "lstm 2x48" in out
         outputs.append(out)
     assert len(set(outputs)) == 1
-    code, out, _ = run(["info", "--json", "-c", str(tiny_checkpoint)], capsys)
+    code, out, _ = run_cli(["info", "--json", "-c", str(tiny_checkpoint)], capsys)
     assert code == 0 and json.loads(out)["model"]["hidden_size"] == 48
 
 
 def test_info_refuses_two_different_checkpoints(
     in_tmp: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = run(["info", str(tiny_checkpoint), "--checkpoint", "other.safetensors"], capsys)
+    code, out, err = run_cli(["info", str(tiny_checkpoint), "--checkpoint", "other.safetensors"], capsys)
     assert code == 2 and out == ""
     assert err == (
         f"error: CHECKPOINT and --checkpoint name different files ({tiny_checkpoint} and "
@@ -93,7 +87,7 @@ def test_every_model_reading_command_takes_checkpoint(name: str) -> None:
 
 
 def test_plot_takes_checkpoint(in_tmp: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(["plot", "--checkpoint", str(tiny_checkpoint)], capsys)
+    code, out, err = run_cli(["plot", "--checkpoint", str(tiny_checkpoint)], capsys)
     assert code == 0, err
     assert "bits/char" in out and err.startswith(f"from {tiny_checkpoint.with_name('words.metrics.jsonl')} (")
 
@@ -108,7 +102,7 @@ def test_perplexity_of_a_checkpoint_says_pass_it_as_checkpoint(
         raise AssertionError("a model was loaded before the file was checked")
 
     monkeypatch.setattr(CharLM, "load", no_model)
-    code, out, err = run(["perplexity", str(model_file)], capsys)
+    code, out, err = run_cli(["perplexity", str(model_file)], capsys)
     assert code == 2 and out == ""
     assert err == (
         f"error: {model_file} is a charlm checkpoint, not a text file: pass it as --checkpoint {model_file}\n"
@@ -118,7 +112,7 @@ def test_perplexity_of_a_checkpoint_says_pass_it_as_checkpoint(
 def test_compress_of_a_checkpoint_says_pass_it_as_checkpoint(
     in_tmp: Path, model_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = run(["compress", str(model_file)], capsys)
+    code, out, err = run_cli(["compress", str(model_file)], capsys)
     assert code == 2 and out == ""
     assert err == (
         f"error: {model_file} is a charlm checkpoint, not a text file: pass it as --checkpoint {model_file}\n"
@@ -129,7 +123,7 @@ def test_compress_of_a_checkpoint_says_pass_it_as_checkpoint(
 def test_train_on_a_checkpoint_suggests_init_from_or_resume(
     in_tmp: Path, model_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = run(["train", str(model_file), *TINY], capsys)
+    code, out, err = run_cli(["train", str(model_file), *TINY], capsys)
     assert code == 2 and out == ""
     assert err == (
         f"error: {model_file} is a charlm checkpoint, not a text file: to fine-tune it, charlm train "
@@ -152,7 +146,7 @@ def test_an_archive_as_the_text_says_decompress_it_first(
     in_tmp: Path, command: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     (in_tmp / "notes.txt.clm").write_bytes(ARCHIVE_MAGIC + b"\x02\x00" + bytes(range(256)) * 4)
-    code, out, err = run([*command, "notes.txt.clm"], capsys)
+    code, out, err = run_cli([*command, "notes.txt.clm"], capsys)
     assert code == 2 and out == ""
     assert err == (
         "error: notes.txt.clm is a charlm archive (.clm), not a text file: run charlm decompress notes.txt.clm first\n"
@@ -173,7 +167,7 @@ def test_a_foreign_safetensors_file_is_not_called_a_checkpoint(
         {"__metadata__": {"format": "pt"}, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
     ).encode()
     (in_tmp / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0\x80\x3f")
-    code, _, err = run(["train", "model.safetensors"], capsys)
+    code, _, err = run_cli(["train", "model.safetensors"], capsys)
     assert code == 2
     assert err == "error: model.safetensors is a safetensors file, not a text file: give a UTF-8 text file\n"
 
@@ -190,7 +184,7 @@ def test_a_utf8_file_cut_inside_its_last_character_is_told_so(in_tmp: Path, caps
         f"cut.txt ends in the middle of a UTF-8 character at byte offset {start} (it was probably cut "
         f"short, e.g. by head -c): remove the last 1 byte (truncate -s -1 cut.txt) or re-export it whole"
     )
-    code, out, err = run(["train", "cut.txt", *TINY], capsys)
+    code, out, err = run_cli(["train", "cut.txt", *TINY], capsys)
     assert code == 2 and out == ""
     assert err == f"error: {expected}\n"
     assert not (in_tmp / "checkpoints").exists()
@@ -279,7 +273,7 @@ def vocab_cell(table: str) -> list[str]:
 def test_info_lists_every_character_of_a_large_vocabulary(
     chinese_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = run(["info", "-c", str(chinese_checkpoint)], capsys)
+    code, out, err = run_cli(["info", "-c", str(chinese_checkpoint)], capsys)
     assert code == 0, err
     cell = vocab_cell(out)
     assert " ".join(cell).startswith(
@@ -291,7 +285,7 @@ def test_info_lists_every_character_of_a_large_vocabulary(
     assert "\u25cc\u0301" in shown  # a combining mark on a dotted circle, not fused with its neighbour
     assert " ".join(cell).endswith("+ '\\n', ' ' (SPACE)")
     assert len(cell) > 3000 * 2 // 80  # wrapped over many lines, none cut off
-    vocab = json.loads(run(["info", "--json", str(chinese_checkpoint)], capsys)[1])["vocab"]
+    vocab = json.loads(run_cli(["info", "--json", str(chinese_checkpoint)], capsys)[1])["vocab"]
     assert len(vocab) == 3061
 
 
@@ -302,25 +296,25 @@ def test_corpus_lists_the_builtin_corpora_and_writes_one_out(
     in_tmp: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setenv("CHARLM_CACHE_DIR", str(in_tmp / "cache"))
-    code, out, err = run(["corpus"], capsys)
+    code, out, err = run_cli(["corpus"], capsys)
     assert code == 0, err
     for line in ("shakespeare", "python-stdlib", "this Python's standard library .py files", "'charlm[demo]'"):
         assert line in out
     assert out.count("not assembled yet") == 2
 
-    code, out, err = run(["corpus", "python-stdlib", "-o", "data/stdlib.txt"], capsys)
+    code, out, err = run_cli(["corpus", "python-stdlib", "-o", "data/stdlib.txt"], capsys)
     assert code == 0 and out == ""
     text = (in_tmp / "data" / "stdlib.txt").read_text(encoding="utf-8")
     assert text.startswith("# file: ") and len(text) > 100_000
     assert err == f"wrote data/stdlib.txt: {len(text.encode()):,} bytes of python-stdlib\n"
     assert [p.name for p in (in_tmp / "data").iterdir()] == ["stdlib.txt"]  # no temp file left
 
-    listing = json.loads(run(["corpus", "--json"], capsys)[1])["corpora"]
+    listing = json.loads(run_cli(["corpus", "--json"], capsys)[1])["corpora"]
     assert listing["python-stdlib"]["bytes"] == len(text.encode()) and listing["shakespeare"]["bytes"] is None
-    code, out, _ = run(["corpus"], capsys)
+    code, out, _ = run_cli(["corpus"], capsys)
     assert code == 0 and out.count("not assembled yet") == 1
 
-    code, out, err = run(["corpus", "python-stdlib"], capsys)
+    code, out, err = run_cli(["corpus", "python-stdlib"], capsys)
     assert code == 0 and out == text
 
 
@@ -328,12 +322,12 @@ def test_corpus_refuses_to_overwrite_and_names_unknown_corpora(
     in_tmp: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     (in_tmp / "kept.txt").write_text("mine\n")
-    code, out, err = run(["corpus", "python-stdlib", "-o", "kept.txt"], capsys)
+    code, out, err = run_cli(["corpus", "python-stdlib", "-o", "kept.txt"], capsys)
     assert code == 2 and out == ""
     assert err == "error: kept.txt already exists: pass --force to overwrite it, or choose another -o\n"
     assert (in_tmp / "kept.txt").read_text() == "mine\n"
-    code, _, err = run(["corpus", "python-stdlib", "-o", "kept.txt", "--force"], capsys)
+    code, _, err = run_cli(["corpus", "python-stdlib", "-o", "kept.txt", "--force"], capsys)
     assert code == 0 and (in_tmp / "kept.txt").read_text().startswith("# file: ")
-    code, _, err = run(["corpus", "shakespear"], capsys)
+    code, _, err = run_cli(["corpus", "shakespear"], capsys)
     assert code == 2
     assert err == "error: shakespear: no built-in corpus of that name: known corpora: shakespeare, python-stdlib\n"

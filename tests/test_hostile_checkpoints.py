@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 from charlm import checkpoint as ckpt
-from charlm.cli import main
 from charlm.model import CharRNN
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,16 +27,9 @@ REFUSED_FORMAT = "is not a safetensors checkpoint (bad header length; truncated 
 GIVE_CHARLM = "give a checkpoint written by `charlm train`"
 
 
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as stop:
-        main(args)
-    captured = capsys.readouterr()
-    return int(stop.value.code or 0), captured.out, captured.err
-
-
 def refused(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     """The single error line of a command that must refuse its input (exit 2, nothing on stdout)."""
-    code, out, err = run(args, capsys)
+    code, out, err = run_cli(args, capsys)
     lines = err.splitlines()
     assert code == 2, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err

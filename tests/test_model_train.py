@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import signal
 from pathlib import Path
@@ -57,7 +58,22 @@ def test_bad_model_options() -> None:
         ModelConfig(vocab_size=5, hidden_size=-3)
 
 
-def test_loss_falls_and_checkpoint_reloads_identically(text_file: Path, tmp_path: Path) -> None:
+def test_loss_falls_and_checkpoint_reloads_identically(
+    text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from charlm import trainer
+
+    # A copy of the training network itself, taken each time a best checkpoint is written: the last
+    # copy holds the in-memory weights that result.checkpoint must give back.
+    saved_as_best: list[CharRNN] = []
+    real_save = trainer._Run.save
+
+    def save(run: trainer._Run, kind: str) -> None:
+        if kind == "best":
+            saved_as_best.append(copy.deepcopy(run.net).eval())
+        real_save(run, kind)
+
+    monkeypatch.setattr(trainer._Run, "save", save)
     result = train(
         text_file, model=ModelConfig(vocab_size=1, **TINY), config=tiny_config(steps=80), out=tmp_path / "m.safetensors"
     )
@@ -65,10 +81,20 @@ def test_loss_falls_and_checkpoint_reloads_identically(text_file: Path, tmp_path
     uniform = torch.log(torch.tensor(float(len(header.vocab)))).item()
     assert result.val_loss < 0.75 * uniform  # learned well beyond the uniform guess
     assert result.train_loss is not None and result.train_loss < 0.8 * uniform
+    # Pins saving and loading together against the trained weights (not one file against itself): the
+    # same architecture, every tensor under its own name, bit for bit. A weight that saving or loading
+    # swapped, reordered, re-cast or perturbed fails here.
+    trained = saved_as_best[-1]
     lm = CharLM.load(result.checkpoint, device="cpu")
-    reloaded = CharLM.load(result.checkpoint, device="cpu")
+    assert lm.model.config == trained.config
+    want, got = trained.state_dict(), lm.model.state_dict()
+    assert got.keys() == want.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
     ids = torch.randint(0, len(header.vocab), (2, 17))
-    assert torch.equal(lm.model(ids)[0], reloaded.model(ids)[0])
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids)[0], trained(ids)[0])
     assert header.corpus["name"] == "corpus" and header.corpus["chars"] == 40_000
     assert lm.perplexity(text_file).cross_entropy > 0
 

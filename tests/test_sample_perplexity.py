@@ -52,17 +52,32 @@ def test_top_p_keeps_the_smallest_set_reaching_p() -> None:
     torch.testing.assert_close(kept, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95)
 
 
-def test_priming_equals_feeding_one_character_at_a_time(lm: CharLM) -> None:
+def test_priming_equals_feeding_one_character_at_a_time(lm: CharLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed's one forward pass leaves the same next-character logits and the same recurrent state
+    (which every generated character goes on from) as feeding the seed one character at a time."""
+    from charlm.sample import Sampler
+
     seed = "Which other words"
-    primed = lm.sample(seed, length=50, rng_seed=11)
-    sampler = lm._sampler
     ids = torch.from_numpy(lm.vocab.encode(seed).astype(np.int64))[None]
-    state = None
-    for i in range(ids.shape[1]):
-        logits, state = lm.model(ids[:, i : i + 1], state)
-    one_by_one_logits, _ = sampler.prime(seed, 1)
-    torch.testing.assert_close(logits[:, -1], one_by_one_logits, rtol=1e-5, atol=1e-5)
-    assert primed == lm.sample(seed, length=50, rng_seed=11)
+
+    def one_at_a_time(sampler: Sampler, text: str, num_samples: int) -> tuple[torch.Tensor, tuple]:
+        assert text == seed and num_samples == 1
+        state = None
+        with torch.no_grad():
+            for i in range(ids.shape[1]):
+                logits, state = lm.model(ids[:, i : i + 1], state)
+        return logits[:, -1], state
+
+    primed_logits, primed_state = lm._sampler.prime(seed, 1)
+    one_by_one_logits, one_by_one_state = one_at_a_time(lm._sampler, seed, 1)
+    torch.testing.assert_close(primed_logits, one_by_one_logits, rtol=1e-5, atol=1e-5)
+    assert len(primed_state) == len(one_by_one_state)
+    for primed, one_by_one in zip(primed_state, one_by_one_state, strict=True):
+        torch.testing.assert_close(primed, one_by_one, rtol=1e-5, atol=1e-5)
+    # And end to end: the text sampled after priming is the text sampled after the one-at-a-time feed.
+    primed_text = lm.sample(seed, length=50, rng_seed=11)
+    monkeypatch.setattr(Sampler, "prime", one_at_a_time)
+    assert lm.sample(seed, length=50, rng_seed=11) == primed_text
 
 
 def test_batched_samples_match_their_count_and_length(lm: CharLM) -> None:
@@ -212,12 +227,28 @@ def test_draw_follows_the_distribution_and_never_picks_zero_probability() -> Non
     torch.testing.assert_close(counts, probs[0], atol=0.015, rtol=0)
 
 
-def test_int8_sampling_is_refused_off_the_cpu_and_auto_picks_it_on_the_cpu() -> None:
-    from charlm.device import cpu_has_fast_int8, resolve_sample_precision
+def test_int8_sampling_is_refused_off_the_cpu_and_auto_picks_it_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platform
+
+    from charlm.device import resolve_sample_precision
     from charlm.errors import ConfigError
 
-    with pytest.raises(ConfigError) as e:
-        resolve_sample_precision("int8", torch.device("cuda"))
-    assert str(e.value) == "int8 sampling runs on the CPU only (not cuda): use --precision bf16 or fp32"
-    assert (resolve_sample_precision("auto", torch.device("cpu")) == "int8") == cpu_has_fast_int8()
+    for device in ("cuda", "mps"):
+        with pytest.raises(ConfigError) as e:
+            resolve_sample_precision("int8", torch.device(device))
+        assert str(e.value) == f"int8 sampling runs on the CPU only (not {device}): use --precision bf16 or fp32"
+    # 'auto' is decided by the machine, set here rather than asked of charlm's own check: int8 on an
+    # x86 CPU with oneDNN's kernels; never on ARM, without oneDNN, or on a GPU.
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    for machine in ("x86_64", "AMD64"):
+        monkeypatch.setattr(platform, "machine", lambda machine=machine: machine)
+        assert resolve_sample_precision("auto", torch.device("cpu")) == "int8"
+        assert resolve_sample_precision("auto", torch.device("cuda")) == "bf16"
+    for machine in ("aarch64", "arm64"):
+        monkeypatch.setattr(platform, "machine", lambda machine=machine: machine)
+        assert resolve_sample_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert resolve_sample_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
     assert resolve_sample_precision("fp32", torch.device("cpu")) == "fp32"
