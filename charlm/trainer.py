@@ -654,6 +654,7 @@ class _Run:
         self.elapsed_before = self.st["elapsed"]
         self.non_train_time = 0.0
         self.session_chars = 0
+        self.session_steps = 0
         self.last_save = time.perf_counter()
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_steps = 0
@@ -690,9 +691,13 @@ class _Run:
         """Seconds the final validation and checkpoint writes will take, so that --time bounds the
         whole run: the validation text over the speed of the last evaluation (before the first,
         a third of the cost per character of training), plus the slowest save so far, twice."""
-        speed = self.eval_speed or 3 * self.session_chars / self.train_time() / self.dist.world
+        speed = self.eval_speed
+        if speed is None and self.session_steps >= 3:  # the first steps pay for warm-up: not a speed
+            speed = 3 * self.session_chars / self.train_time() / self.dist.world
         eval_s = len(self.val_ids) / self.dist.world / speed if speed else 0.0
-        return 1.15 * (eval_s + 2 * self.save_s) + 0.2
+        # never more than half the budget: a machine so slow that validation would take longer
+        # still gets half its time for training, and overshoots rather than training nothing
+        return min(1.15 * (eval_s + 2 * self.save_s) + 0.2, 0.5 * (self.config.time or math.inf))
 
     def current_lr(self) -> float:
         return learning_rate(
@@ -753,6 +758,7 @@ class _Run:
         st["chunk"] += 1
         st["chars"] += x_np.size
         self.session_chars += x_np.size
+        self.session_steps += 1
         if st["chunk"] >= self.steps_in_epoch:
             st["epoch"] += 1
             st["chunk"] = 0
