@@ -964,6 +964,17 @@ def main(argv: list[str] | None = None) -> None:
     (2 for a user mistake, 130 after Ctrl-C, 143 after SIGTERM, 1 for a bug)."""
     from .errors import CharlmError
 
+    # Before torch loads (commands import it lazily): OpenMP worker threads spin ~1000 times, not
+    # libgomp's default 300,000, before sleeping at a barrier. Beside a CPU-bound neighbour the long
+    # spin steals the core the other thread needs and each per-time-step barrier of the recurrent
+    # kernels costs a scheduler tick; measured on 2 cores, scoring with 2 threads beside a matmul loop
+    # ran at 20.3k chars/s instead of 1.3k, and quiet at 40.7k instead of 37.2k (bench/contention.py).
+    # Not for `sample`: one stream runs thousands of tiny parallel ops a second, and a thread that
+    # sleeps between them costs a wake-up each time (quiet int8 sampling lost a third); sampling's
+    # thread tuner alone keeps it fair under load.
+    args = sys.argv[1:] if argv is None else argv
+    if "sample" not in args[:1]:
+        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     code = 0
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None

@@ -124,8 +124,9 @@ class ThreadTuner:
     Why: the fused recurrent kernels synchronise their threads at every time step. On a quiet machine
     a second thread buys ~20%; beside one CPU-bound neighbour each of those barriers waits for a
     descheduled thread, and two threads run 3-5x slower than one (bench/contention.py). No fixed
-    choice is right on both, so this measures: it tries each count for a few units of work, keeps the
-    faster, probes again after an interval that doubles while the choice holds (10 s up to 80 s), and
+    choice is right on both, so this measures: it tries one thread, then all cores, for a few units of
+    work each (dropping a candidate after one unit when it is under half the speed of the first), keeps the
+    faster, probes again after an interval that doubles while the choice holds (20 s up to 80 s), and
     at once when the speed falls below 60% of what the probe measured (a neighbour arrived).
 
     Work is timed by the caller in units (a training step, a chunk of scoring, a batch of sampled
@@ -137,8 +138,9 @@ class ThreadTuner:
 
     MIN_UNIT_S = 0.05  # shorter units are pooled into one sample (sampling steps are ~0.2 ms)
     PROBE_S = 0.4  # time measured per candidate in a probe, after one warm-up sample
-    FIRST_INTERVAL_S, MAX_INTERVAL_S = 10.0, 80.0
+    FIRST_INTERVAL_S, MAX_INTERVAL_S = 20.0, 80.0
     DROP = 0.6  # speed below this fraction of the probed speed, 3 samples running, triggers a probe
+    GIVE_UP = 0.5  # a candidate below this fraction of the best so far is dropped after one sample
 
     def __init__(
         self,
@@ -146,14 +148,19 @@ class ThreadTuner:
         threads: int | None = None,
         *,
         clock: Callable[[], float] = time.perf_counter,
+        all_cores_first: bool = False,
     ) -> None:
         self.before = torch.get_num_threads()
         fixed = fixed_threads(threads)
         cores = cpu_cores()
         self.active = torch.device(device).type == "cpu" and fixed is None and cores > 1
-        self.choices = [cores, 1]  # all cores first: the quiet machine's usual winner
+        # one thread first: it is never far from the best, while all cores beside a neighbour can be
+        # 25-50x slower, and a candidate that falls behind is dropped after one sample (see _sample)
+        # (all_cores_first: for work in units far shorter than MIN_UNIT_S, as sampling is, a probe
+        # takes ~0.1 s whatever the speed, and a short quiet run should not start on the slower count)
+        self.choices = [cores, 1] if all_cores_first else [1, cores]
         self.clock = clock
-        self.choice = cores if self.active else (fixed or self.before)
+        self.choice = self.choices[0] if self.active else (fixed or self.before)
         self.history: list[tuple[float, int]] = []  # (time, threads) at each change, for reports
         self._pending_work = 0.0
         self._pending_time = 0.0
@@ -219,37 +226,42 @@ class ThreadTuner:
         self._pending_work = self._pending_time = 0.0
 
     def _sample(self, work: float, seconds: float) -> None:
-        if self._probe:
-            if not self._warm:  # the first sample after a switch pays for waking or parking threads
-                self._warm = True
-                return
-            self._samples.append((work, seconds))
-            measured = sum(s for _, s in self._samples)
-            if measured < self.PROBE_S and len(self._samples) < 3 or len(self._samples) < 2:
-                return
-            self._probe_speeds[self._probe.pop(0)] = sum(w for w, _ in self._samples) / measured
-            if self._probe:
-                self._begin_candidate()
-                return
-            best = max(self._probe_speeds, key=lambda n: (self._probe_speeds[n], -n))
-            previous = self.choice if not self.history else self.history[-1][1]
-            self._interval = (
-                min(self.MAX_INTERVAL_S, self._interval * 2)
-                if best == previous and self.history
-                else self.FIRST_INTERVAL_S
-            )
-            self._set(best)
-            self.history.append((self.clock(), best))
-            self._reference = self._probe_speeds[best]
-            self._slow = 0
-            self._next_probe = self.clock() + self._interval
-            return
         speed = work / seconds
-        self._slow = self._slow + 1 if speed < self.DROP * self._reference else 0
-        if self._slow >= 3 or self.clock() >= self._next_probe:
-            if self._slow >= 3:
-                self._interval = self.FIRST_INTERVAL_S / 2  # the load changed: look again soon
-            self._start_probe()
+        if not self._probe:
+            self._slow = self._slow + 1 if speed < self.DROP * self._reference else 0
+            if self._slow >= 3 or self.clock() >= self._next_probe:
+                if self._slow >= 3:
+                    self._interval = self.FIRST_INTERVAL_S / 2  # the load changed: look again soon
+                self._start_probe()
+            return
+        best = max(self._probe_speeds.values(), default=0.0)
+        if speed < self.GIVE_UP * best:  # already far behind: a probe must not cost much
+            self._probe_speeds[self._probe.pop(0)] = speed
+            self._finish_candidate()
+            return
+        if not self._warm:  # the first sample after a switch pays for waking or parking threads
+            self._warm = True
+            return
+        self._samples.append((work, seconds))
+        measured = sum(s for _, s in self._samples)
+        if measured < self.PROBE_S and len(self._samples) < 3 or len(self._samples) < 2:
+            return
+        self._probe_speeds[self._probe.pop(0)] = sum(w for w, _ in self._samples) / measured
+        self._finish_candidate()
+
+    def _finish_candidate(self) -> None:
+        """Try the next candidate, or, when all are measured, keep the fastest (fewer threads on a tie)."""
+        if self._probe:
+            self._begin_candidate()
+            return
+        best = max(self._probe_speeds, key=lambda n: (self._probe_speeds[n], -n))
+        previous = self.history[-1][1] if self.history else None
+        self._interval = min(self.MAX_INTERVAL_S, self._interval * 2) if best == previous else self.FIRST_INTERVAL_S
+        self._set(best)
+        self.history.append((self.clock(), best))
+        self._reference = self._probe_speeds[best]
+        self._slow = 0
+        self._next_probe = self.clock() + self._interval
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:

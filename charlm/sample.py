@@ -306,7 +306,7 @@ class Sampler:
         else:
             pick = self._filtered(temperature, top_k, top_p, generator)
         chars = self.vocab.chars
-        with ThreadTuner(self.device, self.threads) as tuner:
+        with ThreadTuner(self.device, self.threads, all_cores_first=True) as tuner:
             for i in range(length):
                 with tuner.unit(num_samples):
                     next_ids = pick(logits)
