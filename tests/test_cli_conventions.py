@@ -262,7 +262,7 @@ def test_tensorboard_not_installed_is_one_line(
 
 
 def test_tensorboard_logs_the_same_figures_as_the_metrics_log(run_copy: Path, capsys: pytest.CaptureFixture[str]):
-    pytest.importorskip("tensorboard")
+    pytest.importorskip("tensorboard", reason="needs the tensorboard extra: pip install 'charlm[tensorboard]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     code, _, err = run_cli(["train", "corpus.txt", "--tensorboard", "tb", *TINY], capsys)

@@ -37,7 +37,7 @@ from charlm.compress import (
 )
 from charlm.errors import ArchiveError, CharlmError
 
-pytest.importorskip("constriction")
+pytest.importorskip("constriction", reason="needs the compress extra: pip install 'charlm[compress]'")
 
 
 @pytest.fixture(scope="module")
