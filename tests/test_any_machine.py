@@ -15,6 +15,7 @@ import click
 import pytest
 import torch
 from conftest import make_text, run_cli
+from test_cli import TINY as CLI_TINY
 
 from charlm import ModelConfig, TrainConfig, train
 from charlm import checkpoint as ckpt
@@ -23,24 +24,7 @@ from charlm.config import budget_hidden_size, default
 from charlm.data import split
 from charlm.device import ThreadTuner
 
-TINY = [
-    "--hidden",
-    "32",
-    "--embed",
-    "16",
-    "--layers",
-    "1",
-    "--batch-size",
-    "8",
-    "--seq-len",
-    "32",
-    "--eval-every",
-    "10",
-    "--device",
-    "cpu",
-    "--steps",
-    "10",
-]
+TINY = [*CLI_TINY, "--steps", "10"]  # test_cli's tiny model, with a step budget
 
 
 @pytest.fixture
