@@ -99,7 +99,7 @@ def run_textbook(source: str, minutes: float) -> dict:
     batches = Batches(train_ids, 64, 128, rng_seed=0)
     model = CharRNN(
         ModelConfig(
-            vocab_size=len(corpus.vocab), model="lstm", hidden_size=512, num_layers=2, embed_size=64, init="pytorch"
+            vocab_size=len(corpus.vocab), cell="lstm", hidden_size=512, num_layers=2, embed_size=64, init="pytorch"
         )
     )
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)

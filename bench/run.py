@@ -188,7 +188,7 @@ def charlm_train_rate(cell: str, precision: str, steps: int, corpus: object) -> 
     with tempfile.TemporaryDirectory() as folder:
         train(
             corpus,
-            model=ModelConfig(model=cell, hidden_size=H, num_layers=LAYERS, embed_size=E),  # type: ignore[arg-type]
+            model=ModelConfig(cell=cell, hidden_size=H, num_layers=LAYERS, embed_size=E),  # type: ignore[arg-type]
             config=TrainConfig(
                 steps=steps + 2,
                 batch_size=B,
@@ -226,7 +226,7 @@ def baseline_eval_rate(ids: np.ndarray, precision: str) -> float:
 
 
 def charlm_eval_rate(ids: np.ndarray, precision: str) -> float:
-    model = CharRNN(ModelConfig(vocab_size=V, model="lstm", hidden_size=H, num_layers=LAYERS, embed_size=E))
+    model = CharRNN(ModelConfig(vocab_size=V, cell="lstm", hidden_size=H, num_layers=LAYERS, embed_size=E))
     return evaluate(model, ids, start_id=0, batch_size=64, precision=precision).chars_per_sec
 
 
@@ -249,7 +249,7 @@ def baseline_sample_rate(streams: int, length: int) -> float:
 def charlm_sample_rate(streams: int, length: int, precision: str = "fp32") -> float:
     from charlm.vocab import Vocab
 
-    model = CharRNN(ModelConfig(vocab_size=V, model="lstm", hidden_size=H, num_layers=LAYERS, embed_size=E))
+    model = CharRNN(ModelConfig(vocab_size=V, cell="lstm", hidden_size=H, num_layers=LAYERS, embed_size=E))
     sampler = Sampler(model, Vocab([chr(32 + i) for i in range(V)]), precision=precision)
     start = time.perf_counter()
     for _ in sampler.stream("a", length=length, num_samples=streams, rng_seed=0):

@@ -69,7 +69,7 @@ def main() -> None:
     ]
     c = lm.model.config
     finish(
-        f"sampling weights on {args.text.name}: {c.model} {c.num_layers}x{c.hidden_size}, {ids.numel():,} chars, "
+        f"sampling weights on {args.text.name}: {c.cell} {c.num_layers}x{c.hidden_size}, {ids.numel():,} chars, "
         f"{STREAMS} streams stepped one character at a time",
         rows,
         {"checkpoint": str(args.checkpoint), "text": str(args.text), "chars": ids.numel(), "precisions": results},

@@ -230,7 +230,7 @@ def write(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], header
     import torch
     from safetensors.torch import save
 
-    from . import __version__
+    from .version import __version__
 
     path = Path(path)
     for name, t in tensors.items():

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from . import __version__
 from .config import (
     Cell,
     Init,
@@ -37,6 +36,7 @@ from .config import (
     parse_duration,
 )
 from .console import error_line, info, set_verbosity
+from .version import __version__
 
 if TYPE_CHECKING:
     from rich.text import Text
@@ -98,7 +98,7 @@ M, T = ModelConfig, TrainConfig
     "--model",
     "cell",
     type=click.Choice(choices(Cell)),
-    default=default(M, "model"),
+    default=default(M, "cell"),
     help="Recurrent cell: LSTM, GRU, or Elman RNN with tanh (rnn) or ReLU (rnn-relu).",
 )
 @click.option("--layers", type=int, default=default(M, "num_layers"), help="Stacked recurrent layers.")
@@ -279,7 +279,7 @@ def train(
         save_every=parse_duration(save_every, "--save-every"),
     )
     model_options = {
-        "model": cell,
+        "cell": cell,
         "num_layers": layers,
         "hidden_size": hidden or 0,
         "embed_size": embed,
@@ -287,7 +287,6 @@ def train(
         "init": init,
     }
     flag_of = {
-        "cell": "model",
         "layers": "num_layers",
         "hidden": "hidden_size",
         "embed": "embed_size",
@@ -636,7 +635,7 @@ def info_cmd(checkpoint_arg: Path | None, checkpoint: Path | None, as_json: bool
     m, s, met, corpus = header.model, header.state, header.metrics, header.corpus
     table = Table(title=str(header.path), show_header=False, title_justify="left")
     table.add_row(
-        "model", f"{m.model} {m.num_layers}x{m.hidden_size}, embed {m.embed_size}, dropout {m.dropout:g}, init {m.init}"
+        "model", f"{m.cell} {m.num_layers}x{m.hidden_size}, embed {m.embed_size}, dropout {m.dropout:g}, init {m.init}"
     )
     table.add_row("parameters", f"{m.num_params():,}")
     table.add_row("vocab", _vocab_cell(header.vocab.chars))

@@ -373,7 +373,7 @@ def exact_arithmetic(threads: int) -> Iterator[None]:
 def _platform_info(model_name: str) -> dict[str, str]:
     import torch
 
-    from . import __version__
+    from .version import __version__
 
     return {
         "model": model_name,

@@ -32,7 +32,7 @@ class ModelConfig:
     """Everything needed to rebuild the network; stored in every checkpoint."""
 
     vocab_size: int = 0  # 0: filled in from the training text by train()
-    model: Cell = "gru"
+    cell: Cell = "gru"  # the recurrent cell (`--model` on the command line)
     hidden_size: int = 0  # 0: chosen from the time budget by train() (budget_hidden_size)
     num_layers: int = 2
     embed_size: int = 64
@@ -41,7 +41,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_int("vocab size", self.vocab_size, 0, MAX_VOCAB)
-        _check_choice("--model", self.model, Cell)
+        _check_choice("--model", self.cell, Cell)
         _check_choice("--init", self.init, Init)
         if self.hidden_size != 0:  # 0 is "from the budget", filled in by train()
             _check_int("--hidden", self.hidden_size, 1, 65536)
@@ -53,7 +53,7 @@ class ModelConfig:
             raise ConfigError(f"the model would have {self.num_params():,} parameters", "choose a smaller model")
 
     def num_params(self) -> int:
-        gates = {"lstm": 4, "gru": 3}.get(self.model, 1)
+        gates = {"lstm": 4, "gru": 3}.get(self.cell, 1)
         h, e, v = self.hidden_size, self.embed_size, self.vocab_size
         rnn = sum(gates * h * ((e if i == 0 else h) + h + 2) for i in range(self.num_layers))
         return v * e + rnn + h * v + v
@@ -66,6 +66,8 @@ class ModelConfig:
         """Validated rebuild from untrusted JSON (a checkpoint header)."""
         if not isinstance(data, dict):
             raise CheckpointError("the checkpoint's model config is not an object")
+        if "model" in data and "cell" not in data:  # checkpoints written before 2026-12 call the cell "model"
+            data = {("cell" if k == "model" else k): v for k, v in data.items()}
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names
         if unknown:

@@ -119,7 +119,7 @@ class TrainView:
             or f"until validation stops improving ({c.patience} evaluations)"
         )
         self.print(
-            f"[bold]{what}[/bold] {m.model} {m.num_layers}x{m.hidden_size} (embed {m.embed_size}, "
+            f"[bold]{what}[/bold] {m.cell} {m.num_layers}x{m.hidden_size} (embed {m.embed_size}, "
             f"{fmt_count(e.params)} params, vocab {m.vocab_size}) on {escape(e.corpus['name'])}: "
             f"{fmt_count(e.train_chars)} train / {fmt_count(e.val_chars)} validation chars; "
             f"{e.device} {e.precision}; batch {c.batch_size}x{c.seq_len}; budget {budget}"

@@ -173,4 +173,4 @@ class CharLM:
 
     def __repr__(self) -> str:
         c = self.model.config
-        return f"CharLM({c.model} {c.num_layers}x{c.hidden_size}, vocab {len(self.vocab)}, from {self.path})"
+        return f"CharLM({c.cell} {c.num_layers}x{c.hidden_size}, vocab {len(self.vocab)}, from {self.path})"

@@ -25,8 +25,8 @@ class CharRNN(nn.Module):
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.embed_size)
         kinds = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN, "rnn-relu": nn.RNN}
-        extra = {"nonlinearity": "relu"} if c.model == "rnn-relu" else {}
-        self.rnn = kinds[c.model](
+        extra = {"nonlinearity": "relu"} if c.cell == "rnn-relu" else {}
+        self.rnn = kinds[c.cell](
             c.embed_size,
             c.hidden_size,
             num_layers=c.num_layers,
@@ -45,12 +45,12 @@ class CharRNN(nn.Module):
         if init == "pytorch":
             return
         nn.init.normal_(self.embed.weight, std=1.0)
-        gates = {"lstm": 4, "gru": 3}.get(self.config.model, 1)
+        gates = {"lstm": 4, "gru": 3}.get(self.config.cell, 1)
         h = self.config.hidden_size
         for name, p in self.rnn.named_parameters():
             if name.startswith("bias"):
                 nn.init.zeros_(p)
-                if self.config.model == "lstm" and name.startswith("bias_ih"):
+                if self.config.cell == "lstm" and name.startswith("bias_ih"):
                     p.data[h : 2 * h] = 1.0  # gate order i, f, g, o
                 continue
             for block in p.data.split(h, dim=0)[:gates]:  # one square-ish block per gate
@@ -67,12 +67,12 @@ class CharRNN(nn.Module):
         c = self.config
         device = device or self.head.weight.device
         zeros = torch.zeros(c.num_layers, batch_size, c.hidden_size, device=device)
-        return (zeros, zeros.clone()) if c.model == "lstm" else (zeros,)
+        return (zeros, zeros.clone()) if c.cell == "lstm" else (zeros,)
 
     def forward(self, ids: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         """ids [B, T] -> logits [B, T, V] and the state after the last step."""
         x = self.drop(self.embed(ids))  # [B, T, E]
-        hidden = None if state is None else (state if self.config.model == "lstm" else state[0])
+        hidden = None if state is None else (state if self.config.cell == "lstm" else state[0])
         out, new = self.rnn(x, hidden)  # [B, T, H]
         logits = self.head(self.drop(out))  # [B, T, V]
         return logits, (new if isinstance(new, tuple) else (new,))

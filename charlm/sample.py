@@ -150,13 +150,13 @@ class StepModel:
     def __init__(self, model: CharRNN, precision: str = "fp32") -> None:
         cfg = model.config
         precision = resolve_sample_precision(precision, model.head.weight.device)
-        self.kind, self.size, self.precision = cfg.model, cfg.hidden_size, precision
+        self.kind, self.size, self.precision = cfg.cell, cfg.hidden_size, precision
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # of the state and pointwise maths
-        self.bounded = cfg.model != "rnn-relu"  # |h| <= 1: int8 inputs can use the fixed step 1/127
+        self.bounded = cfg.cell != "rnn-relu"  # |h| <= 1: int8 inputs can use the fixed step 1/127
         rnn, h = model.rnn, cfg.hidden_size
         order = (
             torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
-            if cfg.model == "lstm"
+            if cfg.cell == "lstm"
             else None
         )  # i, f, g, o -> i, f, o, g
 
@@ -168,7 +168,7 @@ class StepModel:
         for i in range(cfg.num_layers):
             w_ih, w_hh = rows(getattr(rnn, f"weight_ih_l{i}")), rows(getattr(rnn, f"weight_hh_l{i}"))
             b_ih, b_hh = rows(getattr(rnn, f"bias_ih_l{i}")), rows(getattr(rnn, f"bias_hh_l{i}"))
-            if cfg.model != "gru":  # GRU keeps b_hh apart: its n part is gated by r
+            if cfg.cell != "gru":  # GRU keeps b_hh apart: its n part is gated by r
                 b_ih, b_hh = b_ih + b_hh, None
             b_hh = None if b_hh is None else b_hh.to(self.dtype)
             if i == 0:  # one row per character: embedding -> input projection -> + biases

@@ -137,7 +137,7 @@ def best_path_of(last: Path) -> Path | None:
 
 
 MODEL_FLAGS = {
-    "model": "--model",
+    "cell": "--model",
     "hidden_size": "--hidden",
     "num_layers": "--layers",
     "embed_size": "--embed",

@@ -45,6 +45,13 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
 
 
 @pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test's own folder as the working folder, so ./checkpoints is private to the test."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
 def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
     path.write_text(make_text(40_000, seed=1), encoding="utf-8")
@@ -62,7 +69,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     corpus.write_text(make_text(60_000, seed=2), encoding="utf-8")
     result = train(
         corpus,
-        model=ModelConfig(vocab_size=1, model="lstm", hidden_size=48, embed_size=16, num_layers=2),
+        model=ModelConfig(vocab_size=1, cell="lstm", hidden_size=48, embed_size=16, num_layers=2),
         config=TrainConfig(
             steps=60, batch_size=16, seq_len=32, eval_every=30, lr=1e-2, warmup=5, precision="fp32", device="cpu"
         ),

@@ -28,10 +28,10 @@ TINY = [*CLI_TINY, "--steps", "10"]  # test_cli's tiny model, with a step budget
 
 
 @pytest.fixture
-def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "corpus.txt").write_text(make_text(30_000, seed=5), encoding="utf-8")
-    return tmp_path
+def in_tmp(in_tmp: Path) -> Path:
+    """conftest's working folder, with a corpus.txt in it."""
+    (in_tmp / "corpus.txt").write_text(make_text(30_000, seed=5), encoding="utf-8")
+    return in_tmp
 
 
 # ------------------------------------------------------------------------------------------ exit codes
@@ -191,7 +191,7 @@ def test_resume_with_changed_model_options_names_each_with_both_values(
 def test_the_cli_reads_its_defaults_from_the_library_config() -> None:
     options = {p.name: p for p in cli.commands["train"].params}
     for flag, (cls, field) in {
-        "cell": (ModelConfig, "model"),
+        "cell": (ModelConfig, "cell"),
         "layers": (ModelConfig, "num_layers"),
         "embed": (ModelConfig, "embed_size"),
         "dropout": (ModelConfig, "dropout"),
@@ -234,7 +234,7 @@ def test_the_api_and_the_cli_train_the_same_model(in_tmp: Path, capsys: pytest.C
     )
     assert code == 0
     a, b = ckpt.read_header(api.checkpoint), ckpt.read_header(Path(json.loads(out)["checkpoint"]))
-    assert a.model == b.model and a.model.model == "gru" and a.model.hidden_size == budget_hidden_size(None)
+    assert a.model == b.model and a.model.cell == "gru" and a.model.hidden_size == budget_hidden_size(None)
     assert a.train == b.train
 
 

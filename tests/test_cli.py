@@ -29,12 +29,6 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def test_train_sample_perplexity_info_end_to_end(in_tmp: Path, text_file: Path, capsys: pytest.CaptureFixture[str]):
     code, out, err = run_cli(["train", str(text_file), "--steps", "30", "--json", *TINY], capsys)
     assert code == 0, err

@@ -146,12 +146,6 @@ def test_a_version_1_archive_cannot_claim_adaptation(two_segments: bytes, model:
 # ------------------------------------------------------------------------------------------- the CLI
 
 
-@pytest.fixture
-def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def test_cli_round_trip_json_and_default_names(
     in_tmp: Path, tiny_checkpoint: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

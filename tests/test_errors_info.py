@@ -36,12 +36,6 @@ TINY = [
 
 
 @pytest.fixture
-def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-@pytest.fixture
 def model_file(in_tmp: Path, tiny_checkpoint: Path) -> Path:
     """A copy of the tiny checkpoint in the working folder, as a user would mistype it."""
     return Path(shutil.copy(tiny_checkpoint, in_tmp / "words.safetensors")).relative_to(in_tmp)

@@ -28,7 +28,7 @@ def tiny_config(**overrides: object) -> TrainConfig:
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "rnn-relu"])
 def test_whole_sequence_equals_chunks_with_carried_state(cell: str) -> None:
     torch.manual_seed(0)
-    model = CharRNN(ModelConfig(vocab_size=20, model=cell, **TINY)).eval()  # type: ignore[arg-type]
+    model = CharRNN(ModelConfig(vocab_size=20, cell=cell, **TINY)).eval()  # type: ignore[arg-type]
     ids = torch.randint(0, 20, (3, 24))
     whole, whole_state = model(ids)
     state = None
@@ -43,7 +43,7 @@ def test_whole_sequence_equals_chunks_with_carried_state(cell: str) -> None:
 
 @pytest.mark.parametrize("init", ["orthogonal", "xavier", "he", "pytorch"])
 def test_initialisations(init: str) -> None:
-    model = CharRNN(ModelConfig(vocab_size=10, model="lstm", init=init, **TINY))  # type: ignore[arg-type]
+    model = CharRNN(ModelConfig(vocab_size=10, cell="lstm", init=init, **TINY))  # type: ignore[arg-type]
     if init == "orthogonal":
         w = model.rnn.weight_hh_l0[:32]
         torch.testing.assert_close(w @ w.T, torch.eye(32), atol=1e-5, rtol=0)
@@ -104,7 +104,7 @@ def test_same_seed_gives_identical_weights(text_file: Path, tmp_path: Path) -> N
     for name in ("a", "b"):
         r = train(
             text_file,
-            model=ModelConfig(vocab_size=1, model="lstm", dropout=0.1, **TINY),
+            model=ModelConfig(vocab_size=1, cell="lstm", dropout=0.1, **TINY),
             config=tiny_config(steps=25),
             out=tmp_path / f"{name}.safetensors",
         )
@@ -115,7 +115,7 @@ def test_same_seed_gives_identical_weights(text_file: Path, tmp_path: Path) -> N
 
 
 def test_interrupted_and_resumed_run_ends_bit_identical(text_file: Path, tmp_path: Path) -> None:
-    model = ModelConfig(vocab_size=1, model="lstm", dropout=0.1, **TINY)
+    model = ModelConfig(vocab_size=1, cell="lstm", dropout=0.1, **TINY)
     config = tiny_config(steps=50, eval_every=15)
     whole = train(text_file, model=model, config=config, out=tmp_path / "whole.safetensors")
 
@@ -187,3 +187,24 @@ def test_checkpoint_header_reads_without_tensors(tiny_checkpoint: Path) -> None:
     assert "best_val_loss" in header.metrics
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         ckpt.read_header(tiny_checkpoint.with_name("missing.safetensors"))
+
+
+def test_a_checkpoint_from_before_the_cell_rename_loads_and_samples_the_same(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """Checkpoints written before ModelConfig.model became ModelConfig.cell name the cell "model"."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tiny_checkpoint), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model = json.loads(meta["model"])
+    model["model"] = model.pop("cell")
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**meta, "model": json.dumps(model)})
+    a, b = CharLM.load(tiny_checkpoint), CharLM.load(old)
+    assert b.model.config == a.model.config and b.model.config.cell == "lstm"
+    assert b.sample("the ", length=40, rng_seed=3) == a.sample("the ", length=40, rng_seed=3)

@@ -107,7 +107,7 @@ def test_bad_sampling_options(lm: CharLM, options: dict, message: str) -> None:
 
 
 def _uniform_model(vocab_size: int) -> CharRNN:
-    model = CharRNN(ModelConfig(vocab_size=vocab_size, model="lstm", hidden_size=8, embed_size=4, num_layers=1))
+    model = CharRNN(ModelConfig(vocab_size=vocab_size, cell="lstm", hidden_size=8, embed_size=4, num_layers=1))
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.zero_()
@@ -175,7 +175,7 @@ def test_one_step_cells_match_the_fused_layer(cell: str) -> None:
     from charlm.sample import StepModel
 
     torch.manual_seed(0)
-    model = CharRNN(ModelConfig(vocab_size=12, model=cell, hidden_size=24, embed_size=8, num_layers=3)).eval()
+    model = CharRNN(ModelConfig(vocab_size=12, cell=cell, hidden_size=24, embed_size=8, num_layers=3)).eval()
     ids = torch.randint(0, 12, (4, 9))
     expected, final = model(ids)
     step = StepModel(model)
@@ -194,7 +194,7 @@ def test_smaller_weights_keep_the_next_character_distribution(cell: str, precisi
     from charlm.sample import StepModel
 
     torch.manual_seed(0)
-    model = CharRNN(ModelConfig(vocab_size=30, model=cell, hidden_size=64, embed_size=16, num_layers=2)).eval()
+    model = CharRNN(ModelConfig(vocab_size=30, cell=cell, hidden_size=64, embed_size=16, num_layers=2)).eval()
     ids = torch.randint(0, 30, (8, 40))
     exact, approx = StepModel(model, "fp32"), StepModel(model, precision)
     for step in (exact, approx):
@@ -208,7 +208,7 @@ def test_gumbel_draw_follows_the_tempered_distribution() -> None:
     from charlm.sample import Sampler
     from charlm.vocab import Vocab
 
-    model = CharRNN(ModelConfig(vocab_size=6, model="lstm", hidden_size=8, embed_size=4))
+    model = CharRNN(ModelConfig(vocab_size=6, cell="lstm", hidden_size=8, embed_size=4))
     sampler = Sampler(model, Vocab(list("abcdef")))
     logits = torch.tensor([[0.0, 2.0, -1.0, 1.0, float("-inf"), 0.5]]).expand(20_000, -1)
     pick = sampler._gumbel(0.7, 3, torch.Generator().manual_seed(0))
