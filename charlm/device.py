@@ -149,6 +149,7 @@ class ThreadTuner:
         *,
         clock: Callable[[], float] = time.perf_counter,
         all_cores_first: bool = False,
+        probe_s: float | None = None,
     ) -> None:
         self.before = torch.get_num_threads()
         fixed = fixed_threads(threads)
@@ -160,6 +161,7 @@ class ThreadTuner:
         # takes ~0.1 s whatever the speed, and a short quiet run should not start on the slower count)
         self.choices = [cores, 1] if all_cores_first else [1, cores]
         self.clock = clock
+        self.probe_s = self.PROBE_S if probe_s is None else probe_s
         self.choice = self.choices[0] if self.active else (fixed or self.before)
         self.history: list[tuple[float, int]] = []  # (time, threads) at each change, for reports
         self._pending_work = 0.0
@@ -244,7 +246,7 @@ class ThreadTuner:
             return
         self._samples.append((work, seconds))
         measured = sum(s for _, s in self._samples)
-        if measured < self.PROBE_S and len(self._samples) < 3 or len(self._samples) < 2:
+        if measured < self.probe_s and len(self._samples) < 3 or len(self._samples) < 2:
             return
         self._probe_speeds[self._probe.pop(0)] = sum(w for w, _ in self._samples) / measured
         self._finish_candidate()

@@ -306,7 +306,9 @@ class Sampler:
         else:
             pick = self._filtered(temperature, top_k, top_p, generator)
         chars = self.vocab.chars
-        with ThreadTuner(self.device, self.threads, all_cores_first=True) as tuner:
+        # short probes: a sample is often over in a second, and a 0.4 s look at the slower count
+        # would cost it ~10% (bench/contention.py); 0.1 s still averages ~500 steps
+        with ThreadTuner(self.device, self.threads, all_cores_first=True, probe_s=0.1) as tuner:
             for i in range(length):
                 with tuner.unit(num_samples):
                     next_ids = pick(logits)
