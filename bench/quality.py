@@ -37,10 +37,11 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 from report import finish  # noqa: E402
 
-from charlm.data import Batches, cached_scan, load_corpus, split  # noqa: E402
+from charlm.data import cached_scan, load_corpus, split  # noqa: E402
 from charlm.device import configure_cpu  # noqa: E402
 from charlm.evaluate import evaluate  # noqa: E402
 from charlm.model import CharRNN, ModelConfig  # noqa: E402
+from charlm.streams import Batches  # noqa: E402
 
 CORPORA = {
     "shakespeare": "shakespeare",

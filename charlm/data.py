@@ -1,4 +1,4 @@
-"""Text files -> ids -> batches.
+"""Text files -> ids.
 
 Files are read in fixed-size chunks, so a corpus of any size needs bounded memory: one streaming pass
 counts the characters (building the vocab), a second writes the ids to a cache file that later runs
@@ -385,48 +385,3 @@ def split(ids: np.ndarray, val_fraction: float, *, max_chars: int | None = None)
     if max_chars is not None:
         n_val = max(2, min(n_val, max_chars))
     return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
-
-
-@dataclass(frozen=True)
-class Batches:
-    """The training text as `batch_size` side-by-side contiguous streams cut into `seq_len` chunks.
-
-    Chunk k of stream b is text[o + b*S + k*T : ... + T] with y the same shifted by one, so the
-    recurrent state of chunk k is the right starting state for chunk k + 1 (truncated BPTT). The
-    offset o in [0, T) changes each epoch (derived from the seed and the epoch number, so a resumed
-    run sees the same batches without saving any generator state).
-    """
-
-    ids: np.ndarray
-    batch_size: int
-    seq_len: int
-    rng_seed: int = 0
-
-    def __post_init__(self) -> None:
-        need = self.min_chars(self.batch_size, self.seq_len)
-        if len(self.ids) < need:
-            raise CorpusError(
-                f"the training text is too short for one batch: {len(self.ids)} characters, need at "
-                f"least {need} for --batch-size {self.batch_size} and --seq-len {self.seq_len}",
-                "lower --batch-size or --seq-len, or use a longer text",
-            )
-
-    @staticmethod
-    def min_chars(batch_size: int, seq_len: int) -> int:
-        return (batch_size + 1) * seq_len + 1
-
-    def offset(self, epoch: int) -> int:
-        return int(np.random.default_rng([self.rng_seed, epoch]).integers(self.seq_len))
-
-    def stream_len(self, epoch: int) -> int:
-        return (len(self.ids) - self.offset(epoch) - 1) // self.batch_size
-
-    def steps_in_epoch(self, epoch: int) -> int:
-        return self.stream_len(epoch) // self.seq_len
-
-    def get(self, epoch: int, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(x, y), each [B, T] int64, for chunk `step` of `epoch`."""
-        stream = self.stream_len(epoch)
-        starts = self.offset(epoch) + np.arange(self.batch_size) * stream + step * self.seq_len
-        window = self.ids[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)  # [B, T+1]
-        return window[:, :-1], window[:, 1:]

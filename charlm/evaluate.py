@@ -19,7 +19,8 @@ import torch
 
 from .device import ThreadTuner, autocast
 from .distributed import Dist
-from .model import CharRNN, cross_entropy_sum
+from .model import CharRNN
+from .streams import IGNORE, nll_sum
 from .units import bits_per_char, perplexity
 
 MIN_STREAM_CHARS = 4096  # streams shorter than this would make the stream-start effect visible
@@ -106,7 +107,7 @@ def score(
             valid = pos < hi[:, None]
             safe = np.minimum(pos, n - 1)
             target = ids[safe].astype(np.int64)
-            target[~valid] = -100
+            target[~valid] = IGNORE
             source = ids[np.maximum(safe - 1, 0)].astype(np.int64)
             source[pos == 0] = start_id
             x = torch.from_numpy(source).to(device, non_blocking=True)
@@ -114,7 +115,7 @@ def score(
             with timed(source.size):
                 with autocast(device, precision):
                     logits, state = model(x, state)
-                total += cross_entropy_sum(logits, y).double()
+                total += nll_sum(logits, y).double()
             if fold is not None:  # each folded character: P(unknown symbol) spread over all of them
                 total += (y == fold[0]).sum() * fold[1]
             if progress is not None:

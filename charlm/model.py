@@ -7,7 +7,6 @@ State is explicit: forward(ids, state) -> (logits, state), so callers carry it a
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import MAX_PARAMS, MAX_VOCAB, Cell, Init, ModelConfig  # noqa: F401 - re-exported
@@ -76,10 +75,3 @@ class CharRNN(nn.Module):
         out, new = self.rnn(x, hidden)  # [B, T, H]
         logits = self.head(self.drop(out))  # [B, T, V]
         return logits, (new if isinstance(new, tuple) else (new,))
-
-
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed nats over every target that is not -100 (padding), in fp32 whatever the autocast."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="sum", ignore_index=-100
-    )

@@ -33,7 +33,7 @@ from .config import (  # noqa: F401 - TrainConfig and parse_duration are re-expo
     default_lr,
     parse_duration,
 )
-from .data import Batches, Corpus, cached_scan, load_corpus, split
+from .data import Corpus, cached_scan, load_corpus, split
 from .device import (
     ThreadTuner,
     autocast,
@@ -47,7 +47,8 @@ from .device import (
 from .errors import CheckpointError, ConfigError, CorpusError, TrainingError
 from .evaluate import Metrics, evaluate
 from .files import atomic_write
-from .model import CharRNN, State, cross_entropy_sum
+from .model import CharRNN, State
+from .streams import Batches, nll_sum
 from .units import bits_per_char, perplexity
 from .vocab import Vocab
 
@@ -733,7 +734,7 @@ class _Run:
         y = torch.from_numpy(y_np[self.rows]).to(self.device, non_blocking=True)
         with autocast(self.device, self.precision):
             logits, new_state = self.forward(x, self.state)  # [B, T, V]
-        loss = cross_entropy_sum(logits, y) / y.numel()
+        loss = nll_sum(logits, y) / y.numel()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients across ranks here
         params = [p for p in self.net.parameters() if p.grad is not None]

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from charlm import data
-from charlm.data import Batches, corpus_from_text, iter_text, load_corpus, read_text, split
+from charlm.data import corpus_from_text, iter_text, load_corpus, read_text, split
 from charlm.errors import CorpusError, VocabError
+from charlm.streams import Batches
 from charlm.vocab import Vocab
 
 ASTRAL = "plain ascii, café, 中文, emoji 🙂🚀, math 𝔸𝔹, combining é\n"
