@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import math
 import os
 import struct
 from dataclasses import dataclass, field, replace
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CharlmError, CheckpointError
 from .files import atomic_write
+from .training.state import RunState
 from .vocab import Vocab
 
 if TYPE_CHECKING:
@@ -111,34 +111,13 @@ def _json_field(meta: dict, key: str, kind: type, path: Path) -> Any:
     return value
 
 
-# Training counters in a .last header and the smallest value each may take.
-_STATE_COUNTS = {
-    "step": 0,
-    "epoch": 0,
-    "chunk": 0,
-    "chars": 0,
-    "best_step": 0,
-    "evals_since_best": 0,
-    "plateau_bad": 0,
-    "skipped": 0,
-    "last_eval_step": -1,
-    "world": 1,
-}
-_STATE_REALS = ("elapsed", "best_val", "plateau_scale", "plateau_best")
-
-
 def _checked_state(state: dict, path: Path) -> dict:
-    """The training state is untrusted too: a resume does arithmetic on every value in it."""
-    for key, low in _STATE_COUNTS.items():
-        value = state.get(key, low)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise _bad(path, f"has an invalid training state ({key} = {value!r})")
-    for key in (*_STATE_REALS, "train_loss"):
-        value = state.get(key, 0.0)
-        if value is None and key == "train_loss":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise _bad(path, f"has an invalid training state ({key} = {value!r})")
+    """The training state is untrusted too: a resume does arithmetic on every value in it
+    (RunState is its one schema)."""
+    try:
+        RunState.from_dict(state)
+    except ValueError as e:
+        raise _bad(path, f"has an invalid training state ({e})") from None
     if not isinstance(state.get("optim_groups", []), list):
         raise _bad(path, "has an invalid training state (optim_groups)")
     return state

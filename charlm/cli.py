@@ -264,21 +264,13 @@ def train(
     rank0 = distributed.from_environment().is_main  # under torchrun only rank 0 talks
     set_verbosity(quiet=quiet or not rank0, verbose=verbose)
     from .console import TrainView, fmt_loss
-    from .trainer import resume_settings
     from .trainer import train as run
 
     if resume is not None and init_from is not None:
         raise click.UsageError(
             "--resume and --init-from do not go together: resume continues a run, --init-from starts a new one"
         )
-    ctx = click.get_current_context()
-    given = {name for name in ctx.params if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
-    settings = dict(
-        options,
-        time=parse_duration(time_budget) if time_budget else None,
-        save_every=parse_duration(save_every, "--save-every"),
-    )
-    model_options = {
+    model_values = {
         "cell": cell,
         "num_layers": layers,
         "hidden_size": hidden or 0,
@@ -286,25 +278,20 @@ def train(
         "dropout": dropout,
         "init": init,
     }
-    flag_of = {
-        "layers": "num_layers",
-        "hidden": "hidden_size",
-        "embed": "embed_size",
-        "time_budget": "time",
+    train_values = dict(
+        options,
+        time=parse_duration(time_budget) if time_budget else None,
+        save_every=parse_duration(save_every, "--save-every"),
+    )
+    # Only the options typed go to the library, which puts them on top of the defaults, or with
+    # --resume on top of the interrupted run's settings (an option left alone keeps the run's value).
+    flag_of = {"layers": "num_layers", "hidden": "hidden_size", "embed": "embed_size", "time_budget": "time"}
+    ctx = click.get_current_context()
+    typed = {
+        flag_of.get(name, name)
+        for name in ctx.params
+        if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
     }
-    resume_arg: bool | Path = False
-    if resume is None:
-        model: ModelConfig | None = ModelConfig(**model_options)
-        config = TrainConfig(**settings)
-    else:  # the interrupted run's settings, with only the options typed now on top
-        typed = {flag_of.get(name, name) for name in given}
-        config, model, resume_arg = resume_settings(
-            corpus,
-            out=out,
-            resume=Path(resume) if resume else True,
-            train_changes={k: v for k, v in settings.items() if k in typed},
-            model_changes={k: v for k, v in model_options.items() if k in typed},
-        )
     view = TrainView()
     sinks: list[Any] = [view]  # each takes every event and has close()
     if tensorboard is not None:
@@ -319,10 +306,10 @@ def train(
     try:
         result = run(
             corpus,
-            model=model,
-            config=config,
+            model={k: v for k, v in model_values.items() if k in typed},
+            config={k: v for k, v in train_values.items() if k in typed},
             out=out,
-            resume=resume_arg,
+            resume=False if resume is None else Path(resume) if resume else True,
             init_from=init_from,
             overwrite=overwrite,
             on_event=on_event,

@@ -84,12 +84,11 @@ class TrainView:
         self.last_line = time.monotonic()
 
     def __call__(self, event: Any) -> None:
-        from .trainer import Evaluated, Note, Started
-        from .trainer import Progress as StepEvent
+        from .training.events import Evaluated, Note, Started, Stepped
 
         if isinstance(event, Started):
             self.on_started(event)
-        elif isinstance(event, StepEvent):
+        elif isinstance(event, Stepped):
             self.on_progress(event)
         elif isinstance(event, Evaluated):
             self.on_eval(event)

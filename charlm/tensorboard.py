@@ -37,13 +37,13 @@ class TensorBoardLog:
         self.step = 0
 
     def __call__(self, event: Any) -> None:
-        from .trainer import Evaluated, Note, Progress, Started
+        from .training.events import Evaluated, Note, Started, Stepped
 
         if isinstance(event, Started):
             self.on_started(event)
         elif self.writer is None:
             return
-        elif isinstance(event, Progress):
+        elif isinstance(event, Stepped):
             self.step = event.step
             if event.train_loss is not None:
                 self.losses("train", event.train_loss, event.step)

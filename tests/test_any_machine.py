@@ -185,6 +185,47 @@ def test_resume_with_changed_model_options_names_each_with_both_values(
     assert code == 0, err and json.loads(out)["steps"] == 20
 
 
+def test_resume_from_python_continues_exactly_like_the_cli(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Resume is decided in the library: `train(resume=True)` given only the options to change
+    continues the run exactly as `charlm train --resume` with those flags, keeping the run's own
+    values (here none of them the defaults) for everything else."""
+    options = ["--dropout", "0.1", "--lr", "0.02", "--warmup", "3", "--schedule", "cosine", "--rng-seed", "9"]
+    assert run_cli(["train", "corpus.txt", "-o", "cli.safetensors", *TINY, *options], capsys)[0] == 0
+    for suffix in (".safetensors", ".last.safetensors", ".metrics.jsonl"):
+        (in_tmp / f"api{suffix}").write_bytes((in_tmp / f"cli{suffix}").read_bytes())
+    code, out, err = run_cli(
+        ["train", "corpus.txt", "--resume", "-o", "cli.safetensors", "--steps", "25", "--json"], capsys
+    )
+    assert code == 0, err
+    by_cli = json.loads(out)
+    by_api = train("corpus.txt", resume=True, out="api.safetensors", config={"steps": 25})
+    assert by_api.steps == by_cli["steps"] == 25 and by_api.val_loss == by_cli["val_loss"]
+    for suffix in (".safetensors", ".last.safetensors"):
+        a, b = ckpt.read_header(f"cli{suffix}"), ckpt.read_header(f"api{suffix}")
+        assert a.model == b.model and a.train == b.train
+        assert a.model.dropout == 0.1 and a.train["lr"] == 0.02 and a.train["steps"] == 25
+        tensors_a, tensors_b = ckpt.read_tensors(a), ckpt.read_tensors(b)
+        assert tensors_a.keys() == tensors_b.keys()
+        for name in tensors_a:
+            assert torch.equal(tensors_a[name], tensors_b[name]), (suffix, name)
+
+    def losses(path: str) -> list[tuple]:
+        records = map(json.loads, Path(path).read_text().splitlines())
+        return [(r["event"], r["step"], r.get("train_loss"), r.get("val_loss")) for r in records]
+
+    assert losses("api.metrics.jsonl") == losses("cli.metrics.jsonl")
+
+
+def test_resume_from_a_best_checkpoint_names_the_resume_file(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["train", "corpus.txt", *TINY], capsys)[0] == 0
+    code, _, err = run_cli(["train", "corpus.txt", "--resume", "checkpoints/corpus.safetensors"], capsys)
+    assert code == 2
+    assert err == (
+        "error: --resume: checkpoints/corpus.safetensors holds no training state (it is a best checkpoint): "
+        "resume from corpus.last.safetensors, or fine-tune with --init-from checkpoints/corpus.safetensors\n"
+    )
+
+
 # ---------------------------------------------------------------------------------- one set of defaults
 
 

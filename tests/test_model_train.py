@@ -14,7 +14,7 @@ from charlm import CharLM, ModelConfig, TrainConfig, train
 from charlm import checkpoint as ckpt
 from charlm.errors import CheckpointError, ConfigError
 from charlm.model import CharRNN
-from charlm.trainer import Progress
+from charlm.trainer import RunState, Stepped
 
 TINY = dict(hidden_size=32, embed_size=16, num_layers=2)
 
@@ -61,19 +61,19 @@ def test_bad_model_options() -> None:
 def test_loss_falls_and_checkpoint_reloads_identically(
     text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from charlm import trainer
+    from charlm.training.loop import Loop
 
     # A copy of the training network itself, taken each time a best checkpoint is written: the last
     # copy holds the in-memory weights that result.checkpoint must give back.
     saved_as_best: list[CharRNN] = []
-    real_save = trainer._Run.save
+    real_save = Loop.save
 
-    def save(run: trainer._Run, kind: str) -> None:
+    def save(run: Loop, kind: str) -> None:
         if kind == "best":
-            saved_as_best.append(copy.deepcopy(run.net).eval())
+            saved_as_best.append(copy.deepcopy(run.learner.net).eval())
         real_save(run, kind)
 
-    monkeypatch.setattr(trainer._Run, "save", save)
+    monkeypatch.setattr(Loop, "save", save)
     result = train(
         text_file, model=ModelConfig(vocab_size=1, **TINY), config=tiny_config(steps=80), out=tmp_path / "m.safetensors"
     )
@@ -120,7 +120,7 @@ def test_interrupted_and_resumed_run_ends_bit_identical(text_file: Path, tmp_pat
     whole = train(text_file, model=model, config=config, out=tmp_path / "whole.safetensors")
 
     def interrupt_at_23(event: object) -> None:
-        if isinstance(event, Progress) and event.step == 23:
+        if isinstance(event, Stepped) and event.step == 23:
             os.kill(os.getpid(), signal.SIGINT)  # the real Ctrl-C path: stop at the next step boundary
 
     part = train(text_file, model=model, config=config, out=tmp_path / "part.safetensors", on_event=interrupt_at_23)
@@ -145,6 +145,20 @@ def test_resume_refuses_other_corpus_or_options(text_file: Path, tmp_path: Path)
         CheckpointError, match=r"--resume: options differ from the interrupted run: --lr 0.5 \(was 0.01\)"
     ):
         train(text_file, config=tiny_config(steps=30, lr=0.5), out=out, resume=True)
+
+
+def test_run_state_round_trips_and_refuses_what_a_resume_cannot_count_with() -> None:
+    state = RunState(step=7, epoch=1, chunk=3, chars=900, elapsed=2.5, best_val=1.25, best_step=5, train_loss=1.5)
+    assert RunState.from_dict(state.to_dict()) == state
+    assert RunState.from_dict({}) == RunState()  # missing counters start where a new run starts
+    assert RunState.from_dict({**state.to_dict(), "optim_groups": []}) == state  # other header keys are not its
+    for key, value in [("step", -1), ("step", True), ("step", 1.5), ("last_eval_step", -2), ("world", 0)]:
+        with pytest.raises(ValueError, match=rf"^{key} = {value!r}$"):
+            RunState.from_dict({key: value})
+    for key, value in [("best_val", float("nan")), ("elapsed", "x"), ("plateau_scale", None), ("train_loss", False)]:
+        with pytest.raises(ValueError, match=rf"^{key} = "):
+            RunState.from_dict({key: value})
+    assert RunState.from_dict({"train_loss": None, "best_val": float("inf")}).best_val == float("inf")
 
 
 def test_fine_tune_extends_vocab_keeping_old_ids(text_file: Path, tmp_path: Path) -> None:

@@ -1,0 +1,152 @@
+"""Resume, decided here and nowhere else: which run continues, with which settings, and whether it can.
+
+The caller passes only what it wants changed (the CLI: the options typed on the command line), so
+`train(corpus, resume=True, config={"steps": 400})` and `charlm train CORPUS --resume --steps 400`
+continue the same run the same way. Changes that would break exact resume are refused, each named
+with both values.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .. import checkpoint as ckpt
+from ..config import RESUME_FIXED, ModelConfig, TrainConfig
+from ..data import Corpus
+from ..errors import CheckpointError
+from .paths import best_path_of, resume_path
+
+MODEL_FLAGS = {
+    "cell": "--model",
+    "hidden_size": "--hidden",
+    "num_layers": "--layers",
+    "embed_size": "--embed",
+    "dropout": "--dropout",
+    "init": "--init",
+}
+
+ModelSettings = ModelConfig | Mapping[str, Any] | None
+TrainSettings = TrainConfig | Mapping[str, Any] | None
+
+
+def last_checkpoint(
+    corpus: str | os.PathLike[str] | Corpus, out: str | os.PathLike[str] | None, resume: bool | str | os.PathLike[str]
+) -> Path:
+    """The .last checkpoint `resume` continues: the path given, else the newest run of the corpus's name."""
+    if out is not None:
+        name = ""  # --out names the run
+    elif isinstance(corpus, Corpus):
+        name = corpus.name
+    else:
+        from ..corpora import resolve
+
+        name = resolve(corpus)[1]
+    return resume_path(name, out, resume)
+
+
+def run_settings(
+    model: ModelSettings, config: TrainSettings, saved: ckpt.Header | None
+) -> tuple[ModelConfig | None, TrainConfig]:
+    """The run's (model, config). A mapping holds changes: on top of the interrupted run's settings
+    when resuming (`saved`), else on top of the defaults. A full config is taken as given (and, on
+    resume, checked against the run). A model of None means the defaults, or the run's own."""
+    if isinstance(config, TrainConfig):
+        train_config = config
+    elif saved is not None:
+        train_config = replace(TrainConfig.from_dict(saved.train), **(config or {}))
+    else:
+        train_config = TrainConfig(**(config or {}))
+    if isinstance(model, ModelConfig) or model is None:
+        return model, train_config
+    if saved is not None:
+        return (replace(saved.model, **model) if model else None), train_config
+    return ModelConfig(**model), train_config
+
+
+def opened(last: Path, saved: ckpt.Header | None) -> ckpt.Header:
+    """The header of the run to continue, refusing a path that holds none (missing, or a best checkpoint)."""
+    if saved is None:
+        raise CheckpointError(
+            f"--resume: no resume checkpoint at {last}",
+            "start without --resume, or give the .last.safetensors file to continue",
+        )
+    if saved.kind != "last" or "optim_groups" not in saved.state:
+        raise CheckpointError(
+            f"--resume: {last} holds no training state (it is a best checkpoint)",
+            f"resume from {ckpt.sibling_paths(best_path_of(last) or last)[0].name}, or fine-tune "
+            f"with --init-from {last}",
+        )
+    return saved
+
+
+def continued_config(header: ckpt.Header, config: TrainConfig, world: int) -> TrainConfig:
+    """`config` as the resumed run uses it: the run's batch per process for this many processes,
+    and the run's learning rate when none is given."""
+    config = _rebatch(header, config, world)
+    return config if config.lr is not None else replace(config, lr=header.train.get("lr"))
+
+
+def _rebatch(header: ckpt.Header, config: TrainConfig, world: int) -> TrainConfig:
+    """Resuming with another number of processes keeps the global batch, so the data and the
+    optimizer see the same run: per-process batch = saved global batch / processes now."""
+    saved_world = int(header.state.get("world", 1))
+    saved_batch = header.train.get("batch_size")
+    if not isinstance(saved_batch, int) or saved_world == world:
+        return config
+    global_batch = saved_batch * saved_world
+    if global_batch % world:
+        raise CheckpointError(
+            f"--resume: the run's global batch of {global_batch} streams does not split over {world} processes",
+            f"resume with a number of processes that divides {global_batch}",
+        )
+    if config.batch_size not in (saved_batch, global_batch // world):
+        return config  # check_resume reports the conflicting --batch-size
+    return replace(config, batch_size=global_batch // world)
+
+
+def check_resume(header: ckpt.Header, data: Corpus, config: TrainConfig, world: int = 1) -> None:
+    """Refuse a resume that could not continue the same run, saying exactly what differs."""
+    was = header.corpus
+    if was.get("sha256") and was.get("sha256") != data.sha256:
+        raise CheckpointError(
+            f"--resume: the corpus differs from the one this run trained on ({was.get('name')}, "
+            f"{was.get('chars')} chars, sha256 {str(was.get('sha256'))[:12]}...; this is {data.name}, "
+            f"{len(data)} chars, sha256 {data.sha256[:12]}...)",
+            f"resume with the original text, or fine-tune with --init-from {header.path}",
+        )
+    before = header.train
+    diffs = [
+        f"--{k.replace('_', '-')} {getattr(config, k)!r} (was {before[k]!r})"
+        for k in RESUME_FIXED
+        if k in before and k != "batch_size" and before[k] != getattr(config, k)
+    ]
+    saved_global = before.get("batch_size", config.batch_size) * int(header.state.get("world", 1))
+    if saved_global != config.batch_size * world:
+        diffs.insert(
+            0,
+            f"--batch-size {config.batch_size} (was {before.get('batch_size')!r}"
+            f"{' per process' if world > 1 or saved_global != before.get('batch_size') else ''})",
+        )
+    if diffs:
+        raise CheckpointError(
+            f"--resume: options differ from the interrupted run: {', '.join(diffs)}",
+            "drop them to continue the same run, or start a new one with --init-from",
+        )
+
+
+def check_resume_model(asked: ModelConfig, saved: ModelConfig) -> None:
+    """Refuse model options that differ from the interrupted run's, naming each with both values."""
+    diffs = [
+        f"{flag} {getattr(asked, key)!r} (was {getattr(saved, key)!r})"
+        for key, flag in MODEL_FLAGS.items()
+        if getattr(asked, key) != getattr(saved, key) and not (key == "hidden_size" and not asked.hidden_size)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"--resume: the model options differ from the interrupted run: {', '.join(diffs)}",
+            "drop them to continue the same run, or start a new one with --init-from",
+        )

@@ -1,0 +1,33 @@
+"""The learning rate at each step, and how often to validate."""
+
+from __future__ import annotations
+
+import math
+
+from ..config import TrainConfig
+
+
+def learning_rate(
+    config: TrainConfig, *, step: int, fraction: float | None, epoch: float, plateau_scale: float
+) -> float:
+    """The rate for `step`: linear warmup, then the chosen decay (nanoGPT's get_lr, generalised)."""
+    warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
+    schedule = config.effective_schedule()
+    if schedule == "cosine":
+        f = min(1.0, max(0.0, fraction or 0.0))
+        decay = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * f))
+    elif schedule == "exponential":
+        decay = max(config.min_lr_ratio, config.lr_decay**epoch)
+    elif schedule == "plateau":
+        decay = plateau_scale
+    else:
+        decay = 1.0
+    return config.lr * warm * decay  # type: ignore[operator] - build_learner fills in lr
+
+
+def auto_eval_every(val_chars: int, config: TrainConfig) -> int:
+    """Steps between evaluations so that scoring the validation split costs ~10% of training
+    (a forward pass costs about a third of forward + backward per character)."""
+    if config.eval_every:
+        return config.eval_every
+    return max(100, math.ceil(val_chars / (0.3 * config.batch_size * config.seq_len)))

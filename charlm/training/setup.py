@@ -1,0 +1,245 @@
+"""Set-up of a training run: each function builds one typed piece, in the order train() calls them.
+
+The order matters for exact repeats: the model is built right after seeding, so its first weights
+depend on the seed alone, and a resumed run restores the generators last.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .. import checkpoint as ckpt
+from .. import distributed
+from ..config import ModelConfig, TrainConfig, budget_hidden_size, default_lr
+from ..data import Corpus, cached_scan, load_corpus, split
+from ..device import configure_cpu, resolve_device, resolve_precision, seed_everything, set_rng_state
+from ..distributed import Dist
+from ..errors import CheckpointError, CorpusError
+from ..model import CharRNN, State
+from ..streams import Batches
+from .events import EventSink
+from .finetune import extend_vocab, grow_model
+from .optim import load_optimizer, make_optimizer
+from .paths import best_path_of, default_paths, new_run_path
+from .resume import check_resume, check_resume_model, opened
+from .state import RunState
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where this process computes: its device, its place in a torchrun job, the autocast dtype."""
+
+    device: torch.device
+    dist: Dist
+    precision: Literal["fp32", "bf16"]
+
+
+def plan_devices(config: TrainConfig) -> DevicePlan:
+    """Threads, the device, the torchrun job if there is one (each rank its own GPU), the precision."""
+    configure_cpu(config.threads)
+    dist, device = distributed.setup(resolve_device(config.device))
+    return DevicePlan(device=device, dist=dist, precision=resolve_precision(config.precision, device))
+
+
+def event_sink(on_event: EventSink | None, dist: Dist) -> EventSink:
+    """The caller's listener on rank 0; the other ranks of a torchrun job stay silent."""
+    if on_event is None or not dist.is_main:
+        return lambda event: None
+    return on_event
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a run writes, and what it starts from: the run it continues, or the model it fine-tunes."""
+
+    name: str
+    source: Path | None  # the corpus file; None for a Corpus given in memory
+    best_path: Path
+    resumed: ckpt.Header | None = None
+    init: ckpt.Header | None = None
+    note: str = ""  # for the user, when a new run does not simply take the plain name
+
+    @property
+    def last_path(self) -> Path:
+        return ckpt.sibling_paths(self.best_path)[0]
+
+    @property
+    def metrics_path(self) -> Path:
+        return ckpt.sibling_paths(self.best_path)[1]
+
+
+def plan_origin(
+    corpus: str | os.PathLike[str] | Corpus,
+    *,
+    out: str | os.PathLike[str] | None,
+    last: Path | None,
+    saved: ckpt.Header | None,
+    init_from: str | os.PathLike[str] | None,
+    overwrite: bool,
+) -> Origin:
+    """A resumed run (`last` set) writes beside its .last file, or to --out; a new run takes the
+    next free name (see paths.new_run_path)."""
+    if isinstance(corpus, Corpus):
+        name, source = corpus.name, None
+    else:
+        from ..corpora import resolve
+
+        source, name = resolve(corpus)
+    if last is not None:
+        resumed = opened(last, saved)
+        best = default_paths(name, out) if out is not None else best_path_of(last) or default_paths(name, out)
+        return Origin(name, source, best, resumed=resumed)
+    best, note = new_run_path(name, out, overwrite=overwrite)
+    init = ckpt.read_header(init_from) if init_from is not None else None
+    return Origin(name, source, best, init=init, note=note)
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The text as ids, split, and cut into the global batch's streams."""
+
+    corpus: Corpus
+    train_ids: np.ndarray  # [N_train]
+    val_ids: np.ndarray  # [N_val] the tail of the text
+    batches: Batches  # every process's streams: batch_size x processes
+    rows: slice  # this process's rows of the global batch
+    new_chars: list[str]  # characters --init-from added to the vocab
+
+    def identity(self) -> dict:
+        """The corpus entry of the checkpoint headers (and of the Started event)."""
+        return {**self.corpus.identity(), "train_chars": len(self.train_ids), "val_chars": len(self.val_ids)}
+
+
+def load_data(corpus: str | os.PathLike[str] | Corpus, origin: Origin, config: TrainConfig, dist: Dist) -> RunData:
+    """Text -> vocab (the resumed run's, the fine-tuned model's grown, or a new one) -> ids -> streams."""
+    new_chars: list[str] = []
+    if isinstance(corpus, Corpus):
+        data = corpus
+        if origin.resumed is not None and data.vocab != origin.resumed.vocab:
+            raise CheckpointError("--resume: the text's vocab differs from the checkpoint's")
+    else:
+        scan = cached_scan(origin.source)  # type: ignore[arg-type] - a file: resolved by plan_origin
+        if origin.resumed is not None:
+            vocab = origin.resumed.vocab
+        elif origin.init is not None:
+            vocab, new_chars = extend_vocab(origin.init.vocab, scan.counts)
+        else:
+            vocab = scan.vocab(min_count=config.min_count)
+        data = load_corpus(origin.source, vocab=vocab, name=origin.name)  # type: ignore[arg-type]
+    if origin.resumed is not None:
+        check_resume(origin.resumed, data, config, dist.world)
+    global_batch = config.batch_size * dist.world
+    need = math.ceil(Batches.min_chars(global_batch, config.seq_len) / (1 - config.val_fraction)) + 2
+    if len(data) < need:
+        raise CorpusError(
+            f"{data.path or data.name} is too short to train on: {len(data)} characters, need at least {need} for "
+            f"--batch-size {global_batch}, --seq-len {config.seq_len} and --val-fraction "
+            f"{config.val_fraction}",
+            "lower --batch-size or --seq-len, or use a longer text",
+        )
+    train_ids, val_ids = split(data.ids, config.val_fraction, max_chars=config.max_val_chars)
+    return RunData(
+        corpus=data,
+        train_ids=train_ids,
+        val_ids=val_ids,
+        batches=Batches(train_ids, global_batch, config.seq_len, config.rng_seed),
+        rows=slice(dist.rank * config.batch_size, (dist.rank + 1) * config.batch_size),
+        new_chars=new_chars,
+    )
+
+
+@dataclass(frozen=True)
+class Learner:
+    """The model being trained and what updates it."""
+
+    net: CharRNN  # the model itself: checkpoints and validation use it
+    forward: torch.nn.Module  # what a step calls: the model, or its DistributedDataParallel wrapper
+    opt: torch.optim.AdamW
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.net.parameters())
+
+
+def build_learner(
+    origin: Origin,
+    data: RunData,
+    model: ModelConfig | None,
+    config: TrainConfig,
+    devices: DevicePlan,
+    saved_tensors: dict[str, torch.Tensor],
+) -> tuple[Learner, TrainConfig]:
+    """The model (the resumed run's, the fine-tuned one grown to the vocab, or a new one) and its
+    optimizer; and `config` with the learning rate filled in from the model's width when not given."""
+    seed_everything(config.rng_seed)
+    if origin.resumed is not None:
+        net = ckpt.build_model(origin.resumed, saved_tensors)
+        if model is not None:
+            check_resume_model(replace(model, vocab_size=net.config.vocab_size), net.config)
+    elif origin.init is not None:
+        net = ckpt.build_model(origin.init)
+        if len(data.corpus.vocab) > net.config.vocab_size:
+            net = grow_model(net, len(data.corpus.vocab))
+    else:
+        net = CharRNN(replace(fill_model(model or ModelConfig(), config), vocab_size=len(data.corpus.vocab)))
+    if config.lr is None:
+        config = replace(config, lr=default_lr(net.config.hidden_size))
+    net = net.to(devices.device).train()
+    forward: torch.nn.Module = net
+    if devices.dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        torch.manual_seed(config.rng_seed + devices.dist.rank)  # each rank its own dropout masks
+        device_ids = [devices.device] if devices.device.type == "cuda" else None
+        forward = DistributedDataParallel(net, device_ids=device_ids)
+    return Learner(net=net, forward=forward, opt=make_optimizer(net, config, devices.device)), config
+
+
+def fill_model(model: ModelConfig, config: TrainConfig) -> ModelConfig:
+    """`model` with a hidden size of 0 ("from the budget") filled in."""
+    if model.hidden_size:
+        return model
+    return replace(model, hidden_size=budget_hidden_size(config.time))
+
+
+def restore_state(
+    learner: Learner,
+    origin: Origin,
+    data: RunData,
+    config: TrainConfig,
+    devices: DevicePlan,
+    saved_tensors: dict[str, torch.Tensor],
+) -> tuple[RunState, State]:
+    """(counters, recurrent state) to start from: zeros for a new run; for a resumed one the saved
+    counters, optimizer moments, random generators and this process's rows of the saved state."""
+    hidden = learner.net.initial_state(config.batch_size, devices.device)  # each [L, B, H]
+    if origin.resumed is None:
+        return RunState(world=devices.dist.world), hidden
+    saved = origin.resumed.state
+    state = replace(RunState.from_dict(saved), world=devices.dist.world)
+    load_optimizer(learner.opt, saved_tensors, saved["optim_groups"])
+    if devices.dist.is_main:
+        rng = {k[len("rng.") :]: v for k, v in saved_tensors.items() if k.startswith("rng.")}
+        set_rng_state(rng, devices.device)
+    kept = [saved_tensors.get(f"hidden.{i}") for i in range(len(hidden))]  # each [L, global B, H]
+    if all(h is not None and h.shape[1] == data.batches.batch_size for h in kept):
+        hidden = tuple(h[:, data.rows].to(devices.device) for h in kept)  # type: ignore[index]
+    return state, hidden
+
+
+def run_header(net: CharRNN, data: RunData, config: TrainConfig) -> dict:
+    """The header entries every checkpoint of the run shares."""
+    return {
+        "model": net.config.to_dict(),
+        "vocab": list(data.corpus.vocab.chars),
+        "folded": list(data.corpus.vocab.folded),
+        "train": config.to_dict(),
+        "corpus": data.identity(),
+    }
