@@ -39,7 +39,7 @@ from charlm.device import configure_cpu, cpu_has_fast_bf16  # noqa: E402
 from charlm.evaluate import evaluate  # noqa: E402
 from charlm.model import CharRNN, ModelConfig  # noqa: E402
 from charlm.sample import Sampler  # noqa: E402
-from charlm.trainer import Progress, TrainConfig, train  # noqa: E402
+from charlm.trainer import Stepped, TrainConfig, train  # noqa: E402
 
 V, E, H, LAYERS, B, T = 96, 64, 512, 2, 64, 128
 
@@ -182,7 +182,7 @@ def charlm_train_rate(cell: str, precision: str, steps: int, corpus: object) -> 
     stamps: dict[int, float] = {}
 
     def listen(event: object) -> None:
-        if isinstance(event, Progress):
+        if isinstance(event, Stepped):
             stamps[event.step] = time.perf_counter()
 
     with tempfile.TemporaryDirectory() as folder:
@@ -250,7 +250,7 @@ def charlm_sample_rate(streams: int, length: int, precision: str = "fp32") -> fl
     from charlm.vocab import Vocab
 
     model = CharRNN(ModelConfig(vocab_size=V, cell="lstm", hidden_size=H, num_layers=LAYERS, embed_size=E))
-    sampler = Sampler(model, Vocab([chr(32 + i) for i in range(V)]), precision=precision)
+    sampler = Sampler(model, Vocab([chr(32 + i) for i in range(V)]), weight_format=precision)
     start = time.perf_counter()
     for _ in sampler.stream("a", length=length, num_samples=streams, rng_seed=0):
         pass

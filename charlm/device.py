@@ -16,7 +16,8 @@ import torch
 from .errors import ConfigError
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16"]  # the autocast dtype of training and scoring
+WeightFormat = Literal["fp32", "bf16", "int8"]  # the weights a sampler reads each step
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -61,15 +62,16 @@ def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "
     return "fp32"
 
 
-def resolve_sample_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16", "int8"]:
-    """The weights a sampler reads each step. 'auto': int8 on an x86 CPU, where one stream is bound by
-    the bytes of weights read per character (int8 reads a quarter of fp32's); bf16 on a GPU that has it."""
-    if precision not in ("auto", "fp32", "bf16", "int8"):
-        raise ConfigError(f"--precision must be auto, fp32, bf16 or int8 (got {precision!r})")
-    if precision == "int8" and device.type != "cpu":
+def resolve_weight_format(weight_format: str, device: torch.device) -> WeightFormat:
+    """The weights a sampler reads each step (`sample --precision`). 'auto': int8 on an x86 CPU, where
+    one stream is bound by the bytes of weights read per character (int8 reads a quarter of fp32's);
+    bf16 on a GPU that has it."""
+    if weight_format not in ("auto", "fp32", "bf16", "int8"):
+        raise ConfigError(f"--precision must be auto, fp32, bf16 or int8 (got {weight_format!r})")
+    if weight_format == "int8" and device.type != "cpu":
         raise ConfigError(f"int8 sampling runs on the CPU only (not {device.type})", "use --precision bf16 or fp32")
-    if precision != "auto":
-        return precision  # type: ignore[return-value]
+    if weight_format != "auto":
+        return weight_format  # type: ignore[return-value]
     if device.type == "cpu" and cpu_has_fast_int8():
         return "int8"
     return resolve_precision("auto", device)
@@ -94,12 +96,32 @@ def seed_everything(seed: int) -> None:
 
 def configure_cpu(threads: int | None = None) -> None:
     """Denormals cost ~100x on x86; flushing them changes nothing a language model can notice.
-    threads=None leaves the thread count to a ThreadTuner (or to OMP_NUM_THREADS when it is set)."""
+    threads=None leaves the thread count to a ThreadTuner (or to OMP_NUM_THREADS when it is set).
+    Process-wide and not undone: for a program's own start-up; library calls use `cpu_settings`."""
     torch.set_flush_denormal(True)
     if threads:
         torch.set_num_threads(threads)
     elif "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(cpu_cores())
+
+
+def flushes_denormals() -> bool:
+    """Whether this thread flushes denormal floats to zero (torch.set_flush_denormal has no getter)."""
+    return torch.tensor([1e-39], dtype=torch.float32).mul(2.0).item() == 0.0
+
+
+@contextlib.contextmanager
+def cpu_settings(threads: int | None = None) -> Iterator[None]:
+    """`configure_cpu(threads)` for the length of a library call: the caller's thread count and
+    denormal mode are back when it ends, however it ends."""
+    threads_before, flush_before = torch.get_num_threads(), flushes_denormals()
+    configure_cpu(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
+        torch.set_flush_denormal(flush_before)
 
 
 def cpu_cores() -> int:

@@ -20,7 +20,7 @@ import torch
 from .device import ThreadTuner, autocast
 from .distributed import Dist
 from .model import CharRNN
-from .streams import IGNORE, nll_sum
+from .streams import IGNORE, Cuts, nll_sum, shifted_chunks, stream_bounds
 from .units import bits_per_char, perplexity
 
 MIN_STREAM_CHARS = 4096  # streams shorter than this would make the stream-start effect visible
@@ -60,9 +60,9 @@ def _untimed(size: float) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def stream_count(n: int, batch_size: int) -> int:
-    """How many parallel streams to score `n` characters with: at most `batch_size`, each long."""
-    return max(1, min(batch_size, n // MIN_STREAM_CHARS))
+def scoring_cuts(batch_size: int) -> Cuts:
+    """The streams a text is scored in: at most `batch_size`, each long."""
+    return Cuts(max_streams=batch_size, min_chars=MIN_STREAM_CHARS)
 
 
 @torch.inference_mode()
@@ -86,40 +86,28 @@ def score(
     scores, so summing the shards gives the single-process figure. `tuner` times each chunk so the
     thread count follows the machine's load (see device.ThreadTuner).
     """
-    n = len(ids)
     device = device or next(model.parameters()).device
-    streams = stream_count(n, batch_size)
-    mine = np.arange(shard[0], streams, shard[1])
-    lo = np.array([b * n // streams for b in mine], dtype=np.int64)
-    hi = np.array([(b + 1) * n // streams for b in mine], dtype=np.int64)
+    lo, hi = stream_bounds(len(ids), scoring_cuts(batch_size).count(len(ids)))
+    lo, hi = lo[shard[0] :: shard[1]], hi[shard[0] :: shard[1]]  # [B] this shard's streams
     total = torch.zeros((), dtype=torch.float64, device=device)
-    if len(mine) == 0:
+    if len(lo) == 0:
         return total, 0
-    longest = int((hi - lo).max())
     was_training = model.training
     model.eval()
-    state = model.initial_state(len(mine), device)
+    state = model.initial_state(len(lo), device)
     timed = tuner.unit if tuner is not None else _untimed
     try:
-        for k in range(0, longest, chunk):
-            width = min(chunk, longest - k)
-            pos = lo[:, None] + k + np.arange(width)  # [B, T] positions of the targets
-            valid = pos < hi[:, None]
-            safe = np.minimum(pos, n - 1)
-            target = ids[safe].astype(np.int64)
-            target[~valid] = IGNORE
-            source = ids[np.maximum(safe - 1, 0)].astype(np.int64)
-            source[pos == 0] = start_id
-            x = torch.from_numpy(source).to(device, non_blocking=True)
-            y = torch.from_numpy(target).to(device, non_blocking=True)
+        for source, target in shifted_chunks(ids, lo, hi, start_id=start_id, chunk=chunk):
+            x = torch.from_numpy(source).to(device, non_blocking=True)  # [B, T]
+            y = torch.from_numpy(target).to(device, non_blocking=True)  # [B, T]
             with timed(source.size):
                 with autocast(device, precision):
-                    logits, state = model(x, state)
+                    logits, state = model(x, state)  # [B, T, V]
                 total += nll_sum(logits, y).double()
             if fold is not None:  # each folded character: P(unknown symbol) spread over all of them
                 total += (y == fold[0]).sum() * fold[1]
             if progress is not None:
-                progress(int(valid.sum()))
+                progress(int((target != IGNORE).sum()))
     finally:
         model.train(was_training)
     return total, int((hi - lo).sum())
@@ -163,5 +151,5 @@ def evaluate(
         unknown=unknown,
         unknown_chars=list(unknown_chars or []),
         elapsed_s=time.perf_counter() - started,
-        streams=stream_count(count, batch_size),
+        streams=scoring_cuts(batch_size).count(count),
     )

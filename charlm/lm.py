@@ -1,4 +1,8 @@
-"""CharLM: a trained model ready to use, the facade that `sample` and `perplexity` share."""
+"""CharLM: a trained model ready to use, the facade that `sample` and `perplexity` share.
+
+Each call runs under `device.cpu_settings(threads)` (flush denormals, the thread count asked for)
+and gives the caller's settings back when it ends: loading a model changes nothing process-wide.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .data import corpus_from_text, load_corpus
-from .device import ThreadTuner, configure_cpu, resolve_device, resolve_precision, resolve_sample_precision
+from .device import ThreadTuner, cpu_settings, resolve_device, resolve_precision, resolve_weight_format
 from .evaluate import Metrics, evaluate
 from .model import CharRNN
 from .sample import Sampler
@@ -32,10 +36,10 @@ class CharLM:
         self.vocab = vocab
         self.header = header
         self.device = next(model.parameters()).device
-        self.precision = precision  # of scoring
-        self.sample_precision = resolve_sample_precision(sample_precision, self.device)
+        self.precision = precision  # the autocast dtype of scoring
+        self.weight_format = resolve_weight_format(sample_precision, self.device)  # the weights sampling reads
         self.threads = threads  # None: each call adapts the CPU thread count to the load (ThreadTuner)
-        self._sampler = Sampler(self.model, vocab, precision=self.sample_precision, threads=threads)
+        self._sampler = Sampler(self.model, vocab, weight_format=self.weight_format, threads=threads)
 
     @classmethod
     def load(
@@ -48,23 +52,23 @@ class CharLM:
         threads: int | None = None,
     ) -> CharLM:
         """Loads a checkpoint (default: the newest in ./checkpoints) onto `device`, whatever device
-        it was trained on. precision 'auto' scores with the precision the model was trained with;
-        sample_precision 'auto' generates with the fastest weights the device offers (see
-        device.resolve_sample_precision)."""
-        configure_cpu(threads)
-        header = ckpt.read_header(path if path is not None else ckpt.newest_checkpoint())
-        model = ckpt.build_model(header)
-        dev = resolve_device(device)
-        if precision == "auto":  # score as training validated, so `perplexity` reproduces train's figure
-            precision = str(header.train.get("precision", "auto"))
-        return cls(
-            model.to(dev),
-            header.vocab,
-            header=header,
-            precision=resolve_precision(precision, dev),
-            sample_precision=sample_precision,
-            threads=threads,
-        )
+        it was trained on. precision 'auto' scores with the autocast dtype the model was trained with;
+        sample_precision (`sample --precision`) 'auto' generates with the fastest weight format the
+        device offers (see device.resolve_weight_format)."""
+        with cpu_settings(threads):  # the sampler prepares its weights here, under the same arithmetic
+            header = ckpt.read_header(path if path is not None else ckpt.newest_checkpoint())
+            model = ckpt.build_model(header)
+            dev = resolve_device(device)
+            if precision == "auto":  # score as training validated, so `perplexity` reproduces train's figure
+                precision = str(header.train.get("precision", "auto"))
+            return cls(
+                model.to(dev),
+                header.vocab,
+                header=header,
+                precision=resolve_precision(precision, dev),
+                sample_precision=sample_precision,
+                threads=threads,
+            )
 
     @property
     def path(self) -> Path | None:
@@ -81,16 +85,18 @@ class CharLM:
         num_samples: int = 1,
         rng_seed: int | None = None,
     ) -> Iterator[list[str]]:
-        """Per generated position, one new character for each of `num_samples` samples."""
-        return self._sampler.stream(
-            seed,
-            length=length,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            num_samples=num_samples,
-            rng_seed=rng_seed,
-        )
+        """Per generated position, one new character for each of `num_samples` samples. The CPU
+        settings hold while the generator runs, and are given back when it finishes or is closed."""
+        with cpu_settings(self.threads):
+            yield from self._sampler.stream(
+                seed,
+                length=length,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                num_samples=num_samples,
+                rng_seed=rng_seed,
+            )
 
     def stream(
         self,
@@ -157,7 +163,7 @@ class CharLM:
             corpus = corpus_from_text(source, vocab=self.vocab, unknown=unknown)
         else:
             corpus = load_corpus(source, vocab=self.vocab, unknown=unknown)
-        with ThreadTuner(self.device, self.threads) as tuner:
+        with cpu_settings(self.threads), ThreadTuner(self.device, self.threads) as tuner:
             return evaluate(
                 self.model,
                 corpus.ids,

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import unicodedata
 from collections.abc import Callable, Iterator
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .device import ThreadTuner, resolve_sample_precision
+from .device import ThreadTuner, WeightFormat, resolve_weight_format
 from .errors import ConfigError, VocabError
 from .model import CharRNN, State
+from .streams import IGNORE, model_inputs
 from .vocab import Vocab, describe_char, text_to_codes
 
 
@@ -91,9 +93,6 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)  # [B]
 
 
-Precision = Literal["fp32", "bf16", "int8"]
-
-
 class _Linear:
     """base + x @ W.T for one step, with W kept in the step's dtype, or in int8 with one scale per row.
 
@@ -102,8 +101,8 @@ class _Linear:
     (torch._int_mm, VNNI on x86) rescaled by (row scale x input scale) as it is added to base.
     """
 
-    def __init__(self, weight: torch.Tensor, precision: Precision, dtype: torch.dtype) -> None:
-        self.int8 = precision == "int8"
+    def __init__(self, weight: torch.Tensor, weight_format: WeightFormat, dtype: torch.dtype) -> None:
+        self.int8 = weight_format == "int8"
         weight = weight.detach().float()
         if self.int8:
             scale = weight.abs().amax(1).clamp_min(1e-12) / 127  # [N]
@@ -143,15 +142,15 @@ class StepModel:
     single time step. Here a step is the cell's maths written out with as few tensor ops as possible:
     layer 0's input projection is a table (one row per character: embedding, input weights and biases
     folded), the LSTM gates are reordered so one sigmoid covers three of them, and the weights are
-    read in the chosen precision: fp32, bf16 (half the bytes) or int8 (a quarter; CPU only).
+    read in the chosen format: fp32, bf16 (half the bytes) or int8 (a quarter; CPU only).
     The running state lives here; `reset` loads one, `state` returns it in the model's layout.
     """
 
-    def __init__(self, model: CharRNN, precision: str = "fp32") -> None:
+    def __init__(self, model: CharRNN, weight_format: str = "fp32") -> None:
         cfg = model.config
-        precision = resolve_sample_precision(precision, model.head.weight.device)
-        self.kind, self.size, self.precision = cfg.cell, cfg.hidden_size, precision
-        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # of the state and pointwise maths
+        fmt = resolve_weight_format(weight_format, model.head.weight.device)
+        self.kind, self.size, self.weight_format = cfg.cell, cfg.hidden_size, fmt
+        self.dtype = torch.bfloat16 if fmt == "bf16" else torch.float32  # of the state and pointwise maths
         self.bounded = cfg.cell != "rnn-relu"  # |h| <= 1: int8 inputs can use the fixed step 1/127
         rnn, h = model.rnn, cfg.hidden_size
         order = (
@@ -173,14 +172,14 @@ class StepModel:
             b_hh = None if b_hh is None else b_hh.to(self.dtype)
             if i == 0:  # one row per character: embedding -> input projection -> + biases
                 table = torch.addmm(b_ih, model.embed.weight.detach().float(), w_ih.t()).to(self.dtype)
-                self.layers.append(_Layer(table, None, None, _Linear(w_hh, precision, self.dtype), b_hh))
-            elif b_hh is None and (self.bounded or precision != "int8"):  # one matmul reads [x, h]
+                self.layers.append(_Layer(table, None, None, _Linear(w_hh, fmt, self.dtype), b_hh))
+            elif b_hh is None and (self.bounded or fmt != "int8"):  # one matmul reads [x, h]
                 self.layers.append(
                     _Layer(
                         None,
                         None,
                         b_ih.to(self.dtype),
-                        _Linear(torch.cat([w_ih, w_hh], 1), precision, self.dtype),
+                        _Linear(torch.cat([w_ih, w_hh], 1), fmt, self.dtype),
                         None,
                     )
                 )
@@ -188,13 +187,13 @@ class StepModel:
                 self.layers.append(
                     _Layer(
                         None,
-                        _Linear(w_ih, precision, self.dtype),
+                        _Linear(w_ih, fmt, self.dtype),
                         b_ih.to(self.dtype),
-                        _Linear(w_hh, precision, self.dtype),
+                        _Linear(w_hh, fmt, self.dtype),
                         b_hh,
                     )
                 )
-        self.head = _Linear(model.head.weight, precision, self.dtype)
+        self.head = _Linear(model.head.weight, fmt, self.dtype)
         self.head_bias = model.head.bias.detach().to(self.dtype)
         self.hs: list[torch.Tensor] = []
         self.cs: list[torch.Tensor] = []
@@ -202,7 +201,7 @@ class StepModel:
 
     def _input(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """h as a matmul input: itself, or int8 (fixed step 1/127 when |h| <= 1, else a scale per row)."""
-        if self.precision != "int8":
+        if self.weight_format != "int8":
             return h, None
         if self.bounded:
             return torch.round(h * 127).to(torch.int8), None
@@ -263,18 +262,21 @@ NOISE_FLOATS = 1 << 20  # Gumbel noise drawn ahead, in floats: a few MB whatever
 class Sampler:
     """Batched generation with carried state from a CharRNN and its vocab."""
 
-    def __init__(self, model: CharRNN, vocab: Vocab, *, precision: str = "fp32", threads: int | None = None) -> None:
+    def __init__(
+        self, model: CharRNN, vocab: Vocab, *, weight_format: str = "fp32", threads: int | None = None
+    ) -> None:
         self.model = model.eval()
         self.threads = threads  # None: adapt the CPU thread count to the load while generating
         self.vocab = vocab
         self.device = next(model.parameters()).device
-        self.step = StepModel(self.model, precision)
+        self.step = StepModel(self.model, weight_format)
 
     @torch.inference_mode()
     def prime(self, seed: str, num_samples: int) -> tuple[torch.Tensor, State]:
         """One batched forward pass over the whole seed -> (logits for the next char [N, V], state)."""
-        ids = encode_seed(seed, self.vocab) if seed else [self.vocab.start_id]
-        x = torch.tensor(ids, device=self.device).unsqueeze(0).expand(num_samples, -1)  # [N, L]
+        previous = np.array(encode_seed(seed, self.vocab) if seed else [IGNORE], dtype=np.int64)  # [L]
+        ids = torch.from_numpy(model_inputs(previous, self.vocab.start_id)).to(self.device)  # no seed: the start symbol
+        x = ids.unsqueeze(0).expand(num_samples, -1)  # [N, L]
         logits, state = self.model(x, None)
         return logits[:, -1], state
 

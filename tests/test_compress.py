@@ -21,21 +21,23 @@ from charlm import CharLM
 from charlm import checkpoint as ckpt
 from charlm.cli import main
 from charlm.compress import (
-    _BODY,
-    _HEAD,
     FLAG_ADAPT,
     MAGIC,
     MIN_BITS_PER_CHAR,
-    _models,
     compress_bytes,
+    compress_file,
     decompress_bytes,
+    decompress_file,
     file_sha256,
     load_model,
     quantize,
-    read_header,
+    read_archive_header,
     segment_bits,
 )
+from charlm.compress.coder import symbol_models
+from charlm.compress.container import BODY, HEAD
 from charlm.errors import ArchiveError, CharlmError
+from charlm.streams import IGNORE, Cuts
 
 pytest.importorskip("constriction", reason="needs the compress extra: pip install 'charlm[compress]'")
 
@@ -45,7 +47,7 @@ def model(tiny_checkpoint: Path) -> tuple[CharLM, str]:
     return load_model(tiny_checkpoint)
 
 
-def round_trip(data: bytes, model: tuple[CharLM, str], **options: int) -> bytes:
+def round_trip(data: bytes, model: tuple[CharLM, str], **options: object) -> bytes:
     lm, sha = model
     archive, _ = compress_bytes(data, lm, model_sha256=sha, **options)
     assert decompress_bytes(archive, lm, model_sha256=sha) == data
@@ -77,13 +79,13 @@ def test_round_trip_is_byte_exact(text: str, model: tuple[CharLM, str]) -> None:
 
 def test_long_file_over_many_segments(model: tuple[CharLM, str]) -> None:
     data = (make_text(6000, seed=11) + "ünïcödé 😀\r\n").encode("utf-8")
-    archive = round_trip(data, model, min_segment_chars=100)
-    assert len(read_header(archive).segment_words) == 60
+    archive = round_trip(data, model, cuts=Cuts(max_streams=64, min_chars=100))
+    assert len(read_archive_header(archive).segment_words) == 60
 
 
 def test_threads_are_recorded_and_reused(model: tuple[CharLM, str]) -> None:
     archive = round_trip(make_text(500, seed=12).encode(), model, threads=2)
-    assert read_header(archive).threads == 2
+    assert read_archive_header(archive).threads == 2
 
 
 def test_same_input_same_archive(model: tuple[CharLM, str]) -> None:
@@ -119,7 +121,7 @@ def test_bits_per_char_match_the_models_cross_entropy(adapt: bool, model: tuple[
     flush = 64 * report.segments / report.original_chars  # a range coder's last words
     assert abs(report.payload_bits_per_char - report.model_bits_per_char) < 0.01 * report.model_bits_per_char + flush
     assert report.compressed_bytes == len(archive) == report.header_bytes + report.payload_bytes
-    assert report.adapted == adapt and bool(read_header(archive).flags & FLAG_ADAPT) == adapt
+    assert report.adapted == adapt and bool(read_archive_header(archive).flags & FLAG_ADAPT) == adapt
     if not adapt:  # the same streams `charlm perplexity` scores; only each segment's first input differs
         assert report.model_bits_per_char == pytest.approx(lm.perplexity(text).bpc, rel=2e-3)
 
@@ -136,11 +138,11 @@ def test_adapting_learns_what_recurs_and_leaves_the_model_alone(model: tuple[Cha
 
 
 def test_a_version_1_archive_cannot_claim_adaptation(two_segments: bytes, model: tuple[CharLM, str]) -> None:
-    head = bytearray(forge(two_segments)[: read_header(two_segments).header_bytes - 4])
+    head = bytearray(forge(two_segments)[: read_archive_header(two_segments).header_bytes - 4])
     struct.pack_into("<H", head, len(MAGIC), 1)
     forged = bytes(head) + struct.pack("<I", zlib.crc32(head)) + two_segments[len(head) + 4 :]
     with pytest.raises(ArchiveError, match=INCONSISTENT):
-        read_header(forged)
+        read_archive_header(forged)
 
 
 # ------------------------------------------------------------------------------------------- the CLI
@@ -240,7 +242,7 @@ def damage(archive: bytes, where: str) -> bytes:
     if where == "trailing":
         return archive + b"\0"
     if where == "payload-ones":  # words no range coder writes: constriction notices before the checksum does
-        start = read_header(archive).header_bytes
+        start = read_archive_header(archive).header_bytes
         return archive[:start] + b"\xff" * (len(archive) - start)
     position = 20 if where == "header" else len(archive) - 5  # a model-sha byte, or inside the last segment
     return archive[:position] + bytes([archive[position] ^ 0x40]) + archive[position + 1 :]
@@ -271,7 +273,7 @@ def test_damaged_archive_is_refused_without_output(
 def test_other_arithmetic_is_named_as_the_cause(model: tuple[CharLM, str], monkeypatch: pytest.MonkeyPatch) -> None:
     lm, sha = model
     with monkeypatch.context() as patch:  # as if the encoder's first step had given other bits
-        patch.setattr("charlm.compress.fingerprint", lambda logits: b"\xff" * 8)
+        patch.setattr("charlm.compress.coder.fingerprint", lambda logits: b"\xff" * 8)
         archive, _ = compress_bytes(make_text(500, seed=19).encode(), lm, model_sha256=sha)
     with pytest.raises(ArchiveError, match="it was compressed on a machine whose arithmetic differs .*torch"):
         decompress_bytes(damage(archive, "payload"), lm, model_sha256=sha)
@@ -306,14 +308,14 @@ BODY_FIELDS = ("model_sha", "text_sha", "byte_length", "chars", "segments", "thr
 def forge(archive: bytes, *, info: bytes | None = None, words: list[int] | None = None, **fields: int) -> bytes:
     """`archive` with header fields replaced and its crc32 recomputed, as a deliberate forger would:
     the checksum then passes and only the checks of the values themselves stand in the way."""
-    header = read_header(archive)
-    body = dict(zip(BODY_FIELDS, _BODY.unpack_from(archive, _HEAD.size), strict=True))
-    start = _HEAD.size + _BODY.size
+    header = read_archive_header(archive)
+    body = dict(zip(BODY_FIELDS, BODY.unpack_from(archive, HEAD.size), strict=True))
+    start = HEAD.size + BODY.size
     info = archive[start : start + body["info_len"]] if info is None else info
     words = list(header.segment_words) if words is None else words
     body.update(info_len=len(info), segments=len(words))
     body.update(fields)
-    head = archive[: _HEAD.size] + _BODY.pack(*body.values()) + info + struct.pack(f"<{len(words)}I", *words)
+    head = archive[: HEAD.size] + BODY.pack(*body.values()) + info + struct.pack(f"<{len(words)}I", *words)
     return head + struct.pack("<I", zlib.crc32(head)) + archive[header.header_bytes :]
 
 
@@ -326,7 +328,7 @@ def two_segments(model: tuple[CharLM, str]) -> bytes:
 
 
 def shifted(archive: bytes, first: int, second: int) -> list[int]:
-    words = read_header(archive).segment_words
+    words = read_archive_header(archive).segment_words
     return [words[0] + first, words[1] + second]
 
 
@@ -375,7 +377,7 @@ def test_decoding_stops_where_the_payload_runs_out(model: tuple[CharLM, str]) ->
     lm, sha = model
     archive, _ = compress_bytes(make_text(2000, seed=21).encode(), lm, model_sha256=sha)
     forged = forge(archive, chars=2_000_000, byte_length=2_000_000)
-    assert read_header(forged).char_count == 2_000_000
+    assert read_archive_header(forged).char_count == 2_000_000
     done: list[int] = []
     with pytest.raises(ArchiveError, match="the decoded text does not match its checksum"):
         decompress_bytes(forged, lm, model_sha256=sha, progress=lambda chars, total: done.append(chars))
@@ -388,7 +390,7 @@ def test_the_bit_floor_and_the_word_budget_hold_at_their_tightest() -> None:
     import constriction
     import numpy as np
 
-    family, _ = _models()
+    family, _ = symbol_models()
     probs = np.zeros((1, 1), dtype=np.float32)
     probs[0, 0] = 1  # a one-character vocab: the most mass any symbol can get
     weights = quantize(probs)
@@ -400,7 +402,7 @@ def test_the_bit_floor_and_the_word_budget_hold_at_their_tightest() -> None:
 
 
 def test_unprintable_model_name_stays_on_one_line(two_segments: bytes) -> None:
-    header = read_header(forge(two_segments, info=json.dumps({"model": "a\nb\x1b[2J"}).encode()))
+    header = read_archive_header(forge(two_segments, info=json.dumps({"model": "a\nb\x1b[2J"}).encode()))
     assert header.model_name == "'a\\nb\\x1b[2J'"
 
 
@@ -436,4 +438,31 @@ def test_known_ids_are_int64_for_torch_before_2_8(model: tuple[CharLM, str]) -> 
 
     lm, _ = model
     ids = known_ids(lm.vocab, text_to_codes("the ☃"))
-    assert ids.dtype == np.int64 and ids[-1] == -1 and lm.vocab.decode(ids[:-1]) == "the "
+    assert ids.dtype == np.int64 and ids[-1] == IGNORE and lm.vocab.decode(ids[:-1]) == "the "
+
+
+def test_coding_gives_back_the_threads_denormal_mode_and_kernels(
+    model: tuple[CharLM, str], tiny_checkpoint: Path, in_tmp: Path
+) -> None:
+    """The coder pins CPU arithmetic while it codes; the caller's settings are all back afterwards."""
+    from charlm.device import flushes_denormals
+
+    lm, sha = model
+    before = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(3)
+    torch.set_flush_denormal(False)
+    settings = lambda: (torch.get_num_threads(), flushes_denormals(), torch.backends.mkldnn.enabled)  # noqa: E731
+    expected = (3, False, before[1])
+    try:
+        data = make_text(700, seed=23).encode()
+        archive, _ = compress_bytes(data, lm, model_sha256=sha, threads=2)
+        assert settings() == expected
+        assert decompress_bytes(archive, lm, model_sha256=sha) == data
+        assert settings() == expected
+        (in_tmp / "t.txt").write_bytes(data)
+        compress_file("t.txt", checkpoint=tiny_checkpoint)
+        assert settings() == expected
+        decompress_file("t.txt.clm", "back.txt", checkpoint=tiny_checkpoint)
+        assert settings() == expected and (in_tmp / "back.txt").read_bytes() == data
+    finally:
+        torch.set_num_threads(before[0])

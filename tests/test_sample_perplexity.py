@@ -186,9 +186,9 @@ def test_one_step_cells_match_the_fused_layer(cell: str) -> None:
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "int8"])
+@pytest.mark.parametrize("weight_format", ["bf16", "int8"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn-relu"])
-def test_smaller_weights_keep_the_next_character_distribution(cell: str, precision: str) -> None:
+def test_smaller_weights_keep_the_next_character_distribution(cell: str, weight_format: str) -> None:
     """bf16 and int8 steps change the probabilities a little, never the picture: after 40 steps the
     distributions stay within a few hundredths (total variation) of fp32's."""
     from charlm.sample import StepModel
@@ -196,7 +196,7 @@ def test_smaller_weights_keep_the_next_character_distribution(cell: str, precisi
     torch.manual_seed(0)
     model = CharRNN(ModelConfig(vocab_size=30, cell=cell, hidden_size=64, embed_size=16, num_layers=2)).eval()
     ids = torch.randint(0, 30, (8, 40))
-    exact, approx = StepModel(model, "fp32"), StepModel(model, precision)
+    exact, approx = StepModel(model, "fp32"), StepModel(model, weight_format)
     for step in (exact, approx):
         step.reset(model.initial_state(8))
     for t in range(40):
@@ -230,12 +230,12 @@ def test_draw_follows_the_distribution_and_never_picks_zero_probability() -> Non
 def test_int8_sampling_is_refused_off_the_cpu_and_auto_picks_it_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     import platform
 
-    from charlm.device import resolve_sample_precision
+    from charlm.device import resolve_weight_format
     from charlm.errors import ConfigError
 
     for device in ("cuda", "mps"):
         with pytest.raises(ConfigError) as e:
-            resolve_sample_precision("int8", torch.device(device))
+            resolve_weight_format("int8", torch.device(device))
         assert str(e.value) == f"int8 sampling runs on the CPU only (not {device}): use --precision bf16 or fp32"
     # 'auto' is decided by the machine, set here rather than asked of charlm's own check: int8 on an
     # x86 CPU with oneDNN's kernels; never on ARM, without oneDNN, or on a GPU.
@@ -243,12 +243,32 @@ def test_int8_sampling_is_refused_off_the_cpu_and_auto_picks_it_on_the_cpu(monke
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     for machine in ("x86_64", "AMD64"):
         monkeypatch.setattr(platform, "machine", lambda machine=machine: machine)
-        assert resolve_sample_precision("auto", torch.device("cpu")) == "int8"
-        assert resolve_sample_precision("auto", torch.device("cuda")) == "bf16"
+        assert resolve_weight_format("auto", torch.device("cpu")) == "int8"
+        assert resolve_weight_format("auto", torch.device("cuda")) == "bf16"
     for machine in ("aarch64", "arm64"):
         monkeypatch.setattr(platform, "machine", lambda machine=machine: machine)
-        assert resolve_sample_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
+        assert resolve_weight_format("auto", torch.device("cpu")) in ("fp32", "bf16")
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    assert resolve_sample_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
-    assert resolve_sample_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_weight_format("auto", torch.device("cpu")) in ("fp32", "bf16")
+    assert resolve_weight_format("fp32", torch.device("cpu")) == "fp32"
+
+
+@pytest.mark.parametrize("threads", [1, None], ids=["fixed", "adapting"])
+def test_library_calls_give_back_the_threads_and_denormal_mode(tiny_checkpoint: Path, threads: int | None) -> None:
+    """CharLM.load, perplexity and sampling set torch's thread count and flush denormals while they
+    work, and the caller's settings are back afterwards: a library call changes nothing process-wide."""
+    from charlm.device import flushes_denormals
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    torch.set_flush_denormal(False)
+    try:
+        lm = CharLM.load(tiny_checkpoint, device="cpu", precision="fp32", threads=threads)
+        assert (torch.get_num_threads(), flushes_denormals()) == (3, False)
+        lm.perplexity("The man said no.")
+        assert (torch.get_num_threads(), flushes_denormals()) == (3, False)
+        lm.sample("The", length=20, rng_seed=1)
+        assert (torch.get_num_threads(), flushes_denormals()) == (3, False)
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,279 @@
+"""Text bytes <-> a .clm archive in memory: UTF-8 and line ends, the container around the coder's
+segments, the check of what was decoded, and the reports of what it cost.
+
+Input must be UTF-8: anything else is refused with the offset of the first bad byte (xz suits binary
+files better anyway). Files whose line ends are all CRLF are coded as LF plus a flag. The archive
+records torch, machine and instruction set, plus a fingerprint of the first step's logits, so a
+failed checksum is reported as either corruption or a platform whose arithmetic differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..errors import ArchiveError, ConfigError
+from ..streams import IGNORE, Cuts
+from ..units import bits_per_char
+from ..version import __version__
+from ..vocab import Vocab, codes_to_text, text_to_codes
+from .coder import (
+    OnProgress,
+    decode_segments,
+    encode_segments,
+    exact_arithmetic,
+    known_ids,
+    prepare,
+    require_constriction,
+)
+from .container import (
+    ARCHIVE_CUTS,
+    FLAG_ADAPT,
+    FLAG_CRLF,
+    ArchiveHeader,
+    check_model,
+    check_payload,
+    pack_header,
+    payloads,
+    read_archive_header,
+)
+
+if TYPE_CHECKING:
+    from ..lm import CharLM
+
+
+@dataclass(frozen=True)
+class CompressReport:
+    """What compressing a text cost and gained; bits/char both achieved and predicted by the model."""
+
+    original_bytes: int
+    original_chars: int
+    coded_chars: int  # characters the model stepped through (CRLF files are coded as LF)
+    compressed_bytes: int
+    header_bytes: int
+    unknown_chars: int
+    segments: int
+    threads: int
+    adapted: bool  # the model learnt from the text as it coded it (see coder.CodingSteps)
+    model_nats: float  # summed -ln p over the characters the model knows, fp32 softmax, same segments
+    elapsed_s: float
+    checkpoint: str = ""
+    checkpoint_sha256: str = ""
+    input: str = ""
+    output: str = ""
+    baselines: dict[str, int] | None = None
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.compressed_bytes - self.header_bytes
+
+    @property
+    def bits_per_char(self) -> float:
+        return 8 * self.compressed_bytes / self.original_chars if self.original_chars else 0.0
+
+    @property
+    def payload_bits_per_char(self) -> float:
+        return 8 * self.payload_bytes / self.original_chars if self.original_chars else 0.0
+
+    @property
+    def model_cross_entropy(self) -> float:
+        """nats/char over the known characters: the bound the payload approaches."""
+        known = self.coded_chars - self.unknown_chars
+        return self.model_nats / known if known else 0.0
+
+    @property
+    def model_bits_per_char(self) -> float:
+        return bits_per_char(self.model_cross_entropy)
+
+    @property
+    def chars_per_sec(self) -> float:
+        return self.original_chars / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("baselines")
+        d.update(
+            payload_bytes=self.payload_bytes,
+            bits_per_char=self.bits_per_char,
+            payload_bits_per_char=self.payload_bits_per_char,
+            model_cross_entropy=self.model_cross_entropy,
+            model_bits_per_char=self.model_bits_per_char,
+            chars_per_sec=self.chars_per_sec,
+            ratio=self.original_bytes / self.compressed_bytes,
+        )
+        if self.baselines is not None:
+            d["baselines"] = {
+                name: {
+                    "bytes": size,
+                    "ratio": self.original_bytes / size if size else 0.0,
+                    "bits_per_char": 8 * size / self.original_chars if self.original_chars else 0.0,
+                }
+                for name, size in self.baselines.items()
+            }
+            d["saving_vs_best_baseline"] = 1 - self.compressed_bytes / min(self.baselines.values())
+        return d
+
+
+@dataclass(frozen=True)
+class DecompressReport:
+    original_bytes: int
+    original_chars: int
+    compressed_bytes: int
+    elapsed_s: float
+    checkpoint: str = ""
+    input: str = ""
+    output: str = ""
+
+    @property
+    def chars_per_sec(self) -> float:
+        return self.original_chars / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), chars_per_sec=self.chars_per_sec)
+
+
+def platform_info(model_name: str) -> dict[str, str]:
+    """What the archive records of where it was made: a decoder elsewhere names the difference."""
+    return {
+        "model": model_name,
+        "charlm": __version__,
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "isa": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def _fold_newlines(text: str, vocab: Vocab) -> tuple[str, int]:
+    """CRLF text is coded as LF (the model never saw CR) when the fold is exactly reversible."""
+    crlf = text.count("\r\n")
+    if crlf and crlf == text.count("\n") == text.count("\r") and "\r" not in vocab:
+        return text.replace("\r\n", "\n"), FLAG_CRLF
+    return text, 0
+
+
+def decode_utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ArchiveError(
+            f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start} is invalid)",
+            "charlm compress codes UTF-8 text only; use xz for other files",
+        ) from None
+
+
+def compress_bytes(
+    data: bytes,
+    lm: CharLM,
+    *,
+    model_sha256: str,
+    threads: int = 1,
+    adapt: bool = True,
+    cuts: Cuts = ARCHIVE_CUTS,
+    progress: OnProgress | None = None,
+    what: str = "the input",
+) -> tuple[bytes, CompressReport]:
+    """A .clm archive of UTF-8 `data`, and what it achieved. The model runs step by step over all
+    segments at once (never the fast whole-sequence pass) so that decompression can repeat it exactly.
+    `cuts` other than ARCHIVE_CUTS (at most as many segments) are for tests and experiments: the
+    archive records the segment count, so it decodes all the same."""
+    require_constriction()
+    if not 1 <= cuts.max_streams <= ARCHIVE_CUTS.max_streams:
+        raise ConfigError(f"cuts.max_streams must be from 1 to {ARCHIVE_CUTS.max_streams} (got {cuts.max_streams})")
+    started = time.perf_counter()
+    prepare(lm.model, lm.vocab)
+    original = decode_utf8(data, what)
+    text, flags = _fold_newlines(original, lm.vocab)
+    flags |= FLAG_ADAPT if adapt else 0
+    codes = text_to_codes(text)
+    ids = known_ids(lm.vocab, codes)  # IGNORE: coded through the escape
+    segments = cuts.count(len(codes))
+    with exact_arithmetic(threads):
+        words, nats, probe = encode_segments(lm.model, lm.vocab, codes, ids, segments, adapt=adapt, progress=progress)
+    header = pack_header(
+        model_sha256=model_sha256,
+        text_sha256=hashlib.sha256(data).digest(),
+        byte_length=len(data),
+        char_count=len(codes),
+        threads=threads,
+        flags=flags,
+        probe=probe,
+        info=platform_info(lm.path.name if lm.path else "?"),
+        segment_words=[len(w) for w in words],
+    )
+    archive = header + b"".join(w.tobytes() for w in words)
+    report = CompressReport(
+        original_bytes=len(data),
+        original_chars=len(original),
+        coded_chars=len(codes),
+        compressed_bytes=len(archive),
+        header_bytes=len(header),
+        unknown_chars=int((ids == IGNORE).sum()),
+        segments=segments,
+        threads=threads,
+        adapted=adapt,
+        model_nats=nats,
+        elapsed_s=time.perf_counter() - started,
+        checkpoint=str(lm.path or ""),
+        checkpoint_sha256=model_sha256,
+    )
+    return archive, report
+
+
+def decompress_bytes(
+    archive: bytes, lm: CharLM, *, model_sha256: str, progress: OnProgress | None = None, what: str = "the archive"
+) -> bytes:
+    """The original bytes of a .clm archive, verified against its checksum; ArchiveError when the
+    archive is damaged, was made with another model, or on a machine whose arithmetic differs."""
+    require_constriction()
+    header = read_archive_header(archive, what)
+    check_model(header, model_sha256, lm.path, what)
+    check_payload(header, len(archive), what)
+    prepare(lm.model, lm.vocab)
+    with exact_arithmetic(header.threads):
+        codes, same_arithmetic = decode_segments(
+            lm.model,
+            lm.vocab,
+            payloads(archive, header),
+            header.char_count,
+            adapt=bool(header.flags & FLAG_ADAPT),
+            expected_fingerprint=header.fingerprint,
+            progress=progress,
+        )
+    if codes is None:
+        raise _decode_failure(header, what, same_arithmetic)
+    return _verify(codes, header, what, same_arithmetic)
+
+
+def _verify(codes: np.ndarray, header: ArchiveHeader, what: str, same_arithmetic: bool) -> bytes:
+    try:
+        text = codes_to_text(codes)
+        if header.flags & FLAG_CRLF:
+            text = text.replace("\n", "\r\n")
+        data = text.encode("utf-8")
+    except UnicodeError:  # a surrogate decoded from a damaged payload
+        raise _decode_failure(header, what, same_arithmetic) from None
+    if len(data) != header.byte_length or hashlib.sha256(data).hexdigest() != header.text_sha256:
+        raise _decode_failure(header, what, same_arithmetic)
+    return data
+
+
+def _decode_failure(header: ArchiveHeader, what: str, same_arithmetic: bool) -> ArchiveError:
+    if same_arithmetic:
+        return ArchiveError(
+            f"{what} is corrupt: the decoded text does not match its checksum",
+            "the archive was damaged after it was written; use another copy",
+        )
+    here = platform_info(header.model_name)
+    made = ", ".join(f"{k} {header.info.get(k, '?')}" for k in ("charlm", "torch", "machine", "isa"))
+    now = ", ".join(f"{k} {here[k]}" for k in ("charlm", "torch", "machine", "isa"))
+    return ArchiveError(
+        f"{what} cannot be decoded here: it was compressed on a machine whose arithmetic differs "
+        f"({made}; this one: {now})",
+        "decompress it with the same charlm and torch on the same kind of CPU",
+    )
