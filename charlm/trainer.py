@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from . import checkpoint as ckpt
 from . import distributed
 from .config import ModelConfig, TrainConfig, parse_duration
 from .data import Corpus
+from .device import cpu_settings
 from .training.events import Evaluated, Event, EventSink, Note, Started, Stepped, TrainResult
 from .training.loop import Loop
 from .training.metrics_log import MetricsLog
@@ -107,6 +109,32 @@ def train(
     last = last_checkpoint(corpus, out, resume) if resume else None
     saved = ckpt.read_header(last) if last is not None and last.exists() else None
     asked_model, config = run_settings(model, config, saved)
+    with cpu_settings(config.threads):  # the caller's thread count and denormal mode come back after
+        return _train(
+            corpus,
+            asked_model,
+            config,
+            out=out,
+            last=last,
+            saved=saved,
+            init_from=init_from,
+            overwrite=overwrite,
+            on_event=on_event,
+        )
+
+
+def _train(
+    corpus: str | os.PathLike[str] | Corpus,
+    asked_model: ModelConfig | None,
+    config: TrainConfig,
+    *,
+    out: str | os.PathLike[str] | None,
+    last: Path | None,
+    saved: ckpt.Header | None,
+    init_from: str | os.PathLike[str] | None,
+    overwrite: bool,
+    on_event: EventSink | None,
+) -> TrainResult:
     devices = plan_devices(config)
     emit = event_sink(on_event, devices.dist)
     origin = plan_origin(corpus, out=out, last=last, saved=saved, init_from=init_from, overwrite=overwrite)

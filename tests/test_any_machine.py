@@ -364,3 +364,18 @@ def test_a_fixed_thread_count_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert not ThreadTuner("cpu", 2).active and not ThreadTuner("cuda", None).active
     assert ThreadTuner("cpu", None).active
+
+
+def test_train_leaves_the_callers_thread_count_and_denormal_mode_as_it_found_them(in_tmp: Path) -> None:
+    from charlm.device import flushes_denormals
+
+    before, flush = torch.get_num_threads(), flushes_denormals()
+    torch.set_flush_denormal(False)
+    try:
+        config = TrainConfig(steps=2, eval_every=2, batch_size=8, seq_len=32, threads=1, device="cpu")
+        train("corpus.txt", config=config)
+        assert torch.get_num_threads() == before
+        assert not flushes_denormals()
+    finally:
+        torch.set_num_threads(before)
+        torch.set_flush_denormal(flush)

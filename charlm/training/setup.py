@@ -19,7 +19,7 @@ from .. import checkpoint as ckpt
 from .. import distributed
 from ..config import ModelConfig, TrainConfig, budget_hidden_size, default_lr
 from ..data import Corpus, cached_scan, load_corpus, split
-from ..device import configure_cpu, resolve_device, resolve_precision, seed_everything, set_rng_state
+from ..device import resolve_device, resolve_precision, seed_everything, set_rng_state
 from ..distributed import Dist
 from ..errors import CheckpointError, CorpusError
 from ..model import CharRNN, State
@@ -42,8 +42,7 @@ class DevicePlan:
 
 
 def plan_devices(config: TrainConfig) -> DevicePlan:
-    """Threads, the device, the torchrun job if there is one (each rank its own GPU), the precision."""
-    configure_cpu(config.threads)
+    """The device, the torchrun job if there is one (each rank its own GPU), the precision."""
     dist, device = distributed.setup(resolve_device(config.device))
     return DevicePlan(device=device, dist=dist, precision=resolve_precision(config.precision, device))
 
