@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import CharlmError, CheckpointError
 from .files import atomic_write
-from .training.state import RunState
+from .run_state import RunState
 from .vocab import Vocab
 
 if TYPE_CHECKING:

@@ -21,6 +21,7 @@ from . import distributed
 from .config import ModelConfig, TrainConfig, parse_duration
 from .data import Corpus
 from .device import cpu_settings
+from .run_state import RunState
 from .training.events import Evaluated, Event, EventSink, Note, Started, Stepped, TrainResult
 from .training.loop import Loop
 from .training.metrics_log import MetricsLog
@@ -46,7 +47,6 @@ from .training.setup import (
     restore_state,
     run_header,
 )
-from .training.state import RunState
 
 __all__ = [
     "Evaluated",

@@ -2,7 +2,6 @@
 
     paths.py     where a run's files go: the next free name, the run --resume continues
     events.py    what a run reports (Started, Stepped, Evaluated, Note) and returns (TrainResult)
-    state.py     RunState: the counters a checkpoint carries, typed, validated on the way in
     resume.py    resume decided in one place: the run's settings with the caller's changes on top
     setup.py     set-up functions, each returning one typed piece: devices, data, model and optimiser
     schedule.py  the learning-rate schedule and how often to validate
@@ -13,5 +12,6 @@
     metrics_log.py  the .metrics.jsonl file
     loop.py      the loop: step, evaluate, save, emit events
 
-Nothing here is imported by `import charlm`; state.py and paths.py need no torch.
+RunState, the counters a checkpoint carries, is charlm/run_state.py: checkpoint.py, below this
+package, validates it. Nothing here is imported by `import charlm`; paths.py needs no torch.
 """

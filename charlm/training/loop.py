@@ -20,6 +20,7 @@ from ..device import ThreadTuner, autocast, rng_state
 from ..errors import TrainingError
 from ..evaluate import Metrics, evaluate
 from ..model import State
+from ..run_state import RunState
 from ..streams import nll_sum
 from .clock import Clock
 from .events import Evaluated, EventSink, Note, Stepped, TrainResult
@@ -27,7 +28,6 @@ from .metrics_log import MetricsLog, loss_record, metrics_summary
 from .optim import optimizer_tensors
 from .schedule import learning_rate
 from .setup import DevicePlan, Learner, Origin, RunData
-from .state import RunState
 from .stop import StopRequest, graceful_stop
 
 MAX_BAD_STEPS = 10  # consecutive non-finite steps before training gives up

@@ -12,7 +12,7 @@ from ..units import bits_per_char, perplexity
 
 if TYPE_CHECKING:
     from ..evaluate import Metrics
-    from .state import RunState
+    from ..run_state import RunState
 
 
 class MetricsLog:

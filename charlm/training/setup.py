@@ -23,13 +23,13 @@ from ..device import resolve_device, resolve_precision, seed_everything, set_rng
 from ..distributed import Dist
 from ..errors import CheckpointError, CorpusError
 from ..model import CharRNN, State
+from ..run_state import RunState
 from ..streams import Batches
 from .events import EventSink
 from .finetune import extend_vocab, grow_model
 from .optim import load_optimizer, make_optimizer
 from .paths import best_path_of, default_paths, new_run_path
 from .resume import check_resume, check_resume_model, opened
-from .state import RunState
 
 
 @dataclass(frozen=True)

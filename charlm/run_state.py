@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ..config import TrainConfig
+    from .config import TrainConfig
 
 
 @dataclass
