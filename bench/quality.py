@@ -161,7 +161,7 @@ def main() -> None:
         rows.append(
             (
                 name,
-                f"charlm defaults ({model['model']} {model['num_layers']}x{model['hidden_size']})",
+                f"charlm defaults ({model['cell']} {model['num_layers']}x{model['hidden_size']})",
                 f"{ours['val_bpc']:.3f}",
                 f"{entropy:.3f}",
                 f"{ours['chars_per_sec']:,.0f}",
