@@ -308,9 +308,12 @@ class Sampler:
         else:
             pick = self._filtered(temperature, top_k, top_p, generator)
         chars = self.vocab.chars
-        # short probes: a sample is often over in a second, and a 0.4 s look at the slower count
-        # would cost it ~10% (bench/contention.py); 0.1 s still averages ~500 steps
-        with ThreadTuner(self.device, self.threads, all_cores_first=True, probe_s=0.1) as tuner:
+        # one stream: short probes, since such a sample is often over in a second and a 0.4 s look at
+        # the slower count would cost it ~10% (bench/contention.py); 0.1 s still averages ~500 steps.
+        # Many streams: each step is 64x the work, and 0.1 s is too few steps to tell the counts apart
+        # (bench/run.py, 64 streams int8: 2.7x the baseline with 0.1 s probes, 4.0x with 0.4 s)
+        probe_s = 0.1 if num_samples == 1 else None
+        with ThreadTuner(self.device, self.threads, all_cores_first=True, probe_s=probe_s) as tuner:
             for i in range(length):
                 with tuner.unit(num_samples):
                     next_ids = pick(logits)
