@@ -41,6 +41,9 @@ from .version import __version__
 if TYPE_CHECKING:
     from rich.text import Text
 
+    from .evaluate import Metrics
+    from .lm import CharLM
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
 
 
@@ -458,8 +461,8 @@ def sample(
 # ------------------------------------------------------------------------------------------- perplexity
 
 
-@cli.command(context_settings=CONTEXT, short_help="Score a file: cross-entropy, perplexity, bits/char.")
-@click.argument("file")
+@cli.command(context_settings=CONTEXT, short_help="Score files: cross-entropy, perplexity, bits/char, and where.")
+@click.argument("files", nargs=-1, required=True)
 @_checkpoint_option
 @click.option(
     "--batch-size",
@@ -474,6 +477,50 @@ def sample(
     default="skip",
     help="Characters the model never saw: skip (drop and count them) or error.",
 )
+@click.option(
+    "--glob",
+    "pattern",
+    default="*",
+    show_default=True,
+    help="Which files to score in a folder given as FILE (searched recursively; hidden ones skipped).",
+)
+@click.option(
+    "--show",
+    is_flag=True,
+    help="Print the text with each character coloured by the bits it cost (0 to 12+ bits, legend "
+    "first); a long text by its most surprising lines.",
+)
+@click.option(
+    "--show-lines",
+    type=click.IntRange(min=1),
+    default=40,
+    show_default=True,
+    help="With --show: a text with more lines shows only this many, the most surprising first.",
+)
+@click.option(
+    "--html",
+    "html_out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a self-contained page: the text as a heat map with the model's top guesses on hover.",
+)
+@click.option(
+    "--per-line",
+    is_flag=True,
+    help="JSON Lines on stdout, one object per line of the text: line, chars, cross_entropy, bpc, text.",
+)
+@click.option(
+    "--top",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With --per-line: only the N most surprising lines, most surprising first.",
+)
+@click.option(
+    "--adapt",
+    is_flag=True,
+    help="Dynamic evaluation: the model keeps learning from the text as it scores it, as `compress` "
+    "does, so recurring names and phrases cost less. Slower; the static figure is the default.",
+)
 @_device_option
 @click.option(
     "--precision",
@@ -483,13 +530,20 @@ def sample(
     "figure of `train` is reproduced; fp32 for the exact float32 score.",
 )
 @_threads_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_verbosity
 def perplexity(
-    file: str,
+    files: tuple[str, ...],
     checkpoint: Path | None,
     batch_size: int,
     unknown: str,
+    pattern: str,
+    show: bool,
+    show_lines: int,
+    html_out: Path | None,
+    per_line: bool,
+    top: int | None,
+    adapt: bool,
     device: str,
     precision: str,
     threads: int | None,
@@ -497,38 +551,88 @@ def perplexity(
     quiet: bool,
     verbose: bool,
 ) -> None:
-    """Score FILE: cross-entropy (nats/char), perplexity and bits/char under a model."""
+    """Score FILES: cross-entropy (nats/char), perplexity and bits/char under a model.
+
+    One file: its figures, and with --show, --html or --per-line where in it the model was surprised
+    (anomaly detection: the odd lines come out on top). Several files or folders: a table of every
+    file, most surprising first, and the total; unreadable or binary files are listed as skipped.
+    """
     set_verbosity(quiet=quiet, verbose=verbose)
     from .corpora import resolve
-    from .data import check_text_file
-    from .errors import ConfigError
+    from .data import check_text_file, text_files
+    from .errors import CharlmError, ConfigError
     from .lm import CharLM
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1 (got {batch_size})")
-    path, _ = resolve(file)
-    check_text_file(path, reader="model")  # before the model loads: FILE may be a checkpoint given by mistake
+    if top is not None and not per_line:
+        raise click.UsageError("--top goes with --per-line")
+    views = [flag for flag, on in (("--show", show), ("--html", html_out), ("--per-line", per_line)) if on]
+    if len(files) == 1 and not Path(files[0]).is_dir():
+        path, _ = resolve(files[0])
+        check_text_file(path, reader="model")  # before the model loads: FILE may be a checkpoint given by mistake
+        if html_out is not None:
+            _check_html_out(html_out, path)
+        lm = CharLM.load(checkpoint, device=device, precision=precision, threads=threads)
+        info(f"checkpoint: {lm.path}")
+        if views:
+            _surprise_views(
+                lm,
+                path,
+                batch_size,
+                show=show,
+                show_lines=show_lines,
+                html_out=html_out,
+                per_line=per_line,
+                top=top,
+                as_json=as_json,
+                adapt=adapt,
+            )
+            return
+        m = lm.perplexity(path, batch_size=batch_size, unknown=unknown, adapt=adapt)  # type: ignore[arg-type]
+        if as_json:
+            click.echo(json.dumps(_file_figures(m, lm.path, adapt=adapt), ensure_ascii=False))
+            return
+        _print_file_figures(path, m)
+        return
+    if views:
+        raise click.UsageError(f"{' and '.join(views)} show one text: give one FILE")
+    found, skipped = text_files([Path(f) for f in files], pattern)
+    if not found:
+        raise ConfigError(
+            f"no text file to score in {', '.join(files)}"
+            + (f" ({len(skipped)} skipped: {skipped[0][1]})" if skipped else ""),
+            "check the paths and --glob",
+        )
     lm = CharLM.load(checkpoint, device=device, precision=precision, threads=threads)
     info(f"checkpoint: {lm.path}")
-    m = lm.perplexity(path, batch_size=batch_size, unknown=unknown)  # type: ignore[arg-type]
-    if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "chars": m.chars,
-                    "unknown": m.unknown,
-                    "unknown_chars": m.unknown_chars,
-                    "cross_entropy": m.cross_entropy,
-                    "perplexity": m.perplexity,
-                    "bpc": m.bpc,
-                    "chars_per_sec": m.chars_per_sec,
-                    "checkpoint": str(lm.path),
-                    "streams": m.streams,
-                },
-                ensure_ascii=False,
-            )
-        )
-        return
+    scored: list[tuple[Path, Metrics]] = []
+    for path in found:
+        try:
+            m = lm.perplexity(path, batch_size=batch_size, unknown=unknown, adapt=adapt)  # type: ignore[arg-type]
+            scored.append((path, m))
+        except CharlmError as e:  # a file that cannot be scored is reported, not fatal
+            skipped.append((path, e.message))
+    _print_many(scored, skipped, lm.path, as_json=as_json, adapt=adapt)
+
+
+def _file_figures(m: Metrics, checkpoint: Path | None, *, adapt: bool = False) -> dict:
+    """The single-file --json object (its keys are a promise: scripts read them; "adapted" only with --adapt)."""
+    return {
+        "chars": m.chars,
+        "unknown": m.unknown,
+        "unknown_chars": m.unknown_chars,
+        "cross_entropy": m.cross_entropy,
+        "perplexity": m.perplexity,
+        "bpc": m.bpc,
+        "chars_per_sec": m.chars_per_sec,
+        "checkpoint": str(checkpoint),
+        "streams": m.streams,
+        **({"adapted": True} if adapt else {}),
+    }
+
+
+def _print_file_figures(path: Path, m: Metrics) -> None:
     from rich.table import Table
 
     from .console import out
@@ -543,6 +647,130 @@ def perplexity(
     table.add_row("bits/char", f"{m.bpc:.4f}")
     table.add_row("speed", f"{m.chars_per_sec:,.0f} chars/s ({m.streams} streams)")
     out.print(table)
+
+
+def _check_html_out(out: Path, text: Path) -> None:
+    """Refuse, before any work, a page that would overwrite the text or land in a missing folder."""
+    from .errors import ConfigError
+
+    if out.exists() and out.resolve() == text.resolve():
+        raise ConfigError(f"--html {out} is the text being scored", "choose another file name for the page")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--html {out}: the folder {out.parent} does not exist", "create it or choose another place")
+
+
+def _surprise_views(
+    lm: CharLM,
+    path: Path,
+    batch_size: int,
+    *,
+    show: bool,
+    show_lines: int,
+    html_out: Path | None,
+    per_line: bool,
+    top: int | None,
+    as_json: bool,
+    adapt: bool,
+) -> None:
+    """--show, --html and --per-line: one scoring, each view from the same per-character figures."""
+    scored = lm.score(path, batch_size=batch_size, adapt=adapt)
+    m = scored.metrics
+    info(f"{path}: {m.chars:,} characters, {m.bpc:.4f} bits/char, {len(scored.lines):,} lines")
+    if html_out is not None:
+        from .heatmap import write_html
+
+        write_html(scored, html_out, title=path.name, model=str(lm.path))
+        info(f"wrote {html_out}")
+    if per_line:
+        lines = scored.most_surprising(top) if top is not None else scored.lines
+        for line in lines:
+            click.echo(json.dumps(line.to_dict(), ensure_ascii=False))
+    elif show:
+        from .console import show_surprise
+
+        show_surprise(scored, lines=show_lines)
+    elif as_json:
+        click.echo(json.dumps(_file_figures(m, lm.path, adapt=adapt), ensure_ascii=False))
+
+
+def _print_many(
+    scored: list[tuple[Path, Metrics]],
+    skipped: list[tuple[Path, str]],
+    checkpoint: Path | None,
+    *,
+    as_json: bool,
+    adapt: bool,
+) -> None:
+    """Many files: each one's figures, most surprising first, the skipped ones with why, and the total
+    (nats summed over every file, divided by all their characters)."""
+    import math
+
+    from .units import bits_per_char
+    from .units import perplexity as ppl
+
+    ranked = sorted(scored, key=lambda item: -item[1].cross_entropy)
+    chars = sum(m.chars for _, m in scored)
+    ce = math.fsum(m.cross_entropy * m.chars for _, m in scored) / chars if chars else 0.0
+    total = {
+        "files": len(scored),
+        "chars": chars,
+        "unknown": sum(m.unknown for _, m in scored),
+        "cross_entropy": ce,
+        "perplexity": ppl(ce),
+        "bpc": bits_per_char(ce),
+    }
+    if as_json:
+        files = [
+            {
+                "file": str(p),
+                "chars": m.chars,
+                "unknown": m.unknown,
+                "cross_entropy": m.cross_entropy,
+                "perplexity": m.perplexity,
+                "bpc": m.bpc,
+            }
+            for p, m in ranked
+        ]
+        click.echo(
+            json.dumps(
+                {
+                    "files": files,
+                    "skipped": [{"file": str(p), "reason": r} for p, r in skipped],
+                    "total": total,
+                    "checkpoint": str(checkpoint),
+                    **({"adapted": True} if adapt else {}),
+                },
+                ensure_ascii=False,
+            )
+        )
+        return
+    from rich.table import Table
+
+    from .console import out
+
+    title = "most surprising first" + (" (adapted: the model learnt from each file as it scored it)" if adapt else "")
+    table = Table(title=title, title_justify="left")
+    for name, justify in (
+        ("file", "left"),
+        ("characters", "right"),
+        ("unknown", "right"),
+        ("bits/char", "right"),
+        ("perplexity", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for p, m in ranked:
+        table.add_row(str(p), f"{m.chars:,}", f"{m.unknown:,}", f"{m.bpc:.4f}", f"{m.perplexity:.3f}")
+    table.add_section()
+    table.add_row(
+        f"total ({len(scored)} files)",
+        f"{chars:,}",
+        f"{total['unknown']:,}",
+        f"{total['bpc']:.4f}",
+        f"{total['perplexity']:.3f}",
+    )
+    out.print(table)
+    for p, reason in skipped:
+        info(f"skipped {p}: {reason}")
 
 
 # ------------------------------------------------------------------------------------------------- info

@@ -9,13 +9,16 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .units import bits_per_char, perplexity
+
+if TYPE_CHECKING:
+    from .surprise import TextScore
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -181,3 +184,41 @@ class TrainView:
         if self.bar:
             self.bar.stop()
             self.bar = None
+
+
+# ---------------------------------------------------------------------------------- perplexity --show
+
+
+def show_surprise(score: TextScore, *, lines: int) -> None:
+    """The text on stdout with each character coloured by the bits it cost (surprise.BANDS), one line
+    per text line behind its number and bits/char. A text of at most `lines` lines is shown whole, in
+    order; a longer one by its `lines` most surprising lines, most surprising first. Plain text, with
+    the same columns, when stdout is not a terminal or NO_COLOR is set (rich drops the styles)."""
+    from rich.text import Text
+
+    from .surprise import BAND_COLORS, UNKNOWN_COLOR, band, band_label
+
+    def style(colors: tuple[str, str]) -> str:
+        return f"{colors[1]} on {colors[0]}" if colors[0] else ""
+
+    whole = len(score.lines) <= lines
+    shown = score.lines if whole else score.most_surprising(lines)
+    if out.is_terminal and not out.no_color:
+        legend = Text("bits per character: ")
+        for i, colors in enumerate(BAND_COLORS):
+            legend.append(f" {band_label(i)} ", style=style(colors) or "reverse")
+            legend.append(" ")
+        legend.append(" unknown ", style=style(UNKNOWN_COLOR))
+        out.print(legend)
+    bits = score.bits
+    for line in shown:
+        row = Text(f"{line.number:>6} {line.bpc:6.2f}  " if line.chars else f"{line.number:>6} {'-':>6}  ", style="dim")
+        for i in range(line.start, line.start + len(line.text)):
+            b = bits[i]
+            row.append(score.text[i], style=style(UNKNOWN_COLOR if b != b else BAND_COLORS[band(float(b))]))
+        out.print(row, overflow="ignore", crop=False)
+    if not whole:
+        info(
+            f"the {len(shown)} most surprising of {len(score.lines):,} lines (line number, bits/char); "
+            "--show-lines N shows more"
+        )

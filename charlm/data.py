@@ -103,6 +103,37 @@ def check_text_file(path: Path, *, reader: Reader = "train") -> int:
     return size
 
 
+def text_files(paths: list[Path], pattern: str = "*") -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The files to score among `paths`: files as given, folders searched recursively for names
+    matching `pattern` (hidden files and folders left out), in order, each once. Returns (files that
+    look like text, [(path, why it is skipped)]): a missing, binary or charlm file is reported, so
+    one bad file in a folder does not stop the others."""
+    found: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    seen: set[Path] = set()
+    for given in paths:
+        if given.is_dir():
+            candidates = sorted(
+                p
+                for p in given.rglob(pattern)
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(given).parts)
+            )
+        else:
+            candidates = [given]
+        for path in candidates:
+            key = path.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                check_text_file(path, reader="model")
+            except CorpusError as e:
+                skipped.append((path, e.message))
+                continue
+            found.append(path)
+    return found, skipped
+
+
 def _cut_short(path: Path, *, start: int, count: int) -> CorpusError:
     """A UTF-8 file that ends inside a character was cut at a byte count (head -c, a broken copy):
     converting it from latin1 would be the wrong fix, dropping the partial character is the right one."""

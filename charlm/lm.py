@@ -11,11 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .data import corpus_from_text, load_corpus
+from .data import corpus_from_text, load_corpus, read_text
 from .device import ThreadTuner, cpu_settings, resolve_device, resolve_precision, resolve_weight_format
 from .evaluate import Metrics, evaluate
 from .model import CharRNN
 from .sample import Sampler
+from .surprise import TextScore, score_text
 from .vocab import Unknown, Vocab
 
 
@@ -154,10 +155,14 @@ class CharLM:
         )
         return [seed + "".join(col[i] for col in columns) for i in range(num_samples)]
 
-    def perplexity(self, source: str | os.PathLike[str], *, batch_size: int = 64, unknown: Unknown = "skip") -> Metrics:
+    def perplexity(
+        self, source: str | os.PathLike[str], *, batch_size: int = 64, unknown: Unknown = "skip", adapt: bool = False
+    ) -> Metrics:
         """Scores a text (a str) or a file (a pathlib.Path or other path object) exactly.
 
         Unknown characters are dropped and counted with unknown='skip', refused with 'error'.
+        `adapt`: dynamic evaluation, the model learning from the text as it scores it (a copy of it:
+        this model is unchanged); lower figures on text with recurring names and phrases.
         """
         if isinstance(source, str):
             corpus = corpus_from_text(source, vocab=self.vocab, unknown=unknown)
@@ -175,6 +180,26 @@ class CharLM:
                 unknown_chars=corpus.unknown_chars,
                 fold=self.vocab.fold_penalty,
                 tuner=tuner,
+                adapt=adapt,
+            )
+
+    def score(self, source: str | os.PathLike[str], *, batch_size: int = 64, adapt: bool = False) -> TextScore:
+        """Where a text (a str) or a file (a path object) surprises the model: the bits each character
+        cost, the model's top guesses there, per-line figures (`.lines`, `.most_surprising(n)`) and
+        the whole text's `.metrics`. The same exact streamed scoring as `perplexity`; unknown
+        characters stay in the text, unscored. Holds the whole text in memory, unlike `perplexity`.
+        `adapt` as for `perplexity`."""
+        text = source if isinstance(source, str) else read_text(source)
+        with cpu_settings(self.threads), ThreadTuner(self.device, self.threads) as tuner:
+            return score_text(
+                self.model,
+                self.vocab,
+                text,
+                batch_size=batch_size,
+                device=self.device,
+                precision=self.precision,
+                tuner=tuner,
+                adapt=adapt,
             )
 
     def __repr__(self) -> str:

@@ -15,7 +15,6 @@ followed by their UTF-8 bytes at 8 bits each; the model then reads the start sym
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import math
@@ -26,10 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..adapt import Adaptation, AdaptingStreams
 from ..device import cpu_settings
 from ..errors import CharlmError, ConfigError
 from ..model import CharRNN
-from ..streams import IGNORE, StepStreams, nll, nll_sum, stream_bounds
+from ..streams import IGNORE, StepStreams, nll, stream_bounds
 from ..vocab import Vocab
 from .container import ESCAPE_WEIGHT, PROBABILITY_BITS, TOTAL, WORD, segment_bits
 
@@ -37,10 +37,8 @@ MAX_VOCAB = 1 << 20  # every symbol needs weight >= 1 out of 2^24 with room to s
 ENCODE_BLOCK = 256  # steps per block: the encoder hands its coders, the decoder stores, a block at a time
 # The adapting model (FLAG_ADAPT): part of the format, like the container's numbers; a change needs
 # a new FORMAT_VERSION.
-ADAPT_STEPS = 16  # characters per segment between two updates of an adapting model
-ADAPT_LR = 0.15  # SGD step on the mean nats/char of those characters
-ADAPT_DECAY = 0.001  # pull towards the checkpoint's weights per update
-ADAPT_CLIP = 1.0  # largest gradient norm an update follows
+ADAPTATION = Adaptation(steps=16, lr=0.15, decay=0.001, clip=1.0)
+ADAPT_STEPS = ADAPTATION.steps
 
 OnProgress = Callable[[int, int], None]  # (characters done, characters in all)
 
@@ -125,24 +123,16 @@ class CodingSteps:
 
     Same batch shape, same step size, fp32, same threads on both sides, so the same inputs give the
     same bits. Input after an unknown character, and after a segment has ended, is the start symbol.
-
-    With `adapt`, the model also keeps learning from the text it codes (dynamic evaluation, Krause
-    et al. 2018): after every ADAPT_STEPS steps, one gradient step on the characters just coded,
-    which both sides know by then, pulled back towards the checkpoint's weights so it cannot drift.
-    Names and turns of phrase that recur in one document then cost fewer bits each time. The update
-    runs on a private copy of the model, so the caller's weights are untouched.
+    With `adapt`, the model also learns from the text it codes (adapt.AdaptingStreams, with the
+    archive format's fixed ADAPTATION): both sides know the coded characters by the time they learn.
     """
 
     def __init__(self, model: CharRNN, vocab: Vocab, segments: int, *, adapt: bool = False) -> None:
-        with torch.inference_mode(False):  # a copy made in inference mode could never be trained
-            model = copy.deepcopy(model) if adapt else model
-        self.streams = StepStreams(model, segments, start_id=vocab.start_id)
-        self.adapt = adapt
-        if adapt:
-            self.params = [p.requires_grad_() for p in model.parameters()]
-            self.origin = [p.detach().clone() for p in self.params]
-            self.block_state = self.streams.state
-            self.seen: list[tuple[np.ndarray, np.ndarray]] = []  # (inputs, targets) of the steps since the last update
+        self.streams: StepStreams | AdaptingStreams = (
+            AdaptingStreams(model, segments, start_id=vocab.start_id, adaptation=ADAPTATION)
+            if adapt
+            else StepStreams(model, segments, start_id=vocab.start_id)
+        )
 
     def step(self) -> tuple[np.ndarray, torch.Tensor]:
         """(integer weights [S, V + 1], fp32 logits [S, V]) for the next character of every segment."""
@@ -151,32 +141,7 @@ class CodingSteps:
 
     def feed(self, ids: np.ndarray) -> None:
         """The characters just coded, [S] (IGNORE: unknown, or the segment has ended), become the next inputs."""
-        if self.adapt:
-            self.seen.append((self.streams.inputs, ids.astype(np.int64)))
-            if len(self.seen) == ADAPT_STEPS:
-                self._learn()
         self.streams.feed(ids)
-
-    def _learn(self) -> None:
-        """One SGD step on the last ADAPT_STEPS characters of every segment, from the state they started in."""
-        inputs, targets = (np.stack(column, axis=1) for column in zip(*self.seen, strict=True))  # [S, K] each
-        self.seen = []
-        with torch.inference_mode(False), torch.enable_grad():  # (tensors made in inference mode are not allowed)
-            x, y = torch.from_numpy(inputs), torch.from_numpy(targets)
-            start = tuple(s.clone() for s in self.block_state)  # plain tensors: autograd may not save inference ones
-            logits, _ = self.streams.model(x, start)  # [S, K, V]
-            loss = nll_sum(logits, y) / y.numel()
-            grads = torch.autograd.grad(loss, self.params)
-        with torch.no_grad():
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-            if not math.isfinite(norm):
-                step = 0.0
-            else:  # a burst of surprises cannot throw the weights far
-                step = ADAPT_LR * (ADAPT_CLIP / norm if norm > ADAPT_CLIP else 1.0)
-            for p, g, p0 in zip(self.params, grads, self.origin, strict=True):
-                p.add_(g, alpha=-step)
-                p.add_(p0 - p, alpha=ADAPT_DECAY)
-        self.block_state = self.streams.state
 
 
 def _model_nats(logits: torch.Tensor, target: np.ndarray) -> float:
