@@ -176,7 +176,9 @@ def score_adapting(
     reader = AdaptingStreams(model, len(lo), start_id=start_id, adaptation=adaptation or Adaptation())
     for k in range(int((hi - lo).max())):
         pos = lo + k  # [S] the character each stream reads now
-        target = np.where(pos < hi, ids[np.minimum(pos, n - 1)], IGNORE).astype(np.int64)
+        target = np.where(
+            pos < hi, ids[np.minimum(pos, n - 1)].astype(np.int64), IGNORE
+        )  # (uint8 ids: -100 would wrap)
         logits = reader.step()  # [S, V]
         y = torch.from_numpy(target).to(logits.device)
         nats = nll(logits, y).double()  # [S], 0 where a stream has ended

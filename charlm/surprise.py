@@ -54,6 +54,7 @@ def band_label(i: int) -> str:
 
 
 TOP_GUESSES = 3
+MIN_RANKED_CHARS = 8  # shorter lines are not ranked among the most surprising
 
 
 def band(bits: float) -> int:
@@ -133,9 +134,12 @@ class TextScore:
             )
         return out
 
-    def most_surprising(self, n: int | None = None) -> list[Line]:
-        """The lines with the most bits/char first (lines with nothing scored left out), at most n."""
-        ranked = sorted((line for line in self.lines if line.chars), key=lambda line: (-line.bpc, line.number))
+    def most_surprising(self, n: int | None = None, *, min_chars: int = MIN_RANKED_CHARS) -> list[Line]:
+        """The lines with the most bits/char first, at most n. Lines with fewer than `min_chars`
+        scored characters are left out: a blank line's one newline says little about the text."""
+        ranked = sorted(
+            (line for line in self.lines if line.chars >= max(1, min_chars)), key=lambda line: (-line.bpc, line.number)
+        )
         return ranked if n is None else ranked[:n]
 
 

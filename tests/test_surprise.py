@@ -8,6 +8,7 @@ import math
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_text, run_cli
 
@@ -213,3 +214,16 @@ def test_adapt_scores_a_repetitive_text_lower_and_says_so(
     scored = lm.score(in_tmp / "rep.txt", adapt=True)
     assert scored.metrics.cross_entropy == pytest.approx(adapted["cross_entropy"], rel=1e-9)
     assert all((v == before[k]).all() for k, v in lm.model.state_dict().items())  # the caller's model untouched
+
+
+def test_adapt_scores_streams_of_unequal_length_from_a_file(in_tmp: Path, tiny_checkpoint: Path) -> None:
+    """Several streams, the last ones ending a step early, read from a uint8 memmap: every character
+    is scored once, and per-character adapting scores add up to the plain adapting figure."""
+    (in_tmp / "long.txt").write_text(make_text(3 * 4096 + 7, seed=9), encoding="utf-8")
+    lm = CharLM.load(tiny_checkpoint)
+    m = lm.perplexity(in_tmp / "long.txt", adapt=True)
+    scored = lm.score(in_tmp / "long.txt", adapt=True)
+    assert m.chars == scored.metrics.chars == 3 * 4096 + 7 and m.streams == 3
+    assert not np.isnan(scored.nats).any() and (scored.nats > 0).all()
+    assert m.cross_entropy == pytest.approx(scored.metrics.cross_entropy, rel=1e-9)
+    assert m.cross_entropy < lm.perplexity(in_tmp / "long.txt").cross_entropy * 1.05
