@@ -78,9 +78,45 @@ def resolve_weight_format(weight_format: str, device: torch.device) -> WeightFor
 
 
 def cpu_has_fast_int8() -> bool:
-    """torch's CPU int8 matmul runs on oneDNN's VNNI/AVX2 kernels on x86; elsewhere it may fall back
-    to a plain loop slower than fp32."""
-    return torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+    """Whether int8 sampling is both exact and fast here: torch's CPU int8 matmul is fast on oneDNN's
+    VNNI kernels (AVX-512 VNNI, which AMX CPUs have too). Without VNNI it is slower than fp32, and
+    oneDNN's AVX2 kernels are not even exact (int8_matmul_exact), so 'auto' keeps to fp32 there."""
+    return (
+        torch.backends.mkldnn.is_available()
+        and platform.machine().lower() in ("x86_64", "amd64")
+        and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+        and "avx512_vnni" in _cpu_flags()
+        and int8_matmul_exact()
+    )
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+@functools.cache
+def int8_matmul_exact() -> bool:
+    """Whether torch._int_mm gives the exact int32 sums on this machine, checked once on inputs that
+    reach the extremes. oneDNN's AVX2 kernels (no VNNI) add pairs of u8 x s8 products in saturating
+    int16, so large inputs come out wrong: off by 43,666 in 114,892 with ONEDNN_MAX_CPU_ISA=AVX2 on
+    an AVX-512 CPU. sample._Linear then computes the same integer product in float64 instead."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-128, 128, (16, 256), generator=g, dtype=torch.int8)
+    w = torch.randint(-128, 128, (256, 32), generator=g, dtype=torch.int8)
+    x[:4], w[:, :4] = 127, 127  # every product at its largest
+    try:
+        got = torch._int_mm(x, w)
+    except RuntimeError:
+        return False
+    return torch.equal(got, (x.double() @ w.double()).to(torch.int32))
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .device import ThreadTuner, WeightFormat, resolve_weight_format
+from .device import ThreadTuner, WeightFormat, int8_matmul_exact, resolve_weight_format
 from .errors import ConfigError, VocabError
 from .model import CharRNN, State
 from .streams import IGNORE, model_inputs
@@ -117,7 +117,11 @@ class _Linear:
         if not self.int8:
             return torch.addmm(base, x, self.weight)
         scale = self.scale if x_scale is None else self.row_scale * x_scale
-        return torch.addcmul(base, torch._int_mm(x, self.weight), scale)
+        if int8_matmul_exact():
+            product = torch._int_mm(x, self.weight)  # [B, N] int32
+        else:  # the same integer sums, exactly, where the int8 kernel saturates (device.int8_matmul_exact)
+            product = (x.double() @ self.weight.double()).float()
+        return torch.addcmul(base, product, scale)
 
 
 class _Layer(NamedTuple):

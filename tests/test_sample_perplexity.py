@@ -238,8 +238,14 @@ def test_int8_sampling_is_refused_off_the_cpu_and_auto_picks_it_on_the_cpu(monke
             resolve_weight_format("int8", torch.device(device))
         assert str(e.value) == f"int8 sampling runs on the CPU only (not {device}): use --precision bf16 or fp32"
     # 'auto' is decided by the machine, set here rather than asked of charlm's own check: int8 on an
-    # x86 CPU with oneDNN's kernels; never on ARM, without oneDNN, or on a GPU.
+    # x86 CPU with oneDNN's VNNI kernels and an exact int8 matmul; never on ARM, without oneDNN, on a
+    # GPU, without VNNI, with the dispatch capped below AVX-512, or where the int8 matmul saturates.
+    from charlm import device as dev
+
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(dev, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_vnni"}))
+    monkeypatch.setattr(dev, "int8_matmul_exact", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     for machine in ("x86_64", "AMD64"):
         monkeypatch.setattr(platform, "machine", lambda machine=machine: machine)
@@ -249,9 +255,35 @@ def test_int8_sampling_is_refused_off_the_cpu_and_auto_picks_it_on_the_cpu(monke
         monkeypatch.setattr(platform, "machine", lambda machine=machine: machine)
         assert resolve_weight_format("auto", torch.device("cpu")) in ("fp32", "bf16")
     monkeypatch.setattr(platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    assert resolve_weight_format("auto", torch.device("cpu")) in ("fp32", "bf16")
+    for name, target, value in (
+        ("get_cpu_capability", torch.backends.cpu, lambda: "AVX2"),
+        ("_cpu_flags", dev, lambda: frozenset({"avx2", "avx512f"})),
+        ("int8_matmul_exact", dev, lambda: False),
+        ("is_available", torch.backends.mkldnn, lambda: False),
+    ):
+        with monkeypatch.context() as m:
+            m.setattr(target, name, value)
+            assert resolve_weight_format("auto", torch.device("cpu")) in ("fp32", "bf16"), name
     assert resolve_weight_format("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_int8_steps_compute_exact_integer_sums_whichever_kernel_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch's int8 matmul saturates (oneDNN's AVX2 kernels), the step computes the same integer
+    product another way: the result never depends on which path ran."""
+    from charlm import sample
+    from charlm.device import int8_matmul_exact
+
+    g = torch.Generator().manual_seed(1)
+    linear = sample._Linear(torch.randn(48, 96, generator=g), "int8", torch.float32)
+    x = torch.randint(-128, 128, (8, 96), generator=g, dtype=torch.int8)
+    x[:2] = 127
+    base = torch.randn(8, 48, generator=g)
+    exact = base + (x.double() @ linear.weight.double()).float() * linear.scale
+    monkeypatch.setattr(sample, "int8_matmul_exact", lambda: False)
+    torch.testing.assert_close(linear.add_to(base, x), exact, rtol=1e-6, atol=1e-5)
+    if int8_matmul_exact.__wrapped__():  # this machine's kernel is exact: it gives the same numbers
+        monkeypatch.setattr(sample, "int8_matmul_exact", lambda: True)
+        torch.testing.assert_close(linear.add_to(base, x), exact, rtol=1e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize("threads", [1, None], ids=["fixed", "adapting"])
