@@ -10,6 +10,7 @@ Three kinds of entry, each in its own subfolder:
     scans/<key>.json            character counts of a file, keyed by path, size and mtime
     ids/<stem>.ids + .json      a file encoded as ids (memory-mapped by training and scoring)
     corpora/<name>-<ver>.txt    a built-in corpus assembled from an installed package
+    corpora/stdin-<sha>.txt     the text `charlm train -` read from stdin
 
 Only files with these names are counted, evicted or cleared: anything else a person puts in the
 folder is left alone, and symlinks are never followed.

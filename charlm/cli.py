@@ -95,8 +95,15 @@ def cli() -> None:
 M, T = ModelConfig, TrainConfig
 
 
-@cli.command(context_settings=CONTEXT, short_help="Train a model on a text file or a built-in corpus.")
-@click.argument("corpus")
+@cli.command(context_settings=CONTEXT, short_help="Train a model on text files, folders or stdin.")
+@click.argument("corpus", nargs=-1, required=True)
+@click.option(
+    "--glob",
+    "pattern",
+    default="*",
+    show_default=True,
+    help="Which files to train on in a folder given as CORPUS (searched recursively; hidden ones skipped).",
+)
 @click.option(
     "--model",
     "cell",
@@ -238,7 +245,8 @@ M, T = ModelConfig, TrainConfig
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the results on stdout.")
 @_verbosity
 def train(
-    corpus: str,
+    corpus: tuple[str, ...],
+    pattern: str,
     cell: str,
     layers: int,
     hidden: int | None,
@@ -258,6 +266,9 @@ def train(
     **options: Any,
 ) -> int:
     """Train a model on CORPUS: a UTF-8 text file, or a built-in corpus name (shakespeare, python-stdlib).
+
+    Several files, folders and - (stdin) are documents joined by U+001E (RECORD SEPARATOR), which the
+    model learns; validation is the last whole documents, and --resume refuses a changed set of files.
 
     Reports cross-entropy (nats/char), perplexity (e^CE) and bits/char (CE / ln 2) on the held-out tail.
     Ctrl-C (or SIGTERM) stops at the next step, writes the resume checkpoint and exits 130 (143).
@@ -308,7 +319,7 @@ def train(
 
     try:
         result = run(
-            corpus,
+            corpus[0] if len(corpus) == 1 else list(corpus),
             model={k: v for k, v in model_values.items() if k in typed},
             config={k: v for k, v in train_values.items() if k in typed},
             out=out,
@@ -316,6 +327,7 @@ def train(
             init_from=init_from,
             overwrite=overwrite,
             on_event=on_event,
+            glob=pattern,
         )
     finally:
         for sink in sinks:
@@ -858,7 +870,8 @@ def info_cmd(checkpoint_arg: Path | None, checkpoint: Path | None, as_json: bool
         table.add_row(
             "corpus",
             f"{corpus.get('name')} ({fmt_count(corpus.get('chars', 0))} chars, "
-            f"sha256 {str(corpus.get('sha256', ''))[:12]}...)",
+            + (f"{len(corpus['files'])} files, " if isinstance(corpus.get("files"), list) else "")
+            + f"sha256 {str(corpus.get('sha256', ''))[:12]}...)",
         )
     if s:
         table.add_row(

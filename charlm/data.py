@@ -12,8 +12,9 @@ import hashlib
 import json
 import os
 import struct
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,6 +28,8 @@ from .files import atomic_write
 from .vocab import Unknown, Vocab, describe_char, text_to_codes
 
 CHUNK_BYTES = 1 << 24
+SEPARATOR = "\x1e"  # U+001E RECORD SEPARATOR: joins documents; the model learns it as a character
+STDIN = "-"  # a source that means the standard input
 CACHE_VERSION = 1
 ARCHIVE_MAGIC = b"\x89CLM\r\n\x1a\n"  # compress.MAGIC: the first bytes of every .clm archive
 MAX_SAFETENSORS_HEADER = 64 << 20  # checkpoint.MAX_HEADER_BYTES
@@ -248,12 +251,15 @@ class Corpus:
     path: Path | None = None
     unknown: int = 0  # characters dropped because the vocab lacks them
     unknown_chars: list[str] = field(default_factory=list)
+    files: list[dict] = field(default_factory=list)  # several documents: [{"path", "sha256", "chars"}]
+    starts: list[int] = field(default_factory=list)  # several documents: where each begins in `ids`
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
     def identity(self) -> dict:
-        return {"name": self.name, "sha256": self.sha256, "chars": len(self)}
+        whole = {"name": self.name, "sha256": self.sha256, "chars": len(self)}
+        return {**whole, "files": self.files} if self.files else whole
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -416,3 +422,169 @@ def split(ids: np.ndarray, val_fraction: float, *, max_chars: int | None = None)
     if max_chars is not None:
         n_val = max(2, min(n_val, max_chars))
     return ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+
+
+# ------------------------------------------------------------------------------------ several documents
+
+
+@dataclass
+class Document:
+    """One text file of a corpus given as several files, folders or stdin."""
+
+    path: Path  # where it is read from (stdin: its copy in the cache)
+    shown: str  # the path as the checkpoint records it ("-" for stdin)
+    scan: Scan
+
+    def identity(self) -> dict:
+        """Its entry in the checkpoint's corpus `files`."""
+        return {"path": self.shown, "sha256": self.scan.sha256, "chars": self.scan.chars}
+
+
+def as_sources(corpus: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The sources of a corpus argument: one path or name, or a sequence of them."""
+    if isinstance(corpus, (str, os.PathLike)):
+        return [os.fspath(corpus)]
+    sources = [os.fspath(s) for s in corpus]
+    if not sources:
+        raise CorpusError("no corpus given", "give a text file, a folder or - for stdin")
+    return sources
+
+
+def is_plain(sources: list[str]) -> bool:
+    """One file or built-in corpus name: trained on exactly as before several documents existed."""
+    return len(sources) == 1 and sources[0] != STDIN and not Path(sources[0]).is_dir()
+
+
+def corpus_name(sources: list[str]) -> str:
+    """The run's name: a folder's name, "stdin" for -, else the first source's stem (or corpus name)."""
+    from .corpora import resolve
+
+    first = sources[0]
+    if first == STDIN:
+        return "stdin"
+    if Path(first).is_dir():
+        return Path(first).resolve().name or "corpus"
+    return resolve(first)[1]
+
+
+def stdin_file() -> Path:
+    """The standard input, read whole and kept in the cache (corpora/stdin-<sha256>.txt)."""
+    stream = sys.stdin
+    if stream is None or stream.isatty():
+        raise CorpusError("- reads the corpus from stdin, but nothing is piped in", "cat notes.txt | charlm train -")
+    raw = stream.buffer.read() if hasattr(stream, "buffer") else stream.read().encode("utf-8", "surrogateescape")
+    if not raw:
+        raise CorpusError("stdin is empty", "pipe some text in: cat notes.txt | charlm train -")
+    path = cache_dir() / "corpora" / f"stdin-{hashlib.sha256(raw).hexdigest()[:32]}.txt"
+    if path.exists():
+        cache.used(path)
+        return path
+    atomic_write(path, raw, durable=False)
+    cache.added(path)
+    return path
+
+
+def find_documents(sources: list[str], pattern: str = "*") -> tuple[list[Document], list[tuple[str, str]]]:
+    """The documents of `sources`, in order, each once: files and built-in corpora as given (any fault
+    stops the run), folders searched recursively for `pattern` (hidden files skipped), `-` for stdin.
+    A file found in a folder that is not text is skipped and returned as (path, why), so one stray
+    binary does not stop the run."""
+    from .corpora import resolve
+
+    docs: list[Document] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+    for source in sources:
+        if source == STDIN:
+            path = stdin_file()
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                docs.append(Document(path, STDIN, cached_scan(path)))
+            continue
+        if not Path(source).is_dir():
+            path, _ = resolve(source)
+            check_text_file(path)
+            if path.resolve() not in seen:
+                seen.add(path.resolve())
+                docs.append(Document(path, os.path.normpath(source), cached_scan(path)))
+            continue
+        found, bad = text_files([Path(source)], pattern)
+        skipped += [(os.path.normpath(p), why) for p, why in bad]
+        for path in found:
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
+            try:
+                docs.append(Document(path, os.path.normpath(path), cached_scan(path)))
+            except CorpusError as e:
+                skipped.append((os.path.normpath(path), e.message))
+    if not docs:
+        why = f" ({len(skipped)} skipped: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise CorpusError(f"no text file to train on in {', '.join(sources)}{why}", "check the paths and --glob")
+    return docs, skipped
+
+
+def document_counts(docs: list[Document], *, min_count: int = 1) -> dict[int, int]:
+    """Character counts over every document, with the separator between them (always kept in the vocab)."""
+    counts: dict[int, int] = {}
+    for doc in docs:
+        for c, n in doc.scan.counts.items():
+            counts[c] = counts.get(c, 0) + n
+    if len(docs) > 1:
+        sep = ord(SEPARATOR)
+        counts[sep] = max(counts.get(sep, 0) + len(docs) - 1, min_count)
+    return counts
+
+
+def load_documents(docs: list[Document], *, vocab: Vocab, name: str) -> Corpus:
+    """The documents as one corpus: each one's ids (cached as for one file), joined by SEPARATOR.
+    Its sha256 is that of the list of files (`sha256  path` lines, as sha256sum prints them)."""
+    parts: list[np.ndarray] = []
+    starts: list[int] = []
+    at = 0
+    sep = vocab.lookup(text_to_codes(SEPARATOR)).astype(vocab.dtype)
+    for i, doc in enumerate(docs):
+        if i:
+            parts.append(sep)
+            at += 1
+        ids, _ = encode_file(doc.path, vocab, sha256=doc.scan.sha256, unknown="error")
+        starts.append(at)
+        parts.append(np.asarray(ids))
+        at += len(ids)
+    manifest = "".join(f"{d.scan.sha256}  {d.shown}\n" for d in docs)
+    return Corpus(
+        name=name,
+        ids=np.concatenate(parts),
+        vocab=vocab,
+        sha256=hashlib.sha256(manifest.encode("utf-8", "surrogateescape")).hexdigest(),
+        files=[d.identity() for d in docs],
+        starts=starts,
+    )
+
+
+def split_documents(
+    corpus: Corpus, val_fraction: float, *, max_chars: int | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """(train ids, validation ids, validation documents): validation is the last whole documents, as
+    many as come closest to `val_fraction` of the text without passing `max_chars`; at least one
+    document trains. When the last document alone is longer than `max_chars`, validation is its first
+    `max_chars` characters and the rest of it is left out, so no document is in both."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"--val-fraction must be between 0 and 1 (got {val_fraction})")
+    n, total = len(corpus.starts), len(corpus)
+    if n < 2:
+        train, val = split(corpus.ids, val_fraction, max_chars=max_chars)
+        return train, val, 0
+    target = total * val_fraction
+    best = 1
+    for k in range(1, n):
+        size = total - corpus.starts[n - k]
+        if max_chars is not None and size > max_chars:
+            break
+        if abs(size - target) < abs(total - corpus.starts[n - best] - target):
+            best = k
+    start = corpus.starts[n - best]
+    train, val = corpus.ids[: start - 1], corpus.ids[start:]  # the separator before validation is in neither
+    if max_chars is not None and len(val) > max_chars:
+        val = val[:max_chars]
+    return train, val, best

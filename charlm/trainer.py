@@ -12,7 +12,7 @@ The names users import from here stay here: `from charlm.trainer import TrainCon
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def default_model(config: TrainConfig) -> ModelConfig:
 
 
 def train(
-    corpus: str | os.PathLike[str] | Corpus,
+    corpus: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Corpus,
     *,
     model: ModelConfig | Mapping[str, Any] | None = None,
     config: TrainConfig | Mapping[str, Any] | None = None,
@@ -89,8 +89,14 @@ def train(
     init_from: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     on_event: EventSink | None = None,
+    glob: str = "*",
 ) -> TrainResult:
     """Train a character model on `corpus` (a file path, a built-in corpus name or a Corpus).
+
+    `corpus` may also be a folder (its files matching `glob`, searched recursively, hidden ones
+    skipped), `"-"` (stdin) or a list of these: the documents are joined in order by U+001E
+    (data.SEPARATOR), validation is the last whole documents, and the checkpoint lists each file
+    with its sha256, so a resume refuses a changed set of files.
 
     `model` gives the architecture (its vocab_size is filled in from the text); `resume` continues
     the `.last` checkpoint beside `out` (or the path given); `init_from` starts from another
@@ -120,11 +126,12 @@ def train(
             init_from=init_from,
             overwrite=overwrite,
             on_event=on_event,
+            glob=glob,
         )
 
 
 def _train(
-    corpus: str | os.PathLike[str] | Corpus,
+    corpus: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Corpus,
     asked_model: ModelConfig | None,
     config: TrainConfig,
     *,
@@ -134,13 +141,14 @@ def _train(
     init_from: str | os.PathLike[str] | None,
     overwrite: bool,
     on_event: EventSink | None,
+    glob: str,
 ) -> TrainResult:
     devices = plan_devices(config)
     emit = event_sink(on_event, devices.dist)
     origin = plan_origin(corpus, out=out, last=last, saved=saved, init_from=init_from, overwrite=overwrite)
     if origin.resumed is not None:
         config = continued_config(origin.resumed, config, devices.dist.world)
-    data = load_data(corpus, origin, config, devices.dist)
+    data = load_data(corpus, origin, config, devices.dist, pattern=glob)
     if devices.dist.is_main:
         check_writable(origin.best_path.parent)
     saved_tensors = ckpt.read_tensors(origin.resumed) if origin.resumed is not None else {}
@@ -150,6 +158,8 @@ def _train(
     resume_step = state.step if origin.resumed is not None else None
     if origin.note:
         emit(Note(origin.note))
+    for note in data.notes:
+        emit(Note(note))
     if devices.dist.active:
         emit(
             Note(

@@ -79,7 +79,7 @@ def write(path: Path, content: bytes) -> Path:
     ("make", "extra", "message"),
     [
         (lambda d: d / "missing.txt", [], "error: {p}: no such file: check the path"),
-        (lambda d: d, [], "error: {p} is a directory, not a text file: give the path of a text file"),
+        (lambda d: d, [], "error: no text file to train on in {p}: check the paths and --glob"),  # an empty folder
         (lambda d: write(d / "empty.txt", b""), [], "error: {p} is empty: give a file with some text in it"),
         (
             lambda d: write(d / "bin.txt", b"abc\x00def"),

@@ -9,14 +9,14 @@ with both values.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .. import checkpoint as ckpt
 from ..config import RESUME_FIXED, ModelConfig, TrainConfig
-from ..data import Corpus
+from ..data import Corpus, as_sources, corpus_name
 from ..errors import CheckpointError
 from .paths import best_path_of, resume_path
 
@@ -34,7 +34,9 @@ TrainSettings = TrainConfig | Mapping[str, Any] | None
 
 
 def last_checkpoint(
-    corpus: str | os.PathLike[str] | Corpus, out: str | os.PathLike[str] | None, resume: bool | str | os.PathLike[str]
+    corpus: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | Corpus,
+    out: str | os.PathLike[str] | None,
+    resume: bool | str | os.PathLike[str],
 ) -> Path:
     """The .last checkpoint `resume` continues: the path given, else the newest run of the corpus's name."""
     if out is not None:
@@ -42,9 +44,7 @@ def last_checkpoint(
     elif isinstance(corpus, Corpus):
         name = corpus.name
     else:
-        from ..corpora import resolve
-
-        name = resolve(corpus)[1]
+        name = corpus_name(as_sources(corpus))
     return resume_path(name, out, resume)
 
 
@@ -111,6 +111,8 @@ def _rebatch(header: ckpt.Header, config: TrainConfig, world: int) -> TrainConfi
 def check_resume(header: ckpt.Header, data: Corpus, config: TrainConfig, world: int = 1) -> None:
     """Refuse a resume that could not continue the same run, saying exactly what differs."""
     was = header.corpus
+    if data.files:
+        check_resume_files(header, data.files)
     if was.get("sha256") and was.get("sha256") != data.sha256:
         raise CheckpointError(
             f"--resume: the corpus differs from the one this run trained on ({was.get('name')}, "
@@ -135,6 +137,30 @@ def check_resume(header: ckpt.Header, data: Corpus, config: TrainConfig, world: 
         raise CheckpointError(
             f"--resume: options differ from the interrupted run: {', '.join(diffs)}",
             "drop them to continue the same run, or start a new one with --init-from",
+        )
+
+
+def check_resume_files(header: ckpt.Header, now: list[dict]) -> None:
+    """Refuse another set of documents than the run's, naming each file changed, added or missing.
+    Called before the files are encoded, so an edit that brings new characters is named as an edit."""
+    was = header.corpus.get("files")
+    if not isinstance(was, list):
+        return  # a run on one file: check_resume compares the whole text's sha256
+    before = {str(f.get("path")): f for f in was if isinstance(f, dict)}
+    after = {f["path"]: f for f in now}
+    diffs = [
+        f"{path} changed (sha256 {f['sha256'][:12]}..., was {str(before[path].get('sha256'))[:12]}...)"
+        for path, f in after.items()
+        if path in before and before[path].get("sha256") != f["sha256"]
+    ]
+    diffs += [f"{path} added" for path in after if path not in before]
+    diffs += [f"{path} missing" for path in before if path not in after]
+    if not diffs and list(before) != list(after):
+        diffs.append(f"the files are in another order (was {', '.join(before)})")
+    if diffs:
+        raise CheckpointError(
+            f"--resume: the corpus files differ from the run's: {', '.join(diffs)}",
+            f"resume with the original files, or fine-tune with --init-from {header.path}",
         )
 
 

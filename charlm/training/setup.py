@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -18,18 +19,31 @@ import torch
 from .. import checkpoint as ckpt
 from .. import distributed
 from ..config import ModelConfig, TrainConfig, budget_hidden_size, default_lr
-from ..data import Corpus, cached_scan, load_corpus, split
+from ..data import (
+    Corpus,
+    as_sources,
+    cached_scan,
+    corpus_name,
+    document_counts,
+    find_documents,
+    is_plain,
+    load_corpus,
+    load_documents,
+    split,
+    split_documents,
+)
 from ..device import resolve_device, resolve_precision, seed_everything, set_rng_state
 from ..distributed import Dist
 from ..errors import CheckpointError, CorpusError
 from ..model import CharRNN, State
 from ..run_state import RunState
 from ..streams import Batches
+from ..vocab import Vocab
 from .events import EventSink
 from .finetune import extend_vocab, grow_model
 from .optim import load_optimizer, make_optimizer
 from .paths import best_path_of, default_paths, new_run_path
-from .resume import check_resume, check_resume_model, opened
+from .resume import check_resume, check_resume_files, check_resume_model, opened
 
 
 @dataclass(frozen=True)
@@ -59,7 +73,7 @@ class Origin:
     """Where a run writes, and what it starts from: the run it continues, or the model it fine-tunes."""
 
     name: str
-    source: Path | None  # the corpus file; None for a Corpus given in memory
+    source: Path | None  # the corpus file; None for a Corpus given in memory or several documents
     best_path: Path
     resumed: ckpt.Header | None = None
     init: ckpt.Header | None = None
@@ -74,8 +88,11 @@ class Origin:
         return ckpt.sibling_paths(self.best_path)[1]
 
 
+Sources = str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+
 def plan_origin(
-    corpus: str | os.PathLike[str] | Corpus,
+    corpus: Sources | Corpus,
     *,
     out: str | os.PathLike[str] | None,
     last: Path | None,
@@ -85,12 +102,15 @@ def plan_origin(
 ) -> Origin:
     """A resumed run (`last` set) writes beside its .last file, or to --out; a new run takes the
     next free name (see paths.new_run_path)."""
+    source: Path | None = None
     if isinstance(corpus, Corpus):
-        name, source = corpus.name, None
-    else:
+        name = corpus.name
+    elif is_plain(sources := as_sources(corpus)):
         from ..corpora import resolve
 
-        source, name = resolve(corpus)
+        source, name = resolve(sources[0])
+    else:
+        name = corpus_name(sources)
     if last is not None:
         resumed = opened(last, saved)
         best = default_paths(name, out) if out is not None else best_path_of(last) or default_paths(name, out)
@@ -110,19 +130,38 @@ class RunData:
     batches: Batches  # every process's streams: batch_size x processes
     rows: slice  # this process's rows of the global batch
     new_chars: list[str]  # characters --init-from added to the vocab
+    notes: list[str] = field(default_factory=list)  # for the user: skipped files, the documents' split
 
     def identity(self) -> dict:
         """The corpus entry of the checkpoint headers (and of the Started event)."""
         return {**self.corpus.identity(), "train_chars": len(self.train_ids), "val_chars": len(self.val_ids)}
 
 
-def load_data(corpus: str | os.PathLike[str] | Corpus, origin: Origin, config: TrainConfig, dist: Dist) -> RunData:
-    """Text -> vocab (the resumed run's, the fine-tuned model's grown, or a new one) -> ids -> streams."""
+def load_data(
+    corpus: Sources | Corpus, origin: Origin, config: TrainConfig, dist: Dist, *, pattern: str = "*"
+) -> RunData:
+    """Text -> vocab (the resumed run's, the fine-tuned model's grown, or a new one) -> ids -> streams.
+
+    Several files, folders (searched for `pattern`) or stdin are documents joined by data.SEPARATOR
+    and split by document (data.split_documents)."""
     new_chars: list[str] = []
+    notes: list[str] = []
     if isinstance(corpus, Corpus):
         data = corpus
         if origin.resumed is not None and data.vocab != origin.resumed.vocab:
             raise CheckpointError("--resume: the text's vocab differs from the checkpoint's")
+    elif origin.source is None:
+        docs, skipped = find_documents(as_sources(corpus), pattern)
+        notes += [f"skipped: {why}" for _, why in skipped]
+        counts = document_counts(docs, min_count=config.min_count)
+        if origin.resumed is not None:
+            check_resume_files(origin.resumed, [d.identity() for d in docs])
+            vocab = origin.resumed.vocab
+        elif origin.init is not None:
+            vocab, new_chars = extend_vocab(origin.init.vocab, counts)
+        else:
+            vocab = Vocab.from_counts(counts, min_count=config.min_count)
+        data = load_documents(docs, vocab=vocab, name=origin.name)
     else:
         scan = cached_scan(origin.source)  # type: ignore[arg-type] - a file: resolved by plan_origin
         if origin.resumed is not None:
@@ -143,7 +182,24 @@ def load_data(corpus: str | os.PathLike[str] | Corpus, origin: Origin, config: T
             f"{config.val_fraction}",
             "lower --batch-size or --seq-len, or use a longer text",
         )
-    train_ids, val_ids = split(data.ids, config.val_fraction, max_chars=config.max_val_chars)
+    if data.starts:
+        train_ids, val_ids, n_val = split_documents(data, config.val_fraction, max_chars=config.max_val_chars)
+        n = len(data.starts)
+        held = ", ".join(f["path"] for f in data.files[n - n_val :])
+        notes.append(
+            f"{n} documents: {n - n_val} train, {n_val} validation ({held})"
+            if n_val
+            else f"1 document: validation is its last {len(val_ids):,} characters"
+        )
+        if len(train_ids) < Batches.min_chars(global_batch, config.seq_len):
+            raise CorpusError(
+                f"the training documents are too short: {len(train_ids)} characters, need at least "
+                f"{Batches.min_chars(global_batch, config.seq_len)} for --batch-size {global_batch} and "
+                f"--seq-len {config.seq_len}",
+                "lower --batch-size or --seq-len, or give more text",
+            )
+    else:
+        train_ids, val_ids = split(data.ids, config.val_fraction, max_chars=config.max_val_chars)
     return RunData(
         corpus=data,
         train_ids=train_ids,
@@ -151,6 +207,7 @@ def load_data(corpus: str | os.PathLike[str] | Corpus, origin: Origin, config: T
         batches=Batches(train_ids, global_batch, config.seq_len, config.rng_seed),
         rows=slice(dist.rank * config.batch_size, (dist.rank + 1) * config.batch_size),
         new_chars=new_chars,
+        notes=notes,
     )
 
 
