@@ -152,12 +152,11 @@ def score_text(
     device: torch.device | None = None,
     precision: str = "fp32",
     tuner: ThreadTuner | None = None,
-    started: float | None = None,
     adapt: bool = False,
 ) -> TextScore:
     """Per-character figures for `text` (line ends "\\r\\n" read as "\\n", as everywhere in charlm);
     `adapt` scores with dynamic evaluation (evaluate.score_adapting)."""
-    began = time.perf_counter() if started is None else started
+    began = time.perf_counter()
     text = text.replace("\r\n", "\n")
     codes = text_to_codes(text)
     ids = vocab.lookup(codes)

@@ -203,16 +203,23 @@ class Loop:
         if self.log and has_loss:
             self.log.write(
                 {
-                    "event": "train",
-                    "step": st.step,
-                    "epoch": round(self.epoch_float(), 5),
-                    "chars": st.chars,
-                    "elapsed_s": round(self.clock.elapsed(), 3),
+                    **self._where("train"),
                     "lr": lr,
                     **loss_record("train", st.train_loss),  # type: ignore[arg-type] - has_loss
                     "chars_per_sec": self.clock.chars_per_sec(),
                 }
             )
+
+    def _where(self, event: str) -> dict:
+        """The head of every metrics-log record: what happened, and where in the run."""
+        st = self.state
+        return {
+            "event": event,
+            "step": st.step,
+            "epoch": round(self.epoch_float(), 5),
+            "chars": st.chars,
+            "elapsed_s": round(self.clock.elapsed(), 3),
+        }
 
     def evaluate(self) -> None:
         st, began = self.state, time.perf_counter()
@@ -236,11 +243,7 @@ class Loop:
         if self.log:
             self.log.write(
                 {
-                    "event": "eval",
-                    "step": st.step,
-                    "epoch": round(self.epoch_float(), 5),
-                    "chars": st.chars,
-                    "elapsed_s": round(self.clock.elapsed(), 3),
+                    **self._where("eval"),
                     "lr": self.current_lr(),
                     **loss_record("val", metrics.cross_entropy),
                     **({} if st.train_loss is None else loss_record("train", st.train_loss)),
