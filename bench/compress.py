@@ -173,7 +173,7 @@ def main() -> None:
             if not checkpoint.exists():
                 train_model(train, checkpoint, args.train_minutes)
     sys.path.insert(0, str(HERE))
-    from run import machine  # the benchmark suite's description of this computer
+    from report import machine
 
     result = measure(checkpoint, text, args.threads)
     result["machine"] = machine()

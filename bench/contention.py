@@ -53,7 +53,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import re
 import resource
 import shutil
@@ -69,9 +68,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from report import finish  # noqa: E402
+from report import NPROC, cpu_tag, finish, machine  # noqa: E402
 
-NPROC = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 COMMANDS = ("train", "perplexity", "sample", "compress")
 NEIGHBOURS = ("quiet", "matmul", "charlm")
@@ -162,46 +160,6 @@ def parse_policy(spec: str) -> Policy:
 
 
 # ------------------------------------------------------------------------------------------ machine
-
-
-def cpu_flags() -> set[str]:
-    with contextlib.suppress(OSError, StopIteration):
-        return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":", 1)[1].split())
-    return set()
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError, StopIteration):
-        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    return platform.processor() or platform.machine()
-
-
-def cpu_tag(name: str) -> str:
-    """'AMD EPYC 9R14 96-Core Processor' -> 'amd-epyc-9r14'; 'Intel(R) Xeon(R) Platinum 8488C' ->
-    'intel-xeon-platinum'."""
-    name = re.sub(r"\((R|TM|tm|r)\)|\bCPU\b|@.*|\d+-Core|Processor", " ", name)
-    words = [w.lower() for w in re.findall(r"[A-Za-z0-9]+", name)][:3]
-    return "-".join(words) or platform.machine()
-
-
-def machine() -> dict:
-    import torch
-
-    flags = cpu_flags()
-    return {
-        "cpu": cpu_name(),
-        "nproc": NPROC,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "isa": torch.backends.cpu.get_cpu_capability(),
-        "amx": bool(flags & {"amx_bf16", "amx_tile"}),
-        "avx512_bf16": "avx512_bf16" in flags,
-        "avx512f": "avx512f" in flags,
-        "hypervisor": "hypervisor" in flags,
-        "python": platform.python_version(),
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "loadavg_at_start": os.getloadavg(),
-    }
 
 
 def cpu_busy_seconds() -> tuple[float, float]:

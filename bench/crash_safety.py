@@ -405,7 +405,7 @@ def main() -> None:
             rng_seed=args.rng_seed,
         )
     sys.path.insert(0, str(REPO / "bench"))
-    from run import machine  # the benchmark suite's description of this computer
+    from report import machine
 
     figures["machine"] = machine()
     print_table(figures)

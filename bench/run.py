@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import datetime as dt
 import os
-import platform
 import socket
 import statistics
 import subprocess
@@ -32,32 +31,16 @@ from torch import nn
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from report import finish  # noqa: E402
+from report import finish, machine  # noqa: E402
 
 from charlm.data import corpus_from_text  # noqa: E402
-from charlm.device import configure_cpu, cpu_has_fast_bf16  # noqa: E402
+from charlm.device import configure_cpu  # noqa: E402
 from charlm.evaluate import evaluate  # noqa: E402
 from charlm.model import CharRNN, ModelConfig  # noqa: E402
 from charlm.sample import Sampler  # noqa: E402
 from charlm.trainer import Stepped, TrainConfig, train  # noqa: E402
 
 V, E, H, LAYERS, B, T = 96, 64, 512, 2, 64, 128
-
-
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    return {
-        "host": socket.gethostname(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "fast_bf16": cpu_has_fast_bf16(),
-        "date": dt.datetime.now().isoformat(timespec="seconds"),
-    }
 
 
 def median_rate(fn: Callable[[], float], repeats: int) -> float:
