@@ -136,12 +136,23 @@ M, T = ModelConfig, TrainConfig
 @click.option(
     "--seq-len", type=int, default=default(T, "seq_len"), help="Characters per chunk: the truncated-BPTT length."
 )
-@click.option("--batch-size", type=int, default=default(T, "batch_size"), help="Parallel text streams per step.")
+@click.option(
+    "--batch-size",
+    type=int,
+    default=default(T, "batch_size"),
+    help="Parallel text streams per step.  [default: 64, or 32 when the run will see its text 3 times or more]",
+)
 @click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW).  [default: 2e-3 x 512 / --hidden]")
 @click.option(
     "--weight-decay", type=float, default=default(T, "weight_decay"), help="AdamW weight decay on weight matrices."
 )
 @click.option("--clip", type=float, default=default(T, "clip"), help="Clip the global gradient norm to this (0 = off).")
+@click.option(
+    "--average",
+    type=float,
+    default=default(T, "average"),
+    help="Validate and save the moving average of the weights with this decay per step (0 = the last weights).",
+)
 @click.option(
     "--schedule",
     type=click.Choice(choices(Schedule)),
@@ -191,7 +202,9 @@ M, T = ModelConfig, TrainConfig
     type=int,
     default=default(T, "min_count"),
     help="Characters seen fewer times share one "
-    "unknown symbol (for vocabularies of thousands); scores spread its probability evenly over them.",
+    "unknown symbol (for vocabularies of thousands); scores spread its probability evenly over them.  "
+    "[default: auto: fold the rarest until the output layer costs no more than the recurrent layers, "
+    "at most 2% of the text; nothing for English text or code]",
 )
 @click.option(
     "--save-every",
@@ -878,6 +891,14 @@ def info_cmd(checkpoint_arg: Path | None, checkpoint: Path | None, as_json: bool
             "training",
             f"step {s.get('step')}, {s.get('chars', 0):,} chars seen, "
             f"{s.get('elapsed', 0):.0f}s, best at step {s.get('best_step')}",
+        )
+    t = header.train
+    if t:
+        average = t.get("average") or 0
+        table.add_row(
+            "settings",
+            f"batch {t.get('batch_size')}x{t.get('seq_len')}, lr {t.get('lr')}, min-count {t.get('min_count')}, "
+            + (f"weights averaged (--average {average:g})" if average else "last weights (no average)"),
         )
     if "best_val_loss" in met:
         v = met["best_val_loss"]

@@ -126,6 +126,8 @@ class TrainView:
             f"{fmt_count(e.train_chars)} train / {fmt_count(e.val_chars)} validation chars; "
             f"{e.device} {e.precision}; batch {c.batch_size}x{c.seq_len}; budget {budget}"
         )
+        for line in e.defaults:
+            self.print(f"  default {escape(line)}")
         if e.new_chars:
             self.print(f"fine-tuning from {escape(str(e.init_from))}: vocab extended by {len(e.new_chars)} characters")
         self.print(f"checkpoint {escape(str(e.checkpoint))}, evaluating every {e.eval_every} steps", level=2)

@@ -40,10 +40,12 @@ from .training.schedule import auto_eval_every, learning_rate
 from .training.setup import (
     build_learner,
     event_sink,
+    explain_defaults,
     fill_model,
     load_data,
     plan_devices,
     plan_origin,
+    plan_passes,
     restore_state,
     run_header,
 )
@@ -148,11 +150,13 @@ def _train(
     origin = plan_origin(corpus, out=out, last=last, saved=saved, init_from=init_from, overwrite=overwrite)
     if origin.resumed is not None:
         config = continued_config(origin.resumed, config, devices.dist.world)
-    data = load_data(corpus, origin, config, devices.dist, pattern=glob)
+    asked = config
+    data, config = load_data(corpus, origin, config, devices.dist, pattern=glob, model=asked_model)
     if devices.dist.is_main:
         check_writable(origin.best_path.parent)
     saved_tensors = ckpt.read_tensors(origin.resumed) if origin.resumed is not None else {}
     learner, config = build_learner(origin, data, asked_model, config, devices, saved_tensors)
+    config, data, passes = plan_passes(config, asked, data, learner, devices)
     state, hidden = restore_state(learner, origin, data, config, devices, saved_tensors)
     eval_every = auto_eval_every(len(data.val_ids), config)
     resume_step = state.step if origin.resumed is not None else None
@@ -182,6 +186,9 @@ def _train(
             resumed_step=resume_step,
             init_from=str(init_from) if init_from is not None else None,
             new_chars=data.new_chars,
+            defaults=[]
+            if origin.resumed is not None or origin.init is not None
+            else explain_defaults(asked_model, asked, learner.net.config, config, data, passes),
         )
     )
     log = MetricsLog(origin.metrics_path, resume_step=resume_step) if devices.dist.is_main else None

@@ -63,14 +63,14 @@ def test_loss_falls_and_checkpoint_reloads_identically(
 ) -> None:
     from charlm.training.loop import Loop
 
-    # A copy of the training network itself, taken each time a best checkpoint is written: the last
-    # copy holds the in-memory weights that result.checkpoint must give back.
+    # A copy of the network validation scored (the weights' moving average), taken each time a best
+    # checkpoint is written: the last copy holds the in-memory weights that result.checkpoint must give back.
     saved_as_best: list[CharRNN] = []
     real_save = Loop.save
 
     def save(run: Loop, kind: str) -> None:
         if kind == "best":
-            saved_as_best.append(copy.deepcopy(run.learner.net).eval())
+            saved_as_best.append(copy.deepcopy(run.learner.scored).eval())
         real_save(run, kind)
 
     monkeypatch.setattr(Loop, "save", save)

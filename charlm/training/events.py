@@ -33,6 +33,7 @@ class Started:
     resumed_step: int | None = None
     init_from: str | None = None
     new_chars: list[str] = field(default_factory=list)
+    defaults: list[str] = field(default_factory=list)  # the settings the rule chose, each with its reason
 
 
 @dataclass

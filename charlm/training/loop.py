@@ -148,6 +148,8 @@ class Loop:
             opt.step()
         elif not bool(bad):
             opt.step()
+        if self.learner.average is not None:
+            self.learner.average.update()  # a skipped step leaves the weights, so averaging them again is harmless
         self.hidden = tuple(
             torch.where(bad, old.to(new.dtype), new.detach()) for old, new in zip(self.hidden, new_hidden, strict=True)
         )
@@ -225,7 +227,7 @@ class Loop:
         st, began = self.state, time.perf_counter()
         vocab = self.data.corpus.vocab
         metrics = evaluate(
-            self.learner.net,
+            self.learner.scored,
             self.data.val_ids,
             start_id=vocab.start_id,
             batch_size=self.config.eval_batch_size,
@@ -274,8 +276,10 @@ class Loop:
                 "state": replace(self.state, elapsed=self.clock.elapsed()).to_dict(),
                 "metrics": metrics_summary(self.state, self.last_val),
             }
-            tensors = ckpt.model_tensors(self.learner.net)
+            tensors = ckpt.model_tensors(self.learner.net if kind == "last" else self.learner.scored)
             if kind == "last":
+                if self.learner.average is not None:
+                    tensors.update(self.learner.average.tensors())
                 opt_tensors, groups = optimizer_tensors(self.learner.opt)
                 meta["state"]["optim_groups"] = groups
                 tensors.update(opt_tensors)

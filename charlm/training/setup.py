@@ -18,7 +18,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from .. import distributed
-from ..config import ModelConfig, TrainConfig, budget_hidden_size, default_lr
+from ..config import DEFAULT_BATCH, ModelConfig, TrainConfig, auto_min_count, budget_hidden_size, default_lr
 from ..data import (
     Corpus,
     as_sources,
@@ -39,11 +39,13 @@ from ..model import CharRNN, State
 from ..run_state import RunState
 from ..streams import Batches
 from ..vocab import Vocab
+from .average import WeightAverage
 from .events import EventSink
 from .finetune import extend_vocab, grow_model
 from .optim import load_optimizer, make_optimizer
 from .paths import best_path_of, default_paths, new_run_path
 from .resume import check_resume, check_resume_files, check_resume_model, opened
+from .sizing import MANY_PASSES, MANY_PASSES_LR, SMALL_BATCH, TRAINING_SHARE, Passes, expected_passes, measure_speed
 
 
 @dataclass(frozen=True)
@@ -138,9 +140,16 @@ class RunData:
 
 
 def load_data(
-    corpus: Sources | Corpus, origin: Origin, config: TrainConfig, dist: Dist, *, pattern: str = "*"
-) -> RunData:
-    """Text -> vocab (the resumed run's, the fine-tuned model's grown, or a new one) -> ids -> streams.
+    corpus: Sources | Corpus,
+    origin: Origin,
+    config: TrainConfig,
+    dist: Dist,
+    *,
+    pattern: str = "*",
+    model: ModelConfig | None = None,
+) -> tuple[RunData, TrainConfig]:
+    """Text -> vocab (the resumed run's, the fine-tuned model's grown, or a new one) -> ids -> streams;
+    and `config` with --min-count filled in (config.auto_min_count for the model to be built).
 
     Several files, folders (searched for `pattern`) or stdin are documents joined by data.SEPARATOR
     and split by document (data.split_documents)."""
@@ -148,32 +157,36 @@ def load_data(
     notes: list[str] = []
     if isinstance(corpus, Corpus):
         data = corpus
+        config = replace(config, min_count=config.min_count or 1)  # the Corpus brings its own vocab
         if origin.resumed is not None and data.vocab != origin.resumed.vocab:
             raise CheckpointError("--resume: the text's vocab differs from the checkpoint's")
     elif origin.source is None:
         docs, skipped = find_documents(as_sources(corpus), pattern)
         notes += [f"skipped: {why}" for _, why in skipped]
-        counts = document_counts(docs, min_count=config.min_count)
+        config = with_min_count(config, document_counts(docs), origin, model)
+        counts = document_counts(docs, min_count=config.min_count)  # type: ignore[arg-type] - filled in
         if origin.resumed is not None:
             check_resume_files(origin.resumed, [d.identity() for d in docs])
             vocab = origin.resumed.vocab
         elif origin.init is not None:
             vocab, new_chars = extend_vocab(origin.init.vocab, counts)
         else:
-            vocab = Vocab.from_counts(counts, min_count=config.min_count)
+            vocab = Vocab.from_counts(counts, min_count=config.min_count)  # type: ignore[arg-type] - filled in
         data = load_documents(docs, vocab=vocab, name=origin.name)
     else:
         scan = cached_scan(origin.source)  # type: ignore[arg-type] - a file: resolved by plan_origin
+        config = with_min_count(config, scan.counts, origin, model)
         if origin.resumed is not None:
             vocab = origin.resumed.vocab
         elif origin.init is not None:
             vocab, new_chars = extend_vocab(origin.init.vocab, scan.counts)
         else:
-            vocab = scan.vocab(min_count=config.min_count)
+            vocab = scan.vocab(min_count=config.min_count)  # type: ignore[arg-type] - filled in
         data = load_corpus(origin.source, vocab=vocab, name=origin.name)  # type: ignore[arg-type]
     if origin.resumed is not None:
         check_resume(origin.resumed, data, config, dist.world)
-    global_batch = config.batch_size * dist.world
+    batch = config.batch_size or DEFAULT_BATCH  # an open batch size is settled by plan_passes, once the model exists
+    global_batch = batch * dist.world
     need = math.ceil(Batches.min_chars(global_batch, config.seq_len) / (1 - config.val_fraction)) + 2
     if len(data) < need:
         raise CorpusError(
@@ -200,24 +213,44 @@ def load_data(
             )
     else:
         train_ids, val_ids = split(data.ids, config.val_fraction, max_chars=config.max_val_chars)
-    return RunData(
+    run = RunData(
         corpus=data,
         train_ids=train_ids,
         val_ids=val_ids,
         batches=Batches(train_ids, global_batch, config.seq_len, config.rng_seed),
-        rows=slice(dist.rank * config.batch_size, (dist.rank + 1) * config.batch_size),
+        rows=slice(dist.rank * batch, (dist.rank + 1) * batch),
         new_chars=new_chars,
         notes=notes,
     )
+    return run, config
+
+
+def with_min_count(
+    config: TrainConfig, counts: dict[int, int], origin: Origin, model: ModelConfig | None
+) -> TrainConfig:
+    """`config` with --min-count filled in when not given: from the counts and the model a new run
+    will build; 1 (fold nothing) when fine-tuning, whose vocab is the base model's grown."""
+    if config.min_count is not None:
+        return config
+    if origin.init is not None or origin.resumed is not None:
+        return replace(config, min_count=1)
+    planned = replace(fill_model(model or ModelConfig(), config), vocab_size=max(1, len(counts)))
+    return replace(config, min_count=auto_min_count(counts, planned))
 
 
 @dataclass(frozen=True)
 class Learner:
     """The model being trained and what updates it."""
 
-    net: CharRNN  # the model itself: checkpoints and validation use it
+    net: CharRNN  # the model itself: the resume checkpoint holds it
     forward: torch.nn.Module  # what a step calls: the model, or its DistributedDataParallel wrapper
     opt: torch.optim.AdamW
+    average: WeightAverage | None = None  # the weights' moving average (--average)
+
+    @property
+    def scored(self) -> CharRNN:
+        """What validation scores and the best checkpoint holds: the average when there is one."""
+        return self.average.model if self.average is not None else self.net
 
     @property
     def params(self) -> int:
@@ -245,6 +278,9 @@ def build_learner(
             net = grow_model(net, len(data.corpus.vocab))
     else:
         net = CharRNN(replace(fill_model(model or ModelConfig(), config), vocab_size=len(data.corpus.vocab)))
+        if net.config.init != "pytorch":
+            counts = np.bincount(data.train_ids.astype(np.int64), minlength=net.config.vocab_size)
+            net.start_at_unigram(torch.from_numpy(counts))
     if config.lr is None:
         config = replace(config, lr=default_lr(net.config.hidden_size))
     net = net.to(devices.device).train()
@@ -255,7 +291,89 @@ def build_learner(
         torch.manual_seed(config.rng_seed + devices.dist.rank)  # each rank its own dropout masks
         device_ids = [devices.device] if devices.device.type == "cuda" else None
         forward = DistributedDataParallel(net, device_ids=device_ids)
-    return Learner(net=net, forward=forward, opt=make_optimizer(net, config, devices.device)), config
+    average = WeightAverage(net, config.average) if config.average else None
+    return Learner(net=net, forward=forward, opt=make_optimizer(net, config, devices.device), average=average), config
+
+
+def plan_passes(
+    config: TrainConfig, asked: TrainConfig, data: RunData, learner: Learner, devices: DevicePlan
+) -> tuple[TrainConfig, RunData, Passes | None]:
+    """`config` with the batch size (and, when not given, a learning rate) for the passes the run
+    will make (sizing.py's rule), the data cut for that batch, and the expectation behind it. A
+    torchrun job, or a run without a time or epoch budget, takes the plain defaults."""
+    if config.batch_size is not None:
+        return config, data, None
+    passes = None
+    if not devices.dist.active and config.time is not None:
+        speed = measure_speed(learner.net, devices.device, devices.precision, DEFAULT_BATCH, config.seq_len)
+        passes = expected_passes(speed, TRAINING_SHARE * config.time, len(data.train_ids))
+    elif not devices.dist.active and config.epochs is not None:
+        passes = Passes(passes=config.epochs, chars_per_sec=0.0, train_chars=len(data.train_ids), budget_s=0.0)
+    many = passes is not None and passes.many
+    config = replace(config, batch_size=SMALL_BATCH if many else DEFAULT_BATCH)
+    if many and asked.lr is None:
+        config = replace(config, lr=config.lr * MANY_PASSES_LR)  # type: ignore[operator] - build_learner filled it in
+    batch = config.batch_size
+    if batch != data.batches.batch_size // devices.dist.world:
+        data = replace(
+            data,
+            batches=Batches(data.train_ids, batch * devices.dist.world, config.seq_len, config.rng_seed),
+            rows=slice(devices.dist.rank * batch, (devices.dist.rank + 1) * batch),
+        )
+    return config, data, passes
+
+
+def explain_defaults(
+    asked_model: ModelConfig | None,
+    asked: TrainConfig,
+    model: ModelConfig,
+    config: TrainConfig,
+    data: RunData,
+    passes: Passes | None,
+) -> list[str]:
+    """One line per setting the rule chose because the caller left it open (README: "How charlm
+    picks its defaults"); explicit options are never second-guessed, so they are not listed."""
+    lines = []
+    if not (asked_model or ModelConfig()).hidden_size:
+        budget = f"a {fmt_budget(config.time)} budget" if config.time else "no time budget"
+        lines.append(
+            f"--hidden {model.hidden_size} for {budget} (256 units up to 6m, 384 up to 30m, else 512: a "
+            "smaller model sees more text in a short run)"
+        )
+    if asked.batch_size is None:
+        if passes is None:
+            lines.append(f"--batch-size {config.batch_size}")
+        else:
+            seen = (
+                f"~{passes.passes:.1f} passes over {passes.train_chars:,} training characters at a measured "
+                f"{passes.chars_per_sec:,.0f} chars/s"
+                if passes.chars_per_sec
+                else f"{passes.passes:g} passes"
+            )
+            lines.append(
+                f"--batch-size {config.batch_size}: {seen} "
+                f"({'many: more, smaller, larger steps' if passes.many else 'few: the faster, larger batch'}; "
+                f"32 from {MANY_PASSES:g} passes)"
+            )
+    if asked.lr is None:
+        many = f" x {MANY_PASSES_LR:g} for many passes" if passes is not None and passes.many else ""
+        lines.append(
+            f"--lr {config.lr:.3g} (2e-3 x 512 / {model.hidden_size}{many}: narrower layers take larger steps)"
+        )
+    vocab = data.corpus.vocab
+    if asked.min_count is None and vocab.folded:
+        share = float(np.count_nonzero(data.corpus.ids == vocab.unk_id)) / max(1, len(data.corpus.ids))
+        lines.append(
+            f"--min-count {config.min_count}: the {len(vocab.folded):,} characters seen fewer times "
+            f"({share:.2%} of the text) share one symbol, so the output layer ({len(vocab):,} characters) "
+            "costs no more than the recurrent layers"
+        )
+    return lines
+
+
+def fmt_budget(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{minutes:g}m" if minutes >= 1 and minutes == round(minutes) else f"{seconds:g}s"
 
 
 def fill_model(model: ModelConfig, config: TrainConfig) -> ModelConfig:
@@ -281,6 +399,8 @@ def restore_state(
     saved = origin.resumed.state
     state = replace(RunState.from_dict(saved), world=devices.dist.world)
     load_optimizer(learner.opt, saved_tensors, saved["optim_groups"])
+    if learner.average is not None:
+        learner.average.load(saved_tensors)
     if devices.dist.is_main:
         rng = {k[len("rng.") :]: v for k, v in saved_tensors.items() if k.startswith("rng.")}
         set_rng_state(rng, devices.device)

@@ -1,0 +1,119 @@
+"""The rule that picks the defaults: a model starts where counting characters ends, big vocabularies
+fold their rarest characters, and explicit options always win."""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from charlm import train
+from charlm.checkpoint import read_header
+from charlm.config import ModelConfig, auto_min_count
+
+HAN = [chr(0x4E00 + i) for i in range(3000)]
+
+
+def zipf_text(chars: int, seed: int = 0) -> str:
+    """Characters drawn independently from a Zipf distribution over 3,000 Han characters, in lines:
+    no context to learn, so the unigram distribution is the best any model can do."""
+    rng = random.Random(seed)
+    weights = [1 / (rank + 1) for rank in range(len(HAN))]
+    body = rng.choices(HAN, weights=weights, k=chars)
+    for i in range(40, chars, 41):
+        body[i] = "\n"
+    return "".join(body)
+
+
+def held_out_unigram_bits(text: str, val_fraction: float = 0.1) -> float:
+    """What counting characters gives: the validation tail scored by the training text's frequencies
+    (a character unseen in training counted as half)."""
+    cut = len(text) - int(len(text) * val_fraction)
+    counts, total = Counter(text[:cut]), cut
+    vocab = set(text)
+    norm = total + 0.5 * sum(1 for c in vocab if c not in counts)
+    val = text[cut:]
+    return sum(-math.log2(counts.get(c, 0.5) / norm) for c in val) / len(val)
+
+
+def test_a_few_steps_score_no_worse_than_counting_characters(in_tmp: Path) -> None:
+    text = zipf_text(60_000)
+    Path("zipf.txt").write_text(text, encoding="utf-8")
+    result = train(
+        "zipf.txt",
+        model={"hidden_size": 32},
+        config={"steps": 3, "batch_size": 8, "seq_len": 32, "min_count": 1, "threads": 1},
+    )
+    unigram = held_out_unigram_bits(text)
+    assert unigram > 8  # Zipf over 3,000 characters; a random start scores log2(3000) = 11.6 or worse
+    assert result.val_bpc <= unigram * 1.002
+
+
+def test_big_vocabularies_fold_their_rarest_characters(in_tmp: Path) -> None:
+    text = zipf_text(60_000)
+    Path("zipf.txt").write_text(text, encoding="utf-8")
+    result = train("zipf.txt", model={"hidden_size": 32}, config={"steps": 2, "batch_size": 8, "seq_len": 32})
+    header = read_header(result.checkpoint)
+    counts = Counter(text)
+    min_count = header.train["min_count"]
+    assert min_count > 1  # recorded as resolved, so a resume folds the same characters
+    kept = [c for c, n in counts.items() if n >= min_count]
+    assert len(header.vocab.chars) == len(kept) + 1  # and the unknown symbol that stands for the rest
+    folded = sum(n for n in counts.values() if n < min_count)
+    assert 0 < folded <= 0.02 * len(text)
+    explicit = train(
+        "zipf.txt",
+        model={"hidden_size": 32},
+        config={"steps": 2, "batch_size": 8, "seq_len": 32, "min_count": 1},
+        out="explicit.safetensors",
+    )
+    assert len(read_header(explicit.checkpoint).vocab) == len(counts)
+
+
+@pytest.mark.parametrize("hidden, expected", [(256, 1), (32, 1)])
+def test_small_vocabularies_are_never_folded(hidden: int, expected: int) -> None:
+    english = Counter("The quick brown fox jumps over the lazy dog. 0123456789\n" * 100)
+    counts = {ord(c): n for c, n in english.items()}
+    assert auto_min_count(counts, ModelConfig(vocab_size=len(counts), hidden_size=hidden)) == expected
+
+
+def test_folding_stops_at_two_percent_of_the_text() -> None:
+    model = ModelConfig(vocab_size=6000, hidden_size=256)  # GRU 2x256: output layer up to 2,496 characters
+    common = {0x4E00 + i: 100 for i in range(2400)}
+    rare = {0x8000 + i: 1 for i in range(3600)}  # 1.5% of the text
+    assert auto_min_count({**common, **rare}, model) == 2
+    too_many = {0x8000 + i: 1 for i in range(10_000)}  # 4% of the text: folding them would cost too much
+    assert auto_min_count({**common, **too_many}, model) == 1
+
+
+def test_a_text_seen_many_times_trains_with_more_smaller_steps(in_tmp: Path) -> None:
+    from conftest import make_text
+
+    Path("small.txt").write_text(make_text(20_000), encoding="utf-8")
+    tiny = {"hidden_size": 16, "embed_size": 8}
+    many = train("small.txt", model=tiny, config={"epochs": 3, "seq_len": 16}, out="many.safetensors")
+    few = train("small.txt", model=tiny, config={"epochs": 1, "seq_len": 16}, out="few.safetensors")
+    given = train(
+        "small.txt", model=tiny, config={"epochs": 3, "seq_len": 16, "batch_size": 64}, out="given.safetensors"
+    )
+    assert read_header(many.checkpoint).train["batch_size"] == 32
+    assert read_header(few.checkpoint).train["batch_size"] == 64
+    assert read_header(given.checkpoint).train["batch_size"] == 64  # explicit options always win
+
+
+def test_the_chosen_defaults_are_printed_at_the_start(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import make_text, run_cli
+
+    Path("small.txt").write_text(make_text(20_000), encoding="utf-8")
+    code, _, err = run_cli(["train", "small.txt", "--time", "2s", "--seq-len", "16", "--embed", "8"], capsys)
+    assert code == 0
+    assert "default --hidden 256 for a 2s budget" in err
+    assert re.search(r"default --batch-size (32|64): ~[\d.]+ passes over [\d,]+ training characters at a measured", err)
+    assert "default --lr 0.004" in err
+    explicit = ["--time", "2s", "--hidden", "16", "--batch-size", "8", "--lr", "0.01", "--overwrite"]
+    code, _, err = run_cli(["train", "small.txt", *explicit], capsys)
+    assert code == 0 and "default --" not in err
