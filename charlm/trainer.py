@@ -112,7 +112,11 @@ def train(
     `charlm train CORPUS --resume --steps 400`. With `resume`, `config=None` keeps the run's settings.
 
     `model=None` and `config=None` for a new run mean the defaults of ModelConfig and TrainConfig
-    (the same as `charlm train`'s): a GRU 2x256 for budgets up to 6 minutes, 2x384 up to 30, else 2x512.
+    (the same as `charlm train`'s), and what they leave open is chosen by the same rule as on the
+    command line (README: "How charlm picks its defaults"): a GRU 2x256 for budgets up to 6 minutes,
+    2x384 up to 30, else 2x512; batch 32 and 1.5x the rate when the run will see its text 3 times or
+    more; rare characters folded when the vocabulary would make the output layer the costliest part.
+    The Started event lists each choice with its reason; the checkpoint stores them resolved.
     """
     last = last_checkpoint(corpus, out, resume) if resume else None
     saved = ckpt.read_header(last) if last is not None and last.exists() else None

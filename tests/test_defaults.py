@@ -117,3 +117,36 @@ def test_the_chosen_defaults_are_printed_at_the_start(in_tmp: Path, capsys: pyte
     explicit = ["--time", "2s", "--hidden", "16", "--batch-size", "8", "--lr", "0.01", "--overwrite"]
     code, _, err = run_cli(["train", "small.txt", *explicit], capsys)
     assert code == 0 and "default --" not in err
+
+
+def test_a_stalled_timed_run_lowers_its_rate_instead_of_stopping() -> None:
+    from charlm.config import TrainConfig
+    from charlm.run_state import RunState
+    from charlm.training.schedule import learning_rate
+
+    config = TrainConfig(time=60.0, lr=0.01, warmup=0)
+    state, scales = RunState(), []
+    for step, loss in enumerate([2.0, 1.9, 1.95, 1.96, 1.97, 1.98], start=1):
+        state.step = step
+        state.evaluated(loss, config)
+        scales.append(state.plateau_scale)
+    assert scales == [1, 1, 1, 0.5, 0.5, 0.25]  # halved each time validation misses twice in a row
+    full = learning_rate(config, step=100, fraction=0.5, epoch=1.0, plateau_scale=1.0)
+    assert learning_rate(config, step=100, fraction=0.5, epoch=1.0, plateau_scale=0.5) == full / 2
+    from types import SimpleNamespace
+
+    from charlm.training.loop import Loop
+
+    run = SimpleNamespace(
+        config=TrainConfig(time=60.0, patience=2),
+        state=RunState(evals_since_best=3, plateau_scale=0.5),
+        clock=SimpleNamespace(elapsed=lambda: 10.0, finish_reserve=lambda: 1.0),
+        epoch_float=lambda: 0.5,
+    )
+    run.rate_at_floor = lambda: Loop.rate_at_floor(run)  # type: ignore[arg-type]
+    assert Loop.budget_reached(run) == ""  # type: ignore[arg-type] - the rate can still come down: go on
+    run.state.plateau_scale = 0.1  # at --min-lr-ratio
+    assert Loop.budget_reached(run) == "patience"  # type: ignore[arg-type]
+    run.config = TrainConfig(steps=1000, patience=2)
+    run.state.plateau_scale = 0.5
+    assert Loop.budget_reached(run) == "patience"  # type: ignore[arg-type] - no time budget: stop as before

@@ -242,9 +242,7 @@ def chinese_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     result = train(
         folder / "chinese.txt",
         model=ModelConfig(vocab_size=1, hidden_size=8, embed_size=4, num_layers=1),
-        config=TrainConfig(
-            steps=2, batch_size=2, seq_len=8, eval_every=2, precision="fp32", device="cpu", min_count=1
-        ),
+        config=TrainConfig(steps=2, batch_size=2, seq_len=8, eval_every=2, precision="fp32", device="cpu", min_count=1),
         out=folder / "chinese.safetensors",
     )
     return result.checkpoint

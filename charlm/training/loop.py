@@ -105,9 +105,14 @@ class Loop:
             return "epochs"
         if c.time is not None and self.clock.elapsed() + self.clock.finish_reserve() >= c.time:
             return "time"
-        if c.patience and st.evals_since_best >= c.patience:
+        if c.patience and st.evals_since_best >= c.patience and (c.time is None or self.rate_at_floor()):
             return "patience"
         return ""
+
+    def rate_at_floor(self) -> bool:
+        """Whether stalling validation can still lower the rate: with a time budget, --patience
+        stops a run only once it cannot (the budget is the user's; the best checkpoint is kept)."""
+        return self.state.plateau_scale <= self.config.min_lr_ratio
 
     def final_eval_near(self) -> bool:
         """A periodic validation this close to the end of the time budget would be repeated by the

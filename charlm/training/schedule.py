@@ -10,12 +10,17 @@ from ..config import TrainConfig
 def learning_rate(
     config: TrainConfig, *, step: int, fraction: float | None, epoch: float, plateau_scale: float
 ) -> float:
-    """The rate for `step`: linear warmup, then the chosen decay (nanoGPT's get_lr, generalised)."""
+    """The rate for `step`: linear warmup, then the chosen decay (nanoGPT's get_lr, generalised).
+
+    Cosine decay to the budget also takes the plateau factor: a text seen many times can overfit
+    before the budget ends, and halving the rate when validation stalls (--plateau-patience) keeps
+    the rest of the budget useful instead of stopping early."""
     warm = min(1.0, (step + 1) / config.warmup) if config.warmup else 1.0
     schedule = config.effective_schedule()
     if schedule == "cosine":
         f = min(1.0, max(0.0, fraction or 0.0))
         decay = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * f))
+        decay *= plateau_scale  # validation turned before the budget ran out: lower the rate and go on
     elif schedule == "exponential":
         decay = max(config.min_lr_ratio, config.lr_decay**epoch)
     elif schedule == "plateau":
