@@ -116,7 +116,8 @@ def run_charlm(
             str(out),
             *extra,
         ]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        # cwd=code: `python -m` puts the working folder ahead of PYTHONPATH on sys.path
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code)
         if done.returncode:
             raise SystemExit(f"charlm train failed on {source}: {done.stderr[-2000:]}")
         result = json.loads(done.stdout)
@@ -127,6 +128,7 @@ def run_charlm(
                 text=True,
                 check=True,
                 env=env,
+                cwd=code,
             ).stdout
         )
     result["model"] = header["model"]
