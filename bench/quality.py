@@ -114,6 +114,7 @@ def run_charlm(
             "--json",
             "--out",
             str(out),
+            "--overwrite",  # a --keep folder from an earlier benchmark run
             *extra,
         ]
         # cwd=code: `python -m` puts the working folder ahead of PYTHONPATH on sys.path
