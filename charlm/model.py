@@ -71,10 +71,7 @@ class CharRNN(nn.Module):
         freq = counts.double().clamp(min=0.5)
         with torch.no_grad():
             self.head.bias.copy_((freq / freq.sum()).log().float())
-            import os
-
-            if os.environ.get("CHARLM_EXP_HEAD") != "keep":
-                self.head.weight.zero_()
+            self.head.weight.zero_()
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
         c = self.config
