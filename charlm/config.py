@@ -52,10 +52,18 @@ class ModelConfig:
         if self.num_params() > MAX_PARAMS:
             raise ConfigError(f"the model would have {self.num_params():,} parameters", "choose a smaller model")
 
+    def gates(self) -> int:
+        return {"lstm": 4, "gru": 3}.get(self.cell, 1)
+
+    def recurrent_macs(self) -> int:
+        """Multiply-adds per character in the recurrent layers (their weight matrices' size): what
+        auto_min_count weighs the output layer against."""
+        h, e = self.hidden_size, self.embed_size
+        return sum(self.gates() * h * ((e if i == 0 else h) + h) for i in range(self.num_layers))
+
     def num_params(self) -> int:
-        gates = {"lstm": 4, "gru": 3}.get(self.cell, 1)
         h, e, v = self.hidden_size, self.embed_size, self.vocab_size
-        rnn = sum(gates * h * ((e if i == 0 else h) + h + 2) for i in range(self.num_layers))
+        rnn = self.recurrent_macs() + self.num_layers * self.gates() * h * 2  # weights and both biases
         return v * e + rnn + h * v + v
 
     def to_dict(self) -> dict:
@@ -113,13 +121,6 @@ DEFAULT_BATCH = 64  # streams per step unless the run will see its text many tim
 MAX_FOLDED_SHARE = 0.02  # auto --min-count never folds more than this share of the text
 
 
-def recurrent_macs(model: ModelConfig) -> int:
-    """Multiply-adds per character in the recurrent layers: what the output layer is weighed against."""
-    gates = {"lstm": 4, "gru": 3}.get(model.cell, 1)
-    h = model.hidden_size
-    return sum(gates * h * ((model.embed_size if i == 0 else h) + h) for i in range(model.num_layers))
-
-
 def auto_min_count(counts: dict[int, int], model: ModelConfig) -> int:
     """--min-count when none is given: fold the rarest characters until the output layer costs no
     more per character than the recurrent layers (vocab x hidden <= recurrent multiply-adds),
@@ -129,7 +130,7 @@ def auto_min_count(counts: dict[int, int], model: ModelConfig) -> int:
     them all and 5.44 with the 2,418 seen 10 times or more (the rule's choice for a GRU 2x256),
     folded characters honestly charged. English text and code (under ~200 characters) are never
     folded."""
-    limit = recurrent_macs(model) // max(1, model.hidden_size)
+    limit = model.recurrent_macs() // max(1, model.hidden_size)
     if len(counts) <= limit:
         return 1
     total = sum(counts.values())

@@ -44,7 +44,7 @@ class CharRNN(nn.Module):
         if init == "pytorch":
             return
         nn.init.normal_(self.embed.weight, std=1.0)
-        gates = {"lstm": 4, "gru": 3}.get(self.config.cell, 1)
+        gates = self.config.gates()
         h = self.config.hidden_size
         for name, p in self.rnn.named_parameters():
             if name.startswith("bias"):
