@@ -18,6 +18,7 @@ from .version import __version__
 
 _EXPORTS = {
     "CharLM": "lm",
+    "Session": "session",
     "train": "trainer",
     "TrainConfig": "trainer",
     "TrainResult": "trainer",
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from .evaluate import Metrics
     from .lm import CharLM
     from .model import CharRNN
+    from .session import Session
     from .trainer import TrainConfig, TrainResult, train
     from .vocab import Vocab
 

@@ -8,6 +8,7 @@ one line and exit 2; bugs print one line plus the path of a log holding the trac
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -35,7 +36,7 @@ from .config import (
     default,
     parse_duration,
 )
-from .console import error_line, info, set_verbosity
+from .console import error_line, info, set_verbosity, warning_line
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -396,6 +397,34 @@ def train(
     help="Draw only from the smallest set of characters whose "
     "probability reaches P (nucleus). Order: temperature, then top-k, then top-p.",
 )
+@click.option(
+    "--seed-file",
+    type=str,
+    default=None,
+    help="Let the model read this file (or - for stdin) before --seed, streamed, however long; "
+    "characters it does not know are skipped and counted.",
+)
+@click.option(
+    "--stop",
+    multiple=True,
+    help="End a sample when it writes this string (left out; see --include-stop). Repeatable; each "
+    "sample stops on its own.  [default: none: --length ends it]",
+)
+@click.option("--include-stop", is_flag=True, help="Keep the stop string that ended a sample at its end.")
+@click.option(
+    "--adapt",
+    is_flag=True,
+    help="Let the model learn from the seed (and --seed-file) as it reads them, and from what it writes, "
+    "as `compress` does: a prompt in a new style is continued in that style. Slower.",
+)
+@click.option("--lines", type=int, default=None, help="End a sample after this many newlines.")
+@click.option(
+    "--beam",
+    type=int,
+    default=None,
+    help="Write the most likely continuation a beam of N finds instead of a random one (1 = greedy); "
+    "--json adds its log-probability.",
+)
 @click.option("--num-samples", type=int, default=1, help="Samples generated together as one batch.")
 @click.option("--separator", default="-" * 40, help="Line printed between samples when --num-samples > 1.")
 @click.option("--rng-seed", type=int, default=None, help="Random seed for reproducible samples.  [default: random]")
@@ -423,6 +452,12 @@ def sample(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
+    seed_file: str | None,
+    stop: tuple[str, ...],
+    include_stop: bool,
+    adapt: bool,
+    lines: int | None,
+    beam: int | None,
     num_samples: int,
     separator: str,
     rng_seed: int | None,
@@ -435,14 +470,39 @@ def sample(
 ) -> None:
     """Generate text that continues --seed, streamed to stdout as it is written."""
     set_verbosity(quiet=quiet, verbose=verbose)
+    from .errors import ConfigError, CorpusError
     from .lm import CharLM
-    from .sample import check_options, encode_seed
+    from .sample import check_options, check_stops, encode_seed
 
     check_options(length=length, temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples)
+    check_stops(stop, lines)
+    if beam is not None and num_samples != 1:
+        raise ConfigError("--beam writes one continuation, the most likely", "leave out --num-samples")
+    if beam is not None and adapt:
+        raise ConfigError("--adapt and --beam do not go together", "leave out one of them")
+    if seed_file is not None and seed_file != "-" and not Path(seed_file).is_file():
+        raise CorpusError(f"--seed-file {seed_file}: no such file", "give a text file, or - to read stdin")
     lm = CharLM.load(checkpoint, device=device, sample_precision=precision, threads=threads)
     encode_seed(seed, lm.vocab)
     info(f"checkpoint: {lm.path}")
     began = time.perf_counter()
+    options = {"stop": stop, "lines": lines, "include_stop": include_stop, "seed_file": seed_file}
+    if beam is not None:
+        text, logp = lm.beam_search(seed, beam=beam, length=length, **options)
+        _report_skipped(lm, seed_file)
+        if as_json:
+            out = {
+                "samples": [text],
+                "log_probability": logp,
+                "bits": -logp / math.log(2),
+                "checkpoint": str(lm.path),
+                "beam": beam,
+            }
+            click.echo(json.dumps(out, ensure_ascii=False))
+        else:
+            click.echo(text)
+        info(f"beam {beam}: {len(text) - len(seed):,} characters, log-probability {logp:.3f} nats")
+        return
     chunks = lm.stream_batch(
         seed,
         length=length,
@@ -451,28 +511,35 @@ def sample(
         top_p=top_p,
         num_samples=num_samples,
         rng_seed=rng_seed,
+        adapt=adapt,
+        **options,
     )
     if as_json:
         columns = list(chunks)
         elapsed = time.perf_counter() - began
+        _report_skipped(lm, seed_file)
         samples = [seed + "".join(col[i] for col in columns) for i in range(num_samples)]
-        click.echo(
-            json.dumps(
-                {"samples": samples, "checkpoint": str(lm.path), "chars_per_sec": length * num_samples / elapsed},
-                ensure_ascii=False,
-            )
-        )
+        written = sum(len(s) - len(seed) for s in samples)
+        out = {"samples": samples, "checkpoint": str(lm.path), "chars_per_sec": written / elapsed}
+        if stop or lines is not None:
+            out["stopped"] = [rule.stopped or "length" for rule in lm.sampler.rules]
+        click.echo(json.dumps(out, ensure_ascii=False))
         return
     stdout = sys.stdout
     stdout.write(seed)
     rest: list[list[str]] = [[] for _ in range(num_samples - 1)]
     last_flush = time.perf_counter()
-    for chars in chunks:
-        stdout.write(chars[0])
-        for i, ch in enumerate(chars[1:]):
-            rest[i].append(ch)
+    written, reported = 0, False
+    for pieces in chunks:
+        if not reported:  # the seed file has been read by now
+            _report_skipped(lm, seed_file)
+            reported = True
+        written += sum(len(p) for p in pieces)
+        stdout.write(pieces[0])
+        for i, piece in enumerate(pieces[1:]):
+            rest[i].append(piece)
         now = time.perf_counter()
-        if chars[0] == "\n" or now - last_flush > 0.03:
+        if "\n" in pieces[0] or now - last_flush > 0.03:
             stdout.flush()
             last_flush = now
     elapsed = time.perf_counter() - began
@@ -480,7 +547,12 @@ def sample(
         stdout.write(f"\n{separator}\n{seed}{''.join(chars)}")
     stdout.write("\n")
     stdout.flush()
-    info(f"{length * num_samples:,} characters in {elapsed:.2f}s ({length * num_samples / elapsed:,.0f} chars/s)")
+    info(f"{written:,} characters in {elapsed:.2f}s ({written / elapsed:,.0f} chars/s)")
+
+
+def _report_skipped(lm: CharLM, seed_file: str | None) -> None:
+    if seed_file is not None and lm.skipped:
+        info(f"--seed-file: skipped {lm.skipped:,} characters the model does not know")
 
 
 # ------------------------------------------------------------------------------------------- perplexity
@@ -1184,6 +1256,253 @@ def corpus_cmd(name: str | None, out_path: str | None, force: bool, as_json: boo
     info(f"wrote {target}: {source.stat().st_size:,} bytes of {name}")
 
 
+# ------------------------------------------------------------------------------------------------- chat
+
+CHAT_HELP = """commands:
+  /temp T      temperature (0 = always the likeliest character)
+  /length N    characters per reply
+  /stop TEXT   also end replies at TEXT (/stop with nothing clears the stop strings)
+  /reset       forget the conversation
+  /save FILE   write the conversation so far to FILE
+  /help        this list
+  /quit        leave (or Ctrl-D)
+a line is read with a newline after it; end it with \\ to have the model go on with the same line.
+Ctrl-C stops a reply; Ctrl-D leaves."""
+
+
+@cli.command(context_settings=CONTEXT, short_help="Take turns with a model; it goes on from the whole conversation.")
+@_checkpoint_option
+@click.option("--seed", "-s", default="", help="Text the model reads before the first turn.")
+@click.option("--length", "-n", type=int, default=300, help="Characters per reply (at most).")
+@click.option("--temperature", "-t", type=float, default=0.8, help="Below 1 is safer, above 1 wilder; 0 = greedy.")
+@click.option("--top-k", type=int, default=None, help="Draw only from the K most likely characters.")
+@click.option("--top-p", type=float, default=None, help="Draw only from the nucleus of probability P.")
+@click.option(
+    "--stop", multiple=True, help="End a reply when it writes this string (kept). Repeatable.  [default: none]"
+)
+@click.option("--lines", type=int, default=None, help="End a reply after this many newlines.")
+@click.option("--rng-seed", type=int, default=None, help="Random seed: the same turns give the same replies.")
+@_device_option
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "int8"]),
+    default="auto",
+    help="Weights read per generated character, as for `sample --precision`.",
+)
+@_threads_option
+@_verbosity
+def chat(
+    checkpoint: Path | None,
+    seed: str,
+    length: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    stop: tuple[str, ...],
+    lines: int | None,
+    rng_seed: int | None,
+    device: str,
+    precision: str,
+    threads: int | None,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Take turns with a model: you type, it continues, you type again and it goes on from the whole
+    conversation so far (its state is kept, nothing is re-read). Type /help for the commands."""
+    set_verbosity(quiet=quiet, verbose=verbose)
+    from .errors import CharlmError
+    from .lm import CharLM
+    from .session import Session
+
+    try:
+        import readline  # noqa: F401 - line editing and history (arrow keys) for input(), where there is one
+    except ImportError:
+        pass
+    lm = CharLM.load(checkpoint, device=device, sample_precision=precision, threads=threads)
+    session = Session(
+        lm, length=length, temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, lines=lines, rng_seed=rng_seed
+    )
+    info(
+        f"chat with {lm.path} ({lm.model.config.cell} {lm.model.config.num_layers}x{lm.model.config.hidden_size}); "
+        "/help for commands, Ctrl-D to leave"
+    )
+    if seed:
+        session.say(seed)
+    out = sys.stdout
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            out.write("\n")
+            return
+        except KeyboardInterrupt:
+            out.write("\n")
+            continue
+        if line.startswith("/"):
+            word, _, arg = line[1:].partition(" ")
+            try:
+                reply = _chat_command(session, word, arg.strip())
+            except CharlmError as e:
+                reply = f"error: {e}"
+            if reply is None:
+                return
+            click.echo(reply, err=True)
+            continue
+        text = line[:-1] if line.endswith("\\") else line + "\n"
+        written = ""
+        try:  # Ctrl-C anywhere in a turn (reading your line or writing) ends the turn, not the chat
+            skipped = session.say(text)
+            if skipped:
+                info(f"({skipped} character{'s' * (skipped != 1)} the model does not know left out)")
+            for piece in session.reply():
+                out.write(piece)
+                out.flush()
+                written += piece
+        except KeyboardInterrupt:
+            written += "\n"
+            out.write("\n")
+            info("(stopped)")
+        if written and not written.endswith("\n"):
+            out.write("\n")
+        out.flush()
+
+
+def _chat_command(session: Any, word: str, arg: str) -> str | None:
+    """One /command of `charlm chat`: what to tell the user, or None to leave."""
+    from .errors import ConfigError
+
+    def number(kind: type, name: str) -> Any:
+        try:
+            return kind(arg)
+        except ValueError:
+            raise ConfigError(f"/{name} needs a number (got {arg!r})") from None
+
+    if word in ("quit", "exit"):
+        return None
+    if word == "help":
+        return CHAT_HELP
+    if word == "reset":
+        session.reset()
+        return "(the conversation is forgotten)"
+    if word in ("temp", "temperature"):
+        old, session.temperature = session.temperature, number(float, "temp")
+        try:
+            session.check()
+        except ConfigError:
+            session.temperature = old
+            raise
+        return f"(temperature {session.temperature:g})"
+    if word == "length":
+        old, session.length = session.length, number(int, "length")
+        try:
+            session.check()
+        except ConfigError:
+            session.length = old
+            raise
+        return f"(replies of at most {session.length} characters)"
+    if word == "stop":
+        session.stop = [arg.encode().decode("unicode_escape")] if arg else []
+        return f"(replies end at {session.stop[0]!r})" if arg else "(no stop strings)"
+    if word == "save":
+        if not arg:
+            raise ConfigError("/save needs a file name")
+        return f"(saved {len(session.transcript):,} characters to {session.save(arg)})"
+    raise ConfigError(f"unknown command /{word}", "/help lists the commands")
+
+
+# ------------------------------------------------------------------------------------------------ serve
+
+
+@cli.command(context_settings=CONTEXT, short_help="A web playground and JSON API for your models.")
+@click.option(
+    "--checkpoint",
+    "-c",
+    "checkpoints",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A checkpoint or a folder of them to offer; repeatable.  [default: every checkpoint in ./checkpoints]",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    help="Address to listen on; 127.0.0.1 keeps it to this machine, 0.0.0.0 opens it to the network.",
+)
+@click.option("--port", type=int, default=8000, help="Port to listen on; 0 picks a free one.")
+@_device_option
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "int8"]),
+    default="auto",
+    help="Weights read per generated character, as for `sample --precision`.",
+)
+@click.option("--max-length", type=int, default=2000, help="Most characters one generation may write.")
+@click.option("--max-generations", type=int, default=32, help="Generations running at once; more are told 429.")
+@click.option("--max-score-chars", type=int, default=100_000, help="Longest text /api/score accepts.")
+@click.option("--max-body", type=int, default=1 << 20, help="Largest request body, in bytes.")
+@click.option("--timeout", type=float, default=120.0, help="Seconds a generation may run (it then ends early).")
+@_verbosity
+def serve(
+    checkpoints: tuple[Path, ...],
+    host: str,
+    port: int,
+    device: str,
+    precision: str,
+    max_length: int,
+    max_generations: int,
+    max_score_chars: int,
+    max_body: int,
+    timeout: float,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Serve a page to write with, score text and watch training runs, and the JSON API it uses.
+
+    \b
+    Prints the URL on stdout; Ctrl-C stops it. The API is in the README ("Web playground and API").
+    Needs the web extra: pip install 'charlm[serve]'.
+    """
+    set_verbosity(quiet=quiet, verbose=verbose)
+    from .errors import ConfigError
+    from .serve.run import require_extra
+    from .serve.run import serve as run_server
+
+    require_extra()
+    from .serve.app import Limits
+
+    for name, value in (
+        ("--max-length", max_length),
+        ("--max-generations", max_generations),
+        ("--max-score-chars", max_score_chars),
+        ("--max-body", max_body),
+    ):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1 (got {value})")
+    if not timeout > 0:
+        raise ConfigError(f"--timeout must be more than 0 seconds (got {timeout})")
+    limits = Limits(
+        max_length=max_length,
+        max_body=max_body,
+        max_score_chars=max_score_chars,
+        max_generations=max_generations,
+        timeout_s=timeout,
+    )
+
+    def ready(url: str) -> None:
+        click.echo(url)
+        info(f"charlm serve: open {url} in a browser; Ctrl-C stops the server")
+
+    run_server(
+        list(checkpoints) or [Path("checkpoints")],
+        host=host,
+        port=port,
+        device=device,
+        precision=precision,
+        limits=limits,
+        warn=warning_line,
+        on_ready=ready,
+    )
+
+
 # --------------------------------------------------------------------------------------------- runner
 
 
@@ -1221,7 +1540,7 @@ def main(argv: list[str] | None = None) -> None:
     # sleeps between them costs a wake-up each time (quiet int8 sampling lost a third); sampling's
     # thread tuner alone keeps it fair under load.
     args = sys.argv[1:] if argv is None else argv
-    if "sample" not in args[:1]:
+    if args[:1] not in (["sample"], ["serve"], ["chat"]):  # serve steps generations one character at a time too
         os.environ.setdefault("GOMP_SPINCOUNT", "1000")
     code = 0
     main_thread = threading.current_thread() is threading.main_thread()
@@ -1229,7 +1548,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         result = cli.main(args=argv, prog_name="charlm", standalone_mode=False)
         code = result if isinstance(result, int) else 0
-    except click.exceptions.Abort:
+    except click.exceptions.Abort:  # click's form of Ctrl-C (KeyboardInterrupt) and of EOF at a prompt
+        error_line("interrupted")
         code = 130
     except click.ClickException as e:
         ctx = getattr(e, "ctx", None)

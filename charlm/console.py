@@ -46,6 +46,16 @@ def debug(text: str) -> None:
         err.print(f"[dim]{text}[/dim]")
 
 
+def warning_line(message: str) -> None:
+    """One line, always shown, even with --quiet: something the user must know but not an error."""
+    text = " ".join(str(message).split())
+    if err.is_terminal:
+        err.print(f"[bold yellow]warning:[/bold yellow] {escape(text)}")
+    else:
+        sys.stderr.write(f"warning: {text}\n")
+        sys.stderr.flush()
+
+
 def error_line(message: str) -> None:
     """One line, always shown, even with --quiet."""
     text = " ".join(str(message).split())

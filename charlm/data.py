@@ -14,10 +14,10 @@ import os
 import struct
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 
@@ -157,52 +157,60 @@ def iter_text(path: Path, *, chunk_bytes: int | None = None) -> Iterator[tuple[b
     bytes are that tail (latin1 'café' ends in a lone 0xe9) keeps the advice to convert it.
     """
     size = check_text_file(path)
+    with open(path, "rb") as f:
+        offset = yield from iter_text_stream(f, path, chunk_bytes=chunk_bytes)
+    if offset != size:
+        raise CorpusError(f"{path} changed size while it was read", "wait until it is fully written, then retry")
+
+
+def iter_text_stream(
+    f: BinaryIO, name: str | os.PathLike[str], *, chunk_bytes: int | None = None
+) -> Generator[tuple[bytes, str], None, int]:
+    """iter_text's decoding for any binary stream (stdin too); returns the bytes read."""
+    path = name
     chunk_bytes = chunk_bytes or CHUNK_BYTES
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     offset = 0
     held_cr = False
     first = True
     seen_utf8 = False  # a multi-byte character decoded: the file is UTF-8, so a broken tail means cut short
-    with open(path, "rb") as f:
-        while True:
-            try:
-                raw = f.read(chunk_bytes)
-            except OSError as e:
-                raise CorpusError(f"{path}: read failed ({e.strerror})", "check the disk and try again") from None
-            final = not raw
-            nul = raw.find(b"\0")
-            if nul >= 0:
-                raise CorpusError(
-                    f"{path} is not a text file: NUL byte at byte offset {offset + nul}",
-                    "give a UTF-8 text file",
-                )
-            buffered = len(decoder.getstate()[0])
-            try:
-                text = decoder.decode(raw, final=final)
-            except UnicodeDecodeError as e:
-                if final and seen_utf8 and e.end == len(e.object) and e.reason == "unexpected end of data":
-                    raise _cut_short(path, start=offset - buffered + e.start, count=e.end - e.start) from None
-                raise CorpusError(
-                    f"{path} is not valid UTF-8: bad byte at byte offset {offset - buffered + e.start}",
-                    "convert it to UTF-8 (for example: iconv -f latin1 -t utf-8)",
-                ) from None
-            offset += len(raw)
-            seen_utf8 = seen_utf8 or not text.isascii()
-            if first and text:
-                text = text.removeprefix("\ufeff")
-                first = False
-            if held_cr:
-                text = "\r" + text
-            held_cr = text.endswith("\r") and not final
-            if held_cr:
-                text = text[:-1]
-            text = text.replace("\r\n", "\n")
-            if text or raw:
-                yield raw, text
-            if final:
-                break
-    if offset != size:
-        raise CorpusError(f"{path} changed size while it was read", "wait until it is fully written, then retry")
+    while True:
+        try:
+            raw = f.read(chunk_bytes)
+        except OSError as e:
+            raise CorpusError(f"{path}: read failed ({e.strerror})", "check the disk and try again") from None
+        final = not raw
+        nul = raw.find(b"\0")
+        if nul >= 0:
+            raise CorpusError(
+                f"{path} is not a text file: NUL byte at byte offset {offset + nul}",
+                "give a UTF-8 text file",
+            )
+        buffered = len(decoder.getstate()[0])
+        try:
+            text = decoder.decode(raw, final=final)
+        except UnicodeDecodeError as e:
+            if final and seen_utf8 and e.end == len(e.object) and e.reason == "unexpected end of data":
+                raise _cut_short(path, start=offset - buffered + e.start, count=e.end - e.start) from None
+            raise CorpusError(
+                f"{path} is not valid UTF-8: bad byte at byte offset {offset - buffered + e.start}",
+                "convert it to UTF-8 (for example: iconv -f latin1 -t utf-8)",
+            ) from None
+        offset += len(raw)
+        seen_utf8 = seen_utf8 or not text.isascii()
+        if first and text:
+            text = text.removeprefix("\ufeff")
+            first = False
+        if held_cr:
+            text = "\r" + text
+        held_cr = text.endswith("\r") and not final
+        if held_cr:
+            text = text[:-1]
+        text = text.replace("\r\n", "\n")
+        if text or raw:
+            yield raw, text
+        if final:
+            return offset
 
 
 def read_text(path: str | os.PathLike[str]) -> str:

@@ -7,17 +7,32 @@ and gives the caller's settings back when it ends: loading a model changes nothi
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from . import checkpoint as ckpt
-from .data import corpus_from_text, load_corpus, read_text
+from .adapt import Adaptation
+from .data import corpus_from_text, iter_text, iter_text_stream, load_corpus, read_text
 from .device import ThreadTuner, cpu_settings, resolve_device, resolve_precision, resolve_weight_format
+from .errors import ConfigError
 from .evaluate import Metrics, evaluate
 from .model import CharRNN
 from .sample import Sampler
 from .surprise import TextScore, score_text
 from .vocab import Unknown, Vocab
+
+
+def _pieces(source: str | os.PathLike[str] | Iterable[str] | None) -> Iterable[str] | None:
+    """A seed file's text in pieces: a file name or path is read in chunks (checked as corpora are),
+    "-" is stdin, and any other iterable of strings is the text itself."""
+    if source is None:
+        return None
+    if isinstance(source, str) and source == "-":
+        return (text for _, text in iter_text_stream(sys.stdin.buffer, "stdin"))
+    if isinstance(source, (str, os.PathLike)):
+        return (text for _, text in iter_text(Path(source)))
+    return source
 
 
 class CharLM:
@@ -72,6 +87,11 @@ class CharLM:
             )
 
     @property
+    def sampler(self) -> Sampler:
+        """The generation machinery (its StepModel holds the running state), shared with `charlm serve`."""
+        return self._sampler
+
+    @property
     def path(self) -> Path | None:
         return self.header.path if self.header else None
 
@@ -85,9 +105,21 @@ class CharLM:
         top_p: float | None = None,
         num_samples: int = 1,
         rng_seed: int | None = None,
+        stop: Sequence[str] = (),
+        lines: int | None = None,
+        include_stop: bool = False,
+        seed_file: str | os.PathLike[str] | Iterable[str] | None = None,
+        adapt: bool = False,
     ) -> Iterator[list[str]]:
-        """Per generated position, one new character for each of `num_samples` samples. The CPU
-        settings hold while the generator runs, and are given back when it finishes or is closed."""
+        """Per generated position, the new text of each of `num_samples` samples (one character each
+        unless `stop`/`lines` hold some back: see Sampler.stream). The CPU settings hold while the
+        generator runs, and are given back when it finishes or is closed.
+
+        `stop`: strings that end a sample (left out of it unless `include_stop`); `lines`: end each
+        sample after that many newlines; `seed_file`: a text file (or pieces of text) the model reads
+        before the seed, streamed, with characters it does not know skipped (`self.skipped` after);
+        `adapt`: the model (a copy) learns from the seed file and seed as it reads them, with the
+        steps `compress` takes, and goes on learning from what it writes (Sampler._adapting)."""
         with cpu_settings(self.threads):
             yield from self._sampler.stream(
                 seed,
@@ -97,7 +129,42 @@ class CharLM:
                 top_p=top_p,
                 num_samples=num_samples,
                 rng_seed=rng_seed,
+                stop=stop,
+                lines=lines,
+                include_stop=include_stop,
+                before=_pieces(seed_file),
+                adapt=Adaptation() if adapt else None,
             )
+
+    @property
+    def skipped(self) -> int:
+        """Characters of the last seed file that the model could not read (not in its vocabulary)."""
+        return getattr(self._sampler, "skipped", 0)
+
+    def beam_search(
+        self,
+        seed: str = "",
+        *,
+        beam: int = 4,
+        length: int = 500,
+        stop: Sequence[str] = (),
+        lines: int | None = None,
+        include_stop: bool = False,
+        seed_file: str | os.PathLike[str] | Iterable[str] | None = None,
+    ) -> tuple[str, float]:
+        """(the seed and the most likely continuation a beam of `beam` finds, the continuation's
+        log-probability in nats); never less likely than greedy decoding (`beam=1`)."""
+        with cpu_settings(self.threads):
+            text, logp = self._sampler.beam_search(
+                seed,
+                beam=beam,
+                length=length,
+                stop=stop,
+                lines=lines,
+                include_stop=include_stop,
+                before=_pieces(seed_file),
+            )
+        return seed + text, logp
 
     def stream(
         self,
@@ -108,12 +175,31 @@ class CharLM:
         top_k: int | None = None,
         top_p: float | None = None,
         rng_seed: int | None = None,
+        stop: Sequence[str] = (),
+        lines: int | None = None,
+        include_stop: bool = False,
+        seed_file: str | os.PathLike[str] | Iterable[str] | None = None,
+        adapt: bool = False,
     ) -> Iterator[str]:
-        """The generated characters one at a time, as they are produced (the seed is not repeated)."""
-        for chars in self.stream_batch(
-            seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p, rng_seed=rng_seed
+        """The text as it is produced: the seed first, then a character (or, with `stop`, a few) at a
+        time, so that joining what it yields gives what `sample` returns. Options as for `stream_batch`."""
+        if seed:
+            yield seed
+        for pieces in self.stream_batch(
+            seed,
+            length=length,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            rng_seed=rng_seed,
+            stop=stop,
+            lines=lines,
+            include_stop=include_stop,
+            seed_file=seed_file,
+            adapt=adapt,
         ):
-            yield chars[0]
+            if pieces[0]:
+                yield pieces[0]
 
     def sample(
         self,
@@ -124,10 +210,37 @@ class CharLM:
         top_k: int | None = None,
         top_p: float | None = None,
         rng_seed: int | None = None,
+        stop: Sequence[str] = (),
+        lines: int | None = None,
+        include_stop: bool = False,
+        seed_file: str | os.PathLike[str] | Iterable[str] | None = None,
+        adapt: bool = False,
+        beam: int | None = None,
     ) -> str:
-        """The seed followed by `length` generated characters."""
-        return seed + "".join(
-            self.stream(seed, length=length, temperature=temperature, top_k=top_k, top_p=top_p, rng_seed=rng_seed)
+        """The seed followed by up to `length` generated characters (fewer where `stop` or `lines`
+        ends it). `beam`: the most likely continuation instead of a random one (see beam_search;
+        temperature, top-k, top-p and rng_seed do not apply)."""
+        if beam is not None:
+            if adapt:
+                raise ConfigError("--adapt and --beam do not go together", "leave out one of them")
+            text, _ = self.beam_search(
+                seed, beam=beam, length=length, stop=stop, lines=lines, include_stop=include_stop, seed_file=seed_file
+            )
+            return text
+        return "".join(
+            self.stream(
+                seed,
+                length=length,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                rng_seed=rng_seed,
+                stop=stop,
+                lines=lines,
+                include_stop=include_stop,
+                seed_file=seed_file,
+                adapt=adapt,
+            )
         )
 
     def sample_many(
@@ -140,8 +253,13 @@ class CharLM:
         top_k: int | None = None,
         top_p: float | None = None,
         rng_seed: int | None = None,
+        stop: Sequence[str] = (),
+        lines: int | None = None,
+        include_stop: bool = False,
+        seed_file: str | os.PathLike[str] | Iterable[str] | None = None,
+        adapt: bool = False,
     ) -> list[str]:
-        """`num_samples` continuations generated together as one batch."""
+        """`num_samples` continuations generated together as one batch, each ending on its own."""
         columns = list(
             self.stream_batch(
                 seed,
@@ -151,6 +269,11 @@ class CharLM:
                 top_p=top_p,
                 num_samples=num_samples,
                 rng_seed=rng_seed,
+                stop=stop,
+                lines=lines,
+                include_stop=include_stop,
+                seed_file=seed_file,
+                adapt=adapt,
             )
         )
         return [seed + "".join(col[i] for col in columns) for i in range(num_samples)]

@@ -7,14 +7,17 @@ top-p (nucleus), then a draw from what is left; temperature 0 means greedy argma
 
 from __future__ import annotations
 
+import itertools
+import math
 import unicodedata
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .adapt import Adaptation, AdaptingStreams
 from .device import ThreadTuner, WeightFormat, int8_matmul_exact, resolve_weight_format
 from .errors import ConfigError, VocabError
 from .model import CharRNN, State
@@ -91,6 +94,72 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     cdf = probs.cumsum(-1)  # [B, V]
     u = torch.rand(probs.shape[0], 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)  # [B]
+
+
+class StopRule:
+    """Where one generated stream ends, besides the length cap: at the first of `stops` it writes (the
+    stop string left out, or kept with include_stop) or after its `lines`-th newline (kept).
+
+    Characters that might be the start of a stop string are held back until they cannot be, so a
+    stop string left out is never half printed; `feed` returns what may be shown now.
+    """
+
+    def __init__(self, stops: Sequence[str] = (), lines: int | None = None, *, include_stop: bool = False) -> None:
+        self.stops = [s for s in stops if s]
+        self.lines = lines
+        self.include_stop = include_stop
+        self.held = ""
+        self.newlines = 0
+        self.stopped: str | None = None  # "stop" or "lines" once it has ended
+        self.matched: str | None = None  # the stop string it ended on
+
+    @property
+    def active(self) -> bool:
+        return bool(self.stops) or self.lines is not None
+
+    def feed(self, ch: str) -> str:
+        if self.stopped:
+            return ""
+        self.held += ch
+        for stop in self.stops:
+            if self.held.endswith(stop):
+                self.stopped, self.matched = "stop", stop
+                out = self.held if self.include_stop else self.held[: len(self.held) - len(stop)]
+                self.held = ""
+                return out
+        if ch == "\n" and self.lines is not None:
+            self.newlines += 1
+            if self.newlines >= self.lines:
+                self.stopped, out, self.held = "lines", self.held, ""
+                return out
+        keep = max((k for stop in self.stops for k in range(1, len(stop)) if self.held.endswith(stop[:k])), default=0)
+        out, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        return out
+
+    def flush(self) -> str:
+        """What is still held back when the length cap ends the stream."""
+        out, self.held = self.held, ""
+        return out
+
+
+def stop_ending(text: str, stops: Sequence[str], lines: int | None, include_stop: bool) -> str | None:
+    """`text` as shown if its last character ends it (a stop string, the `lines`-th newline), else None;
+    the one-shot form of StopRule, for beam search, whose rows are whole texts."""
+    for stop in stops:
+        if stop and text.endswith(stop):
+            return text if include_stop else text[: len(text) - len(stop)]
+    if lines is not None and text.endswith("\n") and text.count("\n") >= lines:
+        return text
+    return None
+
+
+def check_stops(stops: Sequence[str], lines: int | None) -> None:
+    if isinstance(stops, str):
+        raise ConfigError("stop must be a list of strings, not one string (stop=['\\n\\n'])")
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise ConfigError("--stop must be a non-empty string")
+    if lines is not None and (isinstance(lines, bool) or not isinstance(lines, int) or lines < 1):
+        raise ConfigError(f"--lines must be at least 1 (got {lines!r})")
 
 
 class _Linear:
@@ -260,7 +329,52 @@ class StepModel:
         return self.head.add_to(self.head_bias, *x).float()
 
 
+PRIME_CHUNK = 8192  # characters of a --seed-file read per forward pass
 NOISE_FLOATS = 1 << 20  # Gumbel noise drawn ahead, in floats: a few MB whatever the batch and vocab
+
+
+Picker = Callable[[torch.Tensor], torch.Tensor]  # logits [B, V] -> the chosen ids [B]
+
+
+def new_generator(device: torch.device, rng_seed: int | None) -> torch.Generator:
+    """The random stream of one generation: seeded for repeatable text, else from the OS."""
+    generator = torch.Generator(device=device)
+    if rng_seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(rng_seed)
+    return generator
+
+
+def make_picker(
+    *, temperature: float, top_k: int | None, top_p: float | None, length: int, generator: torch.Generator
+) -> Picker:
+    """How one generation turns logits into characters. Everything random comes from `generator`, so
+    a generation served in a batch beside others (charlm serve) writes what it writes alone."""
+    if temperature == 0:
+        return lambda logits: logits.argmax(-1)
+    if top_k is None and (top_p is None or top_p >= 1.0):
+        return _gumbel(temperature, length, generator)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        return draw(filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p), generator)
+
+    return pick
+
+
+def _gumbel(temperature: float, length: int, generator: torch.Generator) -> Picker:
+    """A draw from softmax(logits / T) as argmax(logits + T * Gumbel noise): two tensor ops per step,
+    with the noise for many steps drawn in one call."""
+    noise: list[torch.Tensor] = []
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if not noise:
+            steps = max(1, min(length, NOISE_FLOATS // logits.numel()))
+            e = torch.empty(steps, *logits.shape, device=logits.device).exponential_(generator=generator)
+            noise.extend(reversed((e.clamp_min_(1e-30).log_().mul_(-temperature)).unbind()))
+        return (logits + noise.pop()).argmax(-1)
+
+    return pick
 
 
 class Sampler:
@@ -276,13 +390,62 @@ class Sampler:
         self.step = StepModel(self.model, weight_format)
 
     @torch.inference_mode()
-    def prime(self, seed: str, num_samples: int) -> tuple[torch.Tensor, State]:
-        """One batched forward pass over the whole seed -> (logits for the next char [N, V], state)."""
-        previous = np.array(encode_seed(seed, self.vocab) if seed else [IGNORE], dtype=np.int64)  # [L]
-        ids = torch.from_numpy(model_inputs(previous, self.vocab.start_id)).to(self.device)  # no seed: the start symbol
-        x = ids.unsqueeze(0).expand(num_samples, -1)  # [N, L]
-        logits, state = self.model(x, None)
-        return logits[:, -1], state
+    def prime(self, seed: str, num_samples: int, *, before: Iterable[str] | None = None) -> tuple[torch.Tensor, State]:
+        """Reads `before` (the text of a --seed-file, in pieces of any size), then the seed, and returns
+        (logits for the next char [N, V], state). Memory grows with PRIME_CHUNK, never with the text.
+        Characters of `before` the model does not know are skipped and counted in `self.skipped`
+        (they cannot be fed); the seed's must all be known (encode_seed). Nothing read: the start
+        symbol, as at the beginning of a text."""
+        logits: torch.Tensor | None = None
+        state: State | None = None
+        self.skipped = 0
+        for text in before or ():
+            ids = self.vocab.lookup(text_to_codes(text))
+            known = ids[ids >= 0].astype(np.int64)
+            self.skipped += len(ids) - len(known)
+            for i in range(0, len(known), PRIME_CHUNK):
+                logits, state = self._read(known[i : i + PRIME_CHUNK], state)
+        seed_ids = encode_seed(seed, self.vocab) if seed else []
+        if seed_ids or logits is None:
+            previous = np.array(seed_ids or [IGNORE], dtype=np.int64)  # [L]
+            logits, state = self._read(model_inputs(previous, self.vocab.start_id), state)
+        rows = tuple(t.expand(-1, num_samples, -1).contiguous() for t in state)
+        return logits.expand(num_samples, -1), rows
+
+    def _adapting(
+        self, seed: str, num_samples: int, before: Iterable[str] | None, adaptation: Adaptation
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """Dynamic evaluation while writing, with compress's own reader (adapt.AdaptingStreams, on a
+        copy of the model): it reads the seed file and the seed one character at a time, taking a
+        small gradient step every few characters, so that a prompt in a new style (names, a format)
+        is continued in that style; then it goes on learning from what it writes. The samples of
+        one call learn together. Steps through the whole model for each character: several times
+        slower than plain sampling. Returns (logits for the first character [N, V], advance)."""
+        reader = AdaptingStreams(self.model, num_samples, start_id=self.vocab.start_id, adaptation=adaptation)
+        self.skipped = 0
+        if seed:
+            encode_seed(seed, self.vocab)  # strict, as without adapt; the seed file's unknowns are skipped
+        for text in itertools.chain(before or (), [seed]):
+            ids = self.vocab.lookup(text_to_codes(text))
+            self.skipped += int((ids < 0).sum())
+            for c in ids[ids >= 0].tolist():
+                reader.step()
+                reader.feed(np.full(num_samples, c, dtype=np.int64))
+
+        def advance(next_ids: torch.Tensor) -> torch.Tensor:
+            reader.feed(next_ids.cpu().numpy())
+            return reader.step()
+
+        return reader.step(), advance
+
+    def _read(self, ids: np.ndarray, state: State | None) -> tuple[torch.Tensor, State]:
+        """The model over ids [L] from `state`: (logits after the last one [1, V], state). Only the last
+        position goes through the output layer: with a large vocabulary that is most of the work."""
+        model = self.model
+        x = model.embed(torch.from_numpy(ids).to(self.device).unsqueeze(0))  # [1, L, E]
+        hidden = None if state is None else (state if model.config.cell == "lstm" else state[0])
+        out, new = model.rnn(x, hidden)  # [1, L, H]
+        return model.head(out[:, -1]), (new if isinstance(new, tuple) else (new,))
 
     @torch.inference_mode()
     def stream(
@@ -295,23 +458,31 @@ class Sampler:
         top_p: float | None = None,
         num_samples: int = 1,
         rng_seed: int | None = None,
+        stop: Sequence[str] = (),
+        lines: int | None = None,
+        include_stop: bool = False,
+        before: Iterable[str] | None = None,
+        adapt: Adaptation | None = None,
     ) -> Iterator[list[str]]:
-        """Yields, per generated position, one character for each of the `num_samples` samples."""
+        """Yields, per generated position, the new text of each of the `num_samples` samples: one
+        character each, or with `stop`/`lines` what each may show by then ('' while a possible stop
+        string is held back, and after it has ended). Ends at `length` or when every sample has
+        stopped. `before`: text read ahead of the seed (Sampler.prime). `adapt`: the model learns
+        from the text as it reads it, seed and all, then from what it writes (see _adapting)."""
         check_options(length=length, temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples)
-        generator = torch.Generator(device=self.device)
-        if rng_seed is None:
-            generator.seed()
+        check_stops(stop, lines)
+        generator = new_generator(self.device, rng_seed)
+        if adapt is None:
+            logits, state = self.prime(seed, num_samples, before=before)
+            self.step.reset(state)
+            advance: Callable[[torch.Tensor], torch.Tensor] = self.step
         else:
-            generator.manual_seed(rng_seed)
-        logits, state = self.prime(seed, num_samples)
-        self.step.reset(state)
-        if temperature == 0:
-            pick = self._greedy()
-        elif top_k is None and (top_p is None or top_p >= 1.0):
-            pick = self._gumbel(temperature, length, generator)
-        else:
-            pick = self._filtered(temperature, top_k, top_p, generator)
+            logits, advance = self._adapting(seed, num_samples, before, adapt)
+        pick = make_picker(temperature=temperature, top_k=top_k, top_p=top_p, length=length, generator=generator)
         chars = self.vocab.chars
+        rules = [StopRule(stop, lines, include_stop=include_stop) for _ in range(num_samples)]
+        self.rules = rules
+        watching = rules[0].active
         # one stream: short probes, since such a sample is often over in a second and a 0.4 s look at
         # the slower count would cost it ~10% (bench/contention.py); 0.1 s still averages ~500 steps.
         # Many streams: each step is 64x the work, and 0.1 s is too few steps to tell the counts apart
@@ -322,36 +493,80 @@ class Sampler:
                 with tuner.unit(num_samples):
                     next_ids = pick(logits)
                     picked = next_ids.tolist()
-                yield [chars[j] for j in picked]
+                if not watching:
+                    yield [chars[j] for j in picked]
+                else:
+                    yield [rule.feed(chars[j]) for rule, j in zip(rules, picked, strict=True)]
+                    if all(rule.stopped for rule in rules):
+                        return
                 if i + 1 < length:
                     with tuner.unit(0):
-                        logits = self.step(next_ids)
+                        logits = advance(next_ids)
+            if watching:
+                yield [rule.flush() for rule in rules]
 
-    @staticmethod
-    def _greedy() -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda logits: logits.argmax(-1)
-
-    def _gumbel(
-        self, temperature: float, length: int, generator: torch.Generator
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A draw from softmax(logits / T) as argmax(logits + T * Gumbel noise): two tensor ops per step,
-        with the noise for many steps drawn in one call."""
-        noise: list[torch.Tensor] = []
-
-        def pick(logits: torch.Tensor) -> torch.Tensor:
-            if not noise:
-                steps = max(1, min(length, NOISE_FLOATS // logits.numel()))
-                e = torch.empty(steps, *logits.shape, device=logits.device).exponential_(generator=generator)
-                noise.extend(reversed((e.clamp_min_(1e-30).log_().mul_(-temperature)).unbind()))
-            return (logits + noise.pop()).argmax(-1)
-
-        return pick
-
-    @staticmethod
-    def _filtered(
-        temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        def pick(logits: torch.Tensor) -> torch.Tensor:
-            return draw(filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p), generator)
-
-        return pick
+    @torch.inference_mode()
+    def beam_search(
+        self,
+        seed: str = "",
+        *,
+        beam: int,
+        length: int = 500,
+        stop: Sequence[str] = (),
+        lines: int | None = None,
+        include_stop: bool = False,
+        before: Iterable[str] | None = None,
+    ) -> tuple[str, float]:
+        """The most likely continuation of at most `length` characters (ending at a stop string or
+        the `lines`-th newline where it meets one) that a beam of `beam` rows finds, with its
+        log-probability in nats under the weights sampling reads. The greedy continuation runs
+        alongside as one more row and wins if it scores higher, so the result never scores below
+        greedy; `beam=1` is greedy."""
+        if isinstance(beam, bool) or not isinstance(beam, int) or not 1 <= beam <= 256:
+            raise ConfigError(f"--beam must be from 1 to 256 (got {beam!r})")
+        check_options(length=length, temperature=1.0, top_k=None, top_p=None, num_samples=1)
+        check_stops(stop, lines)
+        logits, state = self.prime(seed, 2, before=before)  # row 0 starts the beam, row 1 is greedy
+        self.step.reset(state)
+        chars, vocab_size = self.vocab.chars, logits.shape[-1]
+        texts, scores = [""], [0.0]  # the beam's rows, best first
+        g_text, g_score, g_active = "", 0.0, True  # the greedy row, last in the batch while active
+        done: list[tuple[float, str]] = []  # (log-probability, text as shown) of every ended candidate
+        for i in range(length):
+            logp = F.log_softmax(logits.double(), -1)  # [rows, V]
+            kept: list[tuple[int, int, str, float]] = []  # (row it extends, character, text, score)
+            if texts:
+                totals = (torch.tensor(scores, dtype=torch.float64)[:, None] + logp[: len(texts)]).flatten()
+                best, where = totals.topk(min(2 * beam, totals.numel()))
+                for score, flat in zip(best.tolist(), where.tolist(), strict=True):
+                    row, ch = divmod(flat, vocab_size)
+                    text = texts[row] + chars[ch]
+                    ended = stop_ending(text, stop, lines, include_stop)
+                    if ended is not None:
+                        done.append((score, ended))
+                    elif len(kept) < beam:
+                        kept.append((row, ch, text, score))
+            g_row = len(texts)
+            if g_active:
+                g_ch = int(logp[-1].argmax())
+                g_score += float(logp[-1, g_ch])
+                g_text += chars[g_ch]
+                ended = stop_ending(g_text, stop, lines, include_stop)
+                if ended is not None:
+                    done.append((g_score, ended))
+                    g_active = False
+            bar = max((d[0] for d in done), default=-math.inf)  # scores only fall as a text grows:
+            kept = [k for k in kept if k[3] > bar]  # a row at or below the best ended text cannot win
+            g_active = g_active and g_score > bar
+            if i + 1 == length:  # the length cap ends every row still going
+                done += [(k[3], k[2]) for k in kept] + ([(g_score, g_text)] if g_active else [])
+                break
+            if not kept and not g_active:
+                break
+            rows = [k[0] for k in kept] + ([g_row] if g_active else [])
+            ids = [k[1] for k in kept] + ([g_ch] if g_active else [])
+            self.step.reset(tuple(t[:, rows] for t in self.step.state))
+            logits = self.step(torch.tensor(ids, device=self.device))
+            texts, scores = [k[2] for k in kept], [k[3] for k in kept]
+        score, text = max(done, key=lambda d: d[0])
+        return text, score

@@ -24,9 +24,10 @@ LAYERS: list[set[str]] = [
     {"evaluate", "sample"},
     {"surprise"},
     {"lm"},
-    {"training", "compress"},
+    {"training", "compress", "session"},
     {"trainer"},
     {"console", "tensorboard", "plot", "heatmap"},
+    {"serve"},
     {"cli"},
     {"__main__", "__init__"},
 ]

@@ -60,8 +60,8 @@ def test_priming_equals_feeding_one_character_at_a_time(lm: CharLM, monkeypatch:
     seed = "Which other words"
     ids = torch.from_numpy(lm.vocab.encode(seed).astype(np.int64))[None]
 
-    def one_at_a_time(sampler: Sampler, text: str, num_samples: int) -> tuple[torch.Tensor, tuple]:
-        assert text == seed and num_samples == 1
+    def one_at_a_time(sampler: Sampler, text: str, num_samples: int, before=()) -> tuple[torch.Tensor, tuple]:  # noqa: ANN001
+        assert text == seed and num_samples == 1 and not list(before or ())
         state = None
         with torch.no_grad():
             for i in range(ids.shape[1]):
@@ -205,13 +205,10 @@ def test_smaller_weights_keep_the_next_character_distribution(cell: str, weight_
 
 
 def test_gumbel_draw_follows_the_tempered_distribution() -> None:
-    from charlm.sample import Sampler
-    from charlm.vocab import Vocab
+    from charlm.sample import _gumbel
 
-    model = CharRNN(ModelConfig(vocab_size=6, cell="lstm", hidden_size=8, embed_size=4))
-    sampler = Sampler(model, Vocab(list("abcdef")))
     logits = torch.tensor([[0.0, 2.0, -1.0, 1.0, float("-inf"), 0.5]]).expand(20_000, -1)
-    pick = sampler._gumbel(0.7, 3, torch.Generator().manual_seed(0))
+    pick = _gumbel(0.7, 3, torch.Generator().manual_seed(0))
     counts = torch.bincount(pick(logits), minlength=6).float() / 20_000
     assert counts[4] == 0
     torch.testing.assert_close(counts, torch.softmax(logits[0] / 0.7, -1), atol=0.015, rtol=0)
