@@ -44,6 +44,7 @@ class AdaptingStreams:
         self.origin = [p.detach().clone() for p in self.params]
         self.block_state = self.streams.state
         self.seen: list[tuple[np.ndarray, np.ndarray]] = []  # (inputs, targets) of the steps since the last update
+        self.learning = True  # False: read on with the weights as they are
 
     def step(self) -> torch.Tensor:
         """fp32 logits [S, V] for the next character of every stream."""
@@ -52,9 +53,10 @@ class AdaptingStreams:
     def feed(self, ids: np.ndarray) -> None:
         """The characters just read, [S] (IGNORE: unknown, or the stream has ended), become the next
         inputs; every `adaptation.steps` of them, the model learns from them."""
-        self.seen.append((self.streams.inputs, ids.astype(np.int64)))
-        if len(self.seen) == self.adaptation.steps:
-            self._learn()
+        if self.learning:
+            self.seen.append((self.streams.inputs, ids.astype(np.int64)))
+            if len(self.seen) == self.adaptation.steps:
+                self._learn()
         self.streams.feed(ids)
 
     def _learn(self) -> None:

@@ -414,8 +414,8 @@ def train(
 @click.option(
     "--adapt",
     is_flag=True,
-    help="Let the model learn from the seed (and --seed-file) as it reads them, and from what it writes, "
-    "as `compress` does: a prompt in a new style is continued in that style. Slower.",
+    help="Let the model learn from the seed (and --seed-file) as it reads them, as `compress` does, "
+    "before it writes: a prompt in a new style is continued in that style. Slower.",
 )
 @click.option("--lines", type=int, default=None, help="End a sample after this many newlines.")
 @click.option(

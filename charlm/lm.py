@@ -119,7 +119,7 @@ class CharLM:
         sample after that many newlines; `seed_file`: a text file (or pieces of text) the model reads
         before the seed, streamed, with characters it does not know skipped (`self.skipped` after);
         `adapt`: the model (a copy) learns from the seed file and seed as it reads them, with the
-        steps `compress` takes, and goes on learning from what it writes (Sampler._adapting)."""
+        steps `compress` takes, then writes with what it learnt (Sampler._adapting)."""
         with cpu_settings(self.threads):
             yield from self._sampler.stream(
                 seed,

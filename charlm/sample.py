@@ -329,7 +329,7 @@ class StepModel:
         return self.head.add_to(self.head_bias, *x).float()
 
 
-PRIME_CHUNK = 8192  # characters of a --seed-file read per forward pass
+PRIME_CHUNK = 8192
 NOISE_FLOATS = 1 << 20  # Gumbel noise drawn ahead, in floats: a few MB whatever the batch and vocab
 
 
@@ -418,9 +418,11 @@ class Sampler:
         """Dynamic evaluation while writing, with compress's own reader (adapt.AdaptingStreams, on a
         copy of the model): it reads the seed file and the seed one character at a time, taking a
         small gradient step every few characters, so that a prompt in a new style (names, a format)
-        is continued in that style; then it goes on learning from what it writes. The samples of
-        one call learn together. Steps through the whole model for each character: several times
-        slower than plain sampling. Returns (logits for the first character [N, V], advance)."""
+        is continued in that style. It stops learning when it starts writing: its own text holds
+        nothing new, and learning from it feeds its own choices back (measured: at compress's rate a
+        sample falls into repeating one word within a few hundred characters). The samples of one
+        call learn together. Steps through the whole model for each character: several times slower
+        than plain sampling. Returns (logits for the first character [N, V], advance)."""
         reader = AdaptingStreams(self.model, num_samples, start_id=self.vocab.start_id, adaptation=adaptation)
         self.skipped = 0
         if seed:
@@ -431,6 +433,8 @@ class Sampler:
             for c in ids[ids >= 0].tolist():
                 reader.step()
                 reader.feed(np.full(num_samples, c, dtype=np.int64))
+
+        reader.learning = False  # from here on it reads its own writing
 
         def advance(next_ids: torch.Tensor) -> torch.Tensor:
             reader.feed(next_ids.cpu().numpy())
@@ -468,7 +472,7 @@ class Sampler:
         character each, or with `stop`/`lines` what each may show by then ('' while a possible stop
         string is held back, and after it has ended). Ends at `length` or when every sample has
         stopped. `before`: text read ahead of the seed (Sampler.prime). `adapt`: the model learns
-        from the text as it reads it, seed and all, then from what it writes (see _adapting)."""
+        from the text as it reads it, seed file and seed, before it writes (see _adapting)."""
         check_options(length=length, temperature=temperature, top_k=top_k, top_p=top_p, num_samples=num_samples)
         check_stops(stop, lines)
         generator = new_generator(self.device, rng_seed)
