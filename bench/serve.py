@@ -108,6 +108,8 @@ async def load(url: str, clients: int, requests: int, length: int, pid: int, see
             results.append(await one_sample(client, url, body))
             if len(results) == min(100, requests):
                 memory.setdefault("after_100_mb", rss_mb(pid))
+            if len(results) % 250 == 0:  # flat, or growing with the count of requests served?
+                memory.setdefault("trace_mb", []).append([len(results), round(rss_mb(pid), 1)])
 
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(limits=limits) as client:

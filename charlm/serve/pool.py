@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..device import cpu_settings
+from ..device import ThreadTuner, cpu_settings
 from ..errors import CharlmError
 from ..sample import Picker, check_options, encode_seed, make_picker, new_generator
 
@@ -159,7 +159,11 @@ class GenerationPool:
         step = self.lm.sampler.step
         chars = self.lm.vocab.chars
         last_flush = time.perf_counter()
-        with cpu_settings(self.lm.threads), torch.inference_mode():
+        # one thread or all cores, whichever steps faster now (device.ThreadTuner): measured with 16
+        # clients on 2 cores, two threads halved the quiet throughput and beside a CPU-bound
+        # neighbour cut it to a twelfth (bench/serve.py)
+        tuner = ThreadTuner(self.lm.device, self.lm.threads)
+        with cpu_settings(self.lm.threads), torch.inference_mode(), tuner:
             while True:
                 with self._lock:
                     while not self._rows and not self._joining and not self._closed:
@@ -177,7 +181,8 @@ class GenerationPool:
                         with self._lock:
                             self._priming = 0
                     if self._rows:
-                        self._advance(step, chars)
+                        with tuner.unit(len(self._rows)):
+                            self._advance(step, chars)
                 except Exception as e:  # a bug in a step ends the generations in it, not the server
                     for g in self._rows:
                         g.fail(f"generation failed: {type(e).__name__}: {e}")
