@@ -18,12 +18,14 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
+from contention import Neighbour  # noqa: E402
 from report import finish, machine  # noqa: E402
 
 
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--compare-with", type=Path, required=True, help="the other source tree")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-busy", action="store_true", help="skip the runs beside a CPU-bound neighbour")
     parser.add_argument("--name", help="results file name [default: sample-speed-<date>]")
     args = parser.parse_args()
     checkpoint = args.checkpoint.resolve()
@@ -56,18 +59,31 @@ def main() -> None:
     }
     results: dict = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "runs": {}}
     rows = [["case", "before chars/s", "now chars/s", "now / before"]]
-    for case, (extra, both) in cases.items():
-        times: dict[str, list[float]] = {"before": [], "now": []}
-        for _ in range(args.repeats):
-            for tree in ("before", "now") if both else ("now",):
-                times[tree].append(chars_per_sec(trees[tree], checkpoint, extra))
-        med = {k: statistics.median(v) for k, v in times.items() if v}
-        results["runs"][case] = {"runs": times, "median": med}
-        if both:
-            rows.append([case, f"{med['before']:,.0f}", f"{med['now']:,.0f}", f"{med['now'] / med['before']:.2f}x"])
-        else:
-            base = results["runs"]["1 stream, 3,000 chars"]["median"]["now"]
-            rows.append([case, "-", f"{med['now']:,.0f}", f"{med['now'] / base:.2f}x of plain now"])
+
+    def measure(label: str) -> None:
+        for case, (extra, both) in cases.items():
+            times: dict[str, list[float]] = {"before": [], "now": []}
+            for _ in range(args.repeats):
+                for tree in ("before", "now") if both else ("now",):
+                    times[tree].append(chars_per_sec(trees[tree], checkpoint, extra))
+            med = {k: statistics.median(v) for k, v in times.items() if v}
+            results["runs"][case + label] = {"runs": times, "median": med}
+            if both:
+                ratio = f"{med['now'] / med['before']:.2f}x"
+                rows.append([case + label, f"{med['before']:,.0f}", f"{med['now']:,.0f}", ratio])
+            else:
+                base = results["runs"]["1 stream, 3,000 chars" + label]["median"]["now"]
+                rows.append([case + label, "-", f"{med['now']:,.0f}", f"{med['now'] / base:.2f}x of plain now"])
+
+    measure("")
+    if not args.no_busy:
+        with tempfile.TemporaryDirectory() as work:
+            neighbour = Neighbour("matmul", Path(work), dict(os.environ), Path(work), lifetime_s=3600)
+            neighbour.start()
+            try:
+                measure(", busy")
+            finally:
+                neighbour.stop()
     title = f"charlm sample speed, {checkpoint.name}, before = {trees['before']}, on {results['machine']['cpu']}"
     finish(title, rows, results, args.name or f"sample-speed-{dt.date.today()}")
 
