@@ -200,3 +200,42 @@ def test_adapting_to_the_prompt_lowers_the_cost_of_its_new_names(tiny_checkpoint
     count = lambda texts: sum(t[len(prompt) :].count("Grendel") for t in texts)  # noqa: E731
     assert count(adapted) > count(plain) + 5
     assert adapted == lm.sample_many(prompt, num_samples=8, length=300, rng_seed=1, adapt=True)  # reproducible
+
+
+def test_a_seed_file_far_larger_than_a_piece_is_read_piece_by_piece(
+    lm: CharLM, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory in proportion to the model, not the prompt: no forward pass sees more than one piece,
+    and the file's text is never held whole (its pieces are read as the model goes)."""
+    from charlm.sample import Sampler
+
+    path = tmp_path / "big.txt"
+    path.write_text(make_text(20 * PRIME_CHUNK, seed=3), encoding="utf-8")
+    widest: list[int] = []
+    original = Sampler._read
+
+    def recording(self, ids, state):  # noqa: ANN001, ANN202
+        widest.append(len(ids))
+        return original(self, ids, state)
+
+    monkeypatch.setattr(Sampler, "_read", recording)
+    lm.sample("", length=20, rng_seed=1, seed_file=path)
+    assert len(widest) >= 20 and max(widest) <= PRIME_CHUNK + 1
+
+
+def test_the_seed_file_dash_reads_stdin(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    prompt = "It was the time of day. And then"
+    args = ["-m", "charlm", "sample", "-c", str(tiny_checkpoint), "--device", "cpu", "--threads", "1"]
+    done = subprocess.run(
+        [sys.executable, *args, "--seed-file", "-", "-n", "60", "--rng-seed", "1", "-q"],
+        input=prompt + "Q",  # Q is not in the model's vocabulary: skipped, not fatal
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lm = CharLM.load(tiny_checkpoint, device="cpu", threads=1)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == lm.sample("", length=60, rng_seed=1, seed_file=[prompt]) + "\n"
