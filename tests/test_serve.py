@@ -166,6 +166,10 @@ def test_concurrent_generations_share_one_batch_and_each_writes_what_it_writes_a
         ({"length": "long"}, 400, "'length' must be an integer"),
         ({"seed": "zq"}, 400, "the seed has 2 characters the model never saw: 'q', 'z'"),
         ({"colour": "red"}, 400, "unknown field 'colour'"),
+        ({"stop": [""]}, 400, "stop must be a non-empty string"),
+        ({"stop": {"a": 1}}, 400, "'stop' must be a string"),
+        ({"lines": 0}, 400, "lines must be at least 1 (got 0)"),
+        ({"include_stop": "yes"}, 400, "'include_stop' must be true or false"),
         ({"model": "../../etc/passwd"}, 404, "no model named '../../etc/passwd': GET /api/models lists the models"),
         ({"model": ["words"]}, 404, "'model' must be a model name from GET /api/models"),
     ],
@@ -177,6 +181,32 @@ def test_bad_sample_requests_get_a_4xx_that_says_what_is_wrong(
         response = client.post("/api/sample", json={"model": "words", **body})
     assert response.status_code == status
     assert message in response.json()["error"]
+
+
+def test_a_served_sample_stops_where_charlm_sample_stops(served: Path, tiny_checkpoint: Path) -> None:
+    lm = CharLM.load(tiny_checkpoint, device="cpu")
+    with client_for(served) as client:
+        runs = {
+            (tuple(stop), lines, keep): events(
+                client.post(
+                    "/api/sample",
+                    json={
+                        "seed": "The ",
+                        "length": 400,
+                        "rng_seed": 5,
+                        "stop": stop,
+                        "lines": lines,
+                        "include_stop": keep,
+                    },
+                )
+            )
+            for stop, lines, keep in [([". "], None, False), ([". ", "zzz"], None, True), ([], 2, False)]
+        }
+    for (stop, lines, keep), evs in runs.items():
+        expected = lm.sample("The ", length=400, rng_seed=5, stop=list(stop), lines=lines, include_stop=keep)[4:]
+        done = evs[-1][1]
+        assert generated(evs) == expected and done["chars"] == len(expected)
+        assert done["stopped"] == ("lines" if lines else "stop") and len(expected) < 400
 
 
 def test_bodies_must_be_small_json_objects(served: Path) -> None:

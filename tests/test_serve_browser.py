@@ -67,6 +67,14 @@ def test_the_playground_writes_scores_and_draws_curves_in_a_real_browser(served:
             assert page.evaluate("window.changes") >= 6  # the text arrived in pieces, not at the end
             page.screenshot(path=str(ARTIFACTS / "playground-write.png"), full_page=True)
 
+            # a stop string typed with \n for a newline ends the sample where `sample --stop` does
+            page.fill("#samples", "1")
+            page.fill("#stop-at", "\\n")
+            page.click("#write-button")
+            sync_api.expect(page.locator(".sample .stats")).to_contain_text([", stop"], timeout=30_000)
+            expected = lm.sample("The ", length=400, rng_seed=3, stop=["\n"])[4:]
+            assert page.locator(".sample .generated").all_text_contents() == [expected]
+
             # score: markup in the text is shown as text, never run
             page.click(".tab[data-tab=score]")
             page.fill("#score-text", HOSTILE)

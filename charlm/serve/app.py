@@ -129,7 +129,7 @@ def _field(data: dict, name: str, kind: type | tuple[type, ...], default: object
 
 
 def sample_request(data: dict, limits: Limits) -> Request:
-    known = {"model", "seed", "length", "temperature", "top_k", "top_p", "rng_seed"}
+    known = {"model", "seed", "length", "temperature", "top_k", "top_p", "rng_seed", "stop", "lines", "include_stop"}
     extra = sorted(set(data) - known)
     if extra:
         raise ApiError(400, f"unknown field {extra[0]!r}; the fields are {', '.join(sorted(known))}")
@@ -138,6 +138,13 @@ def sample_request(data: dict, limits: Limits) -> Request:
         raise ApiError(400, f"length {length:,} is over the server's limit of {limits.max_length:,} (--max-length)")
     temperature = _field(data, "temperature", (int, float), 1.0)
     top_p = _field(data, "top_p", (int, float), None)
+    stop = _field(data, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > 8 or any(not isinstance(s, str) or len(s) > 100 for s in stop):
+        raise ApiError(400, "'stop' must be a string or a list of up to 8 strings of up to 100 characters")
+    include_stop = data.get("include_stop", False)
+    if not isinstance(include_stop, bool):
+        raise ApiError(400, "'include_stop' must be true or false")
     return Request(
         seed=_field(data, "seed", str, ""),
         length=length,
@@ -145,6 +152,9 @@ def sample_request(data: dict, limits: Limits) -> Request:
         top_k=_field(data, "top_k", int, None),
         top_p=None if top_p is None else float(top_p),
         rng_seed=_field(data, "rng_seed", int, None),
+        stop=tuple(stop),
+        lines=_field(data, "lines", int, None),
+        include_stop=include_stop,
     )
 
 

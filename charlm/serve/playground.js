@@ -60,6 +60,10 @@ function describeModel() {
 // ----------------------------------------------------------------------------------------------- write
 
 function numberOrNull(id) { const v = $(id).value.trim(); return v === "" ? null : Number(v); }
+function stopStrings() {  // "\n" and "\t" typed in the box stand for a newline and a tab
+  const v = $("stop-at").value.replace(/\\n/g, "\n").replace(/\\t/g, "\t");
+  return v === "" ? [] : [v];
+}
 
 async function readEvents(response, onEvent) {
   const reader = response.body.getReader();
@@ -120,7 +124,7 @@ async function write() {
     const body = {
       model: $("model").value, seed, length: Number($("length").value) || 500,
       temperature: Number($("temperature").value), top_k: numberOrNull("top-k"), top_p: numberOrNull("top-p"),
-      rng_seed: rng === null ? null : rng + i,
+      rng_seed: rng === null ? null : rng + i, stop: stopStrings(),
     };
     jobs.push(writeOne(box, body, controller));
   }

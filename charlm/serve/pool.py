@@ -24,7 +24,7 @@ import torch
 
 from ..device import ThreadTuner, cpu_settings
 from ..errors import CharlmError
-from ..sample import Picker, check_options, encode_seed, make_picker, new_generator
+from ..sample import Picker, StopRule, check_options, check_stops, encode_seed, make_picker, new_generator
 
 if TYPE_CHECKING:
     from ..lm import CharLM
@@ -44,6 +44,9 @@ class Request:
     top_k: int | None = None
     top_p: float | None = None
     rng_seed: int | None = None
+    stop: tuple[str, ...] = ()  # as `charlm sample --stop`: each ends the sample, left out unless include_stop
+    lines: int | None = None
+    include_stop: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,7 +67,9 @@ class Generation:
         self.deadline = deadline
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.cancelled = threading.Event()
-        self.written = 0
+        self.written = 0  # characters the model wrote (what --length caps)
+        self.sent = 0  # characters passed on: a stop string left out, or held back, is not
+        self.rule = StopRule(request.stop, request.lines, include_stop=request.include_stop)
         self.pending: list[str] = []
         self.began = time.perf_counter()
         self.first_char_s: float | None = None
@@ -82,18 +87,22 @@ class Generation:
             self.cancelled.set()
 
     def flush(self) -> None:
-        if self.pending:
-            self._post(Event("chars", "".join(self.pending)))
-            self.pending.clear()
+        text = "".join(self.pending)
+        self.pending.clear()
+        if text:
+            self.sent += len(text)
+            self._post(Event("chars", text))
 
     def finish(self, stopped: str) -> None:
+        if stopped in ("length", "timeout"):
+            self.pending.append(self.rule.flush())  # what was held back as a possible stop string
         self.flush()
         elapsed = time.perf_counter() - self.began
         self._post(
             Event(
                 "done",
                 summary={
-                    "chars": self.written,
+                    "chars": self.sent,
                     "stopped": stopped,
                     "seconds": round(elapsed, 4),
                     "first_char_s": None if self.first_char_s is None else round(self.first_char_s, 4),
@@ -137,6 +146,7 @@ class GenerationPool:
             top_p=request.top_p,
             num_samples=1,
         )
+        check_stops(request.stop, request.lines)
         encode_seed(request.seed, self.lm.vocab)
         generation = Generation(request, asyncio.get_running_loop(), time.perf_counter() + timeout_s)
         with self._lock:
@@ -200,6 +210,8 @@ class GenerationPool:
         for i, g in enumerate(self._rows):
             if g.cancelled.is_set():
                 g.finish("cancelled")
+            elif g.rule.stopped:
+                g.finish(g.rule.stopped)
             elif g.written >= g.request.length:
                 g.finish("length")
             elif now > g.deadline:
@@ -221,6 +233,9 @@ class GenerationPool:
                 state = self._prime(g)
             except Exception as e:  # this request alone fails
                 g.fail(f"generation failed: {type(e).__name__}: {e}")
+                continue
+            if g.rule.stopped:
+                g.finish(g.rule.stopped)
                 continue
             if g.written >= g.request.length:
                 g.finish("length")
@@ -251,7 +266,8 @@ class GenerationPool:
     @staticmethod
     def _emit(g: Generation, next_id: torch.Tensor, chars: list[str]) -> None:
         g.next_id = next_id
-        g.pending.append(chars[int(next_id)])
+        ch = chars[int(next_id)]
+        g.pending.append(g.rule.feed(ch) if g.rule.active else ch)
         g.written += 1
         if g.first_char_s is None:
             g.first_char_s = time.perf_counter() - g.began
