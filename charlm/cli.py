@@ -1384,21 +1384,21 @@ def _chat_command(session: Any, word: str, arg: str) -> str | None:
     if word == "reset":
         session.reset()
         return "(the conversation is forgotten)"
-    if word in ("temp", "temperature"):
-        old, session.temperature = session.temperature, number(float, "temp")
+
+    def checked(attribute: str, value: object) -> None:  # a value the session refuses leaves the old one
+        old = getattr(session, attribute)
+        setattr(session, attribute, value)
         try:
             session.check()
         except ConfigError:
-            session.temperature = old
+            setattr(session, attribute, old)
             raise
+
+    if word in ("temp", "temperature"):
+        checked("temperature", number(float, "temp"))
         return f"(temperature {session.temperature:g})"
     if word == "length":
-        old, session.length = session.length, number(int, "length")
-        try:
-            session.check()
-        except ConfigError:
-            session.length = old
-            raise
+        checked("length", number(int, "length"))
         return f"(replies of at most {session.length} characters)"
     if word == "stop":
         session.stop = [arg.encode().decode("unicode_escape")] if arg else []

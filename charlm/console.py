@@ -46,24 +46,23 @@ def debug(text: str) -> None:
         err.print(f"[dim]{text}[/dim]")
 
 
-def warning_line(message: str) -> None:
-    """One line, always shown, even with --quiet: something the user must know but not an error."""
+def _labelled_line(label: str, colour: str, message: str) -> None:
     text = " ".join(str(message).split())
     if err.is_terminal:
-        err.print(f"[bold yellow]warning:[/bold yellow] {escape(text)}")
+        err.print(f"[bold {colour}]{label}:[/bold {colour}] {escape(text)}")
     else:
-        sys.stderr.write(f"warning: {text}\n")
+        sys.stderr.write(f"{label}: {text}\n")
         sys.stderr.flush()
+
+
+def warning_line(message: str) -> None:
+    """One line, always shown, even with --quiet: something the user must know but not an error."""
+    _labelled_line("warning", "yellow", message)
 
 
 def error_line(message: str) -> None:
     """One line, always shown, even with --quiet."""
-    text = " ".join(str(message).split())
-    if err.is_terminal:
-        err.print(f"[bold red]error:[/bold red] {escape(text)}")
-    else:
-        sys.stderr.write(f"error: {text}\n")
-        sys.stderr.flush()
+    _labelled_line("error", "red", message)
 
 
 def fmt_loss(ce: float | None) -> str:
