@@ -17,7 +17,7 @@ from .errors import ConfigError
 
 DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 Precision = Literal["auto", "fp32", "bf16"]  # the autocast dtype of training and scoring
-WeightFormat = Literal["fp32", "bf16", "int8"]  # the weights a sampler reads each step
+WeightFormat = Literal["fp32", "bf16", "int8", "fixed"]  # the weights a sampler reads each step
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -63,18 +63,37 @@ def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "
 
 
 def resolve_weight_format(weight_format: str, device: torch.device) -> WeightFormat:
-    """The weights a sampler reads each step (`sample --precision`). 'auto': int8 on an x86 CPU, where
-    one stream is bound by the bytes of weights read per character (int8 reads a quarter of fp32's);
-    bf16 on a GPU that has it."""
-    if weight_format not in ("auto", "fp32", "bf16", "int8"):
-        raise ConfigError(f"--precision must be auto, fp32, bf16 or int8 (got {weight_format!r})")
-    if weight_format == "int8" and device.type != "cpu":
-        raise ConfigError(f"int8 sampling runs on the CPU only (not {device.type})", "use --precision bf16 or fp32")
+    """The weights a sampler reads each step (`sample --precision`). 'auto': on a CPU the integer model
+    compiled into one call per character (`fixed`, charlm.fixed) where numba is installed, else int8
+    on an x86 CPU with VNNI (one stream is bound by the bytes of weights read per character; int8 reads
+    a quarter of fp32's); bf16 on a GPU that has it."""
+    if weight_format not in ("auto", "fp32", "bf16", "int8", "fixed"):
+        raise ConfigError(f"--precision must be auto, fp32, bf16, int8 or fixed (got {weight_format!r})")
+    if weight_format in ("int8", "fixed") and device.type != "cpu":
+        raise ConfigError(
+            f"{weight_format} sampling runs on the CPU only (not {device.type})", "use --precision bf16 or fp32"
+        )
+    if weight_format == "fixed" and not fixed_kernel_available():
+        raise ConfigError("--precision fixed needs numba", "install it with: pip install numba")
     if weight_format != "auto":
         return weight_format  # type: ignore[return-value]
+    if device.type == "cpu" and fixed_kernel_available():
+        return "fixed"
+    return batch_weight_format(device)
+
+
+def batch_weight_format(device: torch.device) -> WeightFormat:
+    """The torch weight format for many streams at once (where a batched matmul beats one compiled
+    call per stream): int8 on an x86 CPU with VNNI, bf16 or fp32 elsewhere."""
     if device.type == "cpu" and cpu_has_fast_int8():
         return "int8"
     return resolve_precision("auto", device)
+
+
+def fixed_kernel_available() -> bool:
+    from .fixed import kernel_available
+
+    return kernel_available()
 
 
 def cpu_has_fast_int8() -> bool:
@@ -88,6 +107,19 @@ def cpu_has_fast_int8() -> bool:
         and "avx512_vnni" in _cpu_flags()
         and int8_matmul_exact()
     )
+
+
+@functools.cache
+def cpu_name() -> str:
+    """The CPU's model name ("Intel(R) Xeon(R) Processor"), or the platform's word for it."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "Hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "?"
 
 
 @functools.cache

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from .adapt import Adaptation, AdaptingStreams
-from .device import ThreadTuner, WeightFormat, int8_matmul_exact, resolve_weight_format
+from .device import ThreadTuner, WeightFormat, batch_weight_format, int8_matmul_exact, resolve_weight_format
 from .errors import ConfigError, VocabError
+from .fixed import ONE, RELU_MAX, FixedModel, to_float
 from .model import CharRNN, State
 from .streams import IGNORE, model_inputs
 from .vocab import Vocab, describe_char, text_to_codes
@@ -329,6 +330,47 @@ class StepModel:
         return self.head.add_to(self.head_bias, *x).float()
 
 
+class FixedStep:
+    """One character per call through the integer model (fixed.FixedModel): the whole step, every
+    layer and the output layer, is one compiled call with no tensor ops, which is what bounds a single
+    stream on a CPU (StepModel's ~15 torch ops cost more than their arithmetic). Same interface as
+    StepModel; the state is kept as integers and shown as floats. Each stream's integers do not depend
+    on what else is in the batch, so a generation served beside others writes what it writes alone."""
+
+    def __init__(self, model: CharRNN) -> None:
+        self.fixed = FixedModel.from_model(model)
+        self.kind = model.config.cell
+        self.ints = self.fixed.initial_state(1)  # [h (, c), L, B, H] Q12
+
+    def reset(self, state: State) -> None:
+        values = torch.stack([s.detach().float().cpu() for s in state]).numpy()
+        top = RELU_MAX if self.kind == "rnn-relu" else ONE
+        ints = np.rint(values * ONE)
+        ints[0] = np.clip(ints[0], -top, top)
+        self.ints = ints.astype(np.int64)
+
+    @property
+    def state(self) -> State:
+        values = torch.from_numpy(self.ints * (1.0 / ONE)).float()
+        return tuple(values.unbind(0))
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B] -> float32 logits [B, V]; streams split over torch's thread count when many."""
+        q = self.fixed.step(ids.cpu().numpy(), self.ints, torch.get_num_threads())
+        return torch.from_numpy(to_float(q))
+
+
+FIXED_MAX_STREAMS = 16  # more streams at once: the batched torch step is faster (bench/sample_speed.py)
+
+
+def make_step(model: CharRNN, weight_format: str, streams: int) -> StepModel | FixedStep:
+    """The per-character step for `streams` streams at a time in `weight_format` (resolved)."""
+    if weight_format == "fixed" and streams <= FIXED_MAX_STREAMS:
+        return FixedStep(model)
+    device = model.head.weight.device
+    return StepModel(model, batch_weight_format(device) if weight_format == "fixed" else weight_format)
+
+
 PRIME_CHUNK = 8192
 NOISE_FLOATS = 1 << 20  # Gumbel noise drawn ahead, in floats: a few MB whatever the batch and vocab
 
@@ -387,7 +429,22 @@ class Sampler:
         self.threads = threads  # None: adapt the CPU thread count to the load while generating
         self.vocab = vocab
         self.device = next(model.parameters()).device
-        self.step = StepModel(self.model, weight_format)
+        self.weight_format = resolve_weight_format(weight_format, self.device)
+        self._steps: dict[bool, StepModel | FixedStep] = {}
+
+    def step_for(self, streams: int) -> StepModel | FixedStep:
+        """The step this sampler uses for `streams` streams at a time (made once, then kept: it holds
+        the running state)."""
+        few = self.weight_format == "fixed" and streams <= FIXED_MAX_STREAMS
+        if few not in self._steps:
+            self._steps[few] = make_step(self.model, self.weight_format, streams)
+        return self._steps[few]
+
+    @property
+    def step(self) -> StepModel | FixedStep:
+        """The step of one stream (what `charlm serve` batches its generations through: each stream's
+        result then does not depend on the batch)."""
+        return self.step_for(1)
 
     @torch.inference_mode()
     def prime(self, seed: str, num_samples: int, *, before: Iterable[str] | None = None) -> tuple[torch.Tensor, State]:
@@ -478,8 +535,9 @@ class Sampler:
         generator = new_generator(self.device, rng_seed)
         if adapt is None:
             logits, state = self.prime(seed, num_samples, before=before)
-            self.step.reset(state)
-            advance: Callable[[torch.Tensor], torch.Tensor] = self.step
+            step = self.step_for(num_samples)
+            step.reset(state)
+            advance: Callable[[torch.Tensor], torch.Tensor] = step
         else:
             logits, advance = self._adapting(seed, num_samples, before, adapt)
         pick = make_picker(temperature=temperature, top_k=top_k, top_p=top_p, length=length, generator=generator)
@@ -531,7 +589,8 @@ class Sampler:
         check_options(length=length, temperature=1.0, top_k=None, top_p=None, num_samples=1)
         check_stops(stop, lines)
         logits, state = self.prime(seed, 2, before=before)  # row 0 starts the beam, row 1 is greedy
-        self.step.reset(state)
+        step = self.step_for(beam + 1)
+        step.reset(state)
         chars, vocab_size = self.vocab.chars, logits.shape[-1]
         texts, scores = [""], [0.0]  # the beam's rows, best first
         g_text, g_score, g_active = "", 0.0, True  # the greedy row, last in the batch while active
@@ -569,8 +628,8 @@ class Sampler:
                 break
             rows = [k[0] for k in kept] + ([g_row] if g_active else [])
             ids = [k[1] for k in kept] + ([g_ch] if g_active else [])
-            self.step.reset(tuple(t[:, rows] for t in self.step.state))
-            logits = self.step(torch.tensor(ids, device=self.device))
+            step.reset(tuple(t[:, rows] for t in step.state))
+            logits = step(torch.tensor(ids, device=self.device))
             texts, scores = [k[2] for k in kept], [k[3] for k in kept]
         score, text = max(done, key=lambda d: d[0])
         return text, score

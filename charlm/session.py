@@ -19,7 +19,7 @@ import torch
 from .files import atomic_write
 from .lm import CharLM
 from .model import State
-from .sample import StepModel, StopRule, check_options, check_stops, make_picker, new_generator
+from .sample import StopRule, check_options, check_stops, make_picker, make_step, new_generator
 from .streams import IGNORE, model_inputs
 from .vocab import text_to_codes
 
@@ -45,7 +45,7 @@ class Session:
         self.stop, self.lines, self.include_stop = list(stop), lines, include_stop
         self.check()
         self.generator = new_generator(lm.device, rng_seed)
-        self.step = StepModel(lm.model, lm.weight_format)  # its own: lm.sample() may run between turns
+        self.step = make_step(lm.model, lm.weight_format, 1)  # its own: lm.sample() may run between turns
         self.reset()
 
     def check(self) -> None:

@@ -227,14 +227,15 @@ def test_draw_follows_the_distribution_and_never_picks_zero_probability() -> Non
 def test_int8_sampling_is_refused_off_the_cpu_and_auto_picks_it_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     import platform
 
-    from charlm.device import resolve_weight_format
+    from charlm.device import batch_weight_format, resolve_weight_format
     from charlm.errors import ConfigError
 
     for device in ("cuda", "mps"):
         with pytest.raises(ConfigError) as e:
             resolve_weight_format("int8", torch.device(device))
         assert str(e.value) == f"int8 sampling runs on the CPU only (not {device}): use --precision bf16 or fp32"
-    # 'auto' is decided by the machine, set here rather than asked of charlm's own check: int8 on an
+    # 'auto' on a CPU is the compiled integer step where numba is; without it, and for many streams at
+    # once (batch_weight_format), the machine decides, set here rather than asked of charlm's own check: int8 on an
     # x86 CPU with oneDNN's VNNI kernels and an exact int8 matmul; never on ARM, without oneDNN, on a
     # GPU, without VNNI, with the dispatch capped below AVX-512, or where the int8 matmul saturates.
     from charlm import device as dev
@@ -244,9 +245,18 @@ def test_int8_sampling_is_refused_off_the_cpu_and_auto_picks_it_on_the_cpu(monke
     monkeypatch.setattr(dev, "_cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_vnni"}))
     monkeypatch.setattr(dev, "int8_matmul_exact", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(dev, "fixed_kernel_available", lambda: True)
+    assert resolve_weight_format("auto", torch.device("cpu")) == "fixed"
+    assert resolve_weight_format("auto", torch.device("cuda")) == "bf16"
+    with pytest.raises(ConfigError, match="fixed sampling runs on the CPU only"):
+        resolve_weight_format("fixed", torch.device("cuda"))
+    monkeypatch.setattr(dev, "fixed_kernel_available", lambda: False)
+    with pytest.raises(ConfigError, match="--precision fixed needs numba"):
+        resolve_weight_format("fixed", torch.device("cpu"))
     for machine in ("x86_64", "AMD64"):
         monkeypatch.setattr(platform, "machine", lambda machine=machine: machine)
         assert resolve_weight_format("auto", torch.device("cpu")) == "int8"
+        assert batch_weight_format(torch.device("cpu")) == "int8"
         assert resolve_weight_format("auto", torch.device("cuda")) == "bf16"
     for machine in ("aarch64", "arm64"):
         monkeypatch.setattr(platform, "machine", lambda machine=machine: machine)

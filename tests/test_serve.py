@@ -317,15 +317,16 @@ def live_server(folder: Path, **limits: object) -> Iterator[tuple[str, Models]]:
 @pytest.fixture
 def slow_steps(monkeypatch: pytest.MonkeyPatch) -> None:
     """2 ms per generation step, so a long generation is still running when the test acts."""
-    from charlm.sample import StepModel
+    from charlm.sample import FixedStep, StepModel
 
-    original = StepModel.__call__
+    for kind in (StepModel, FixedStep):
+        original = kind.__call__
 
-    def slow(self, ids):  # noqa: ANN001, ANN202
-        time.sleep(0.002)
-        return original(self, ids)
+        def slow(self, ids, original=original):  # noqa: ANN001, ANN202
+            time.sleep(0.002)
+            return original(self, ids)
 
-    monkeypatch.setattr(StepModel, "__call__", slow)
+        monkeypatch.setattr(kind, "__call__", slow)
 
 
 def test_too_many_generations_get_429_and_a_timeout_ends_a_generation(served: Path, slow_steps: None) -> None:

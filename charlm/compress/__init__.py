@@ -12,14 +12,16 @@ the segments and the container, one job per module:
 
 The text is cut into segments as `charlm perplexity` cuts its streams (streams.py), with the
 archive's own fixed parameters (ARCHIVE_CUTS), and the model advances all segments together one
-character per step. The model can keep learning from the text as it codes it (`adapt`, the default;
-FLAG_ADAPT in the archive): every ADAPT_STEPS characters, encoder and decoder both take the same SGD
-step on what they have just coded. It costs no side information, only time: on held-out Shakespeare
-it turns a 2.03 bits/char model into a 1.85 bits/char coder, at about 40% of the static speed.
+character per step.
 
-Which machines decode what: the same checkpoint (its sha256 is checked), a charlm that reads the
-format version, and the same torch build on the same CPU family (torch picks kernels by instruction
-set, e.g. AVX2 or AVX512, and their last bits differ).
+Two kinds of archive. The default (FLAG_PORTABLE, format 3) runs the model in integers
+(charlm.fixed): any machine with the same checkpoint decodes it, whatever its CPU, instruction set,
+thread count or torch. With `adapt` (FLAG_ADAPT) the float model keeps learning from the text as it
+codes it: every ADAPT_STEPS characters encoder and decoder take the same SGD step on what they have
+just coded, which makes the archive smaller (on held-out Shakespeare a 2.03 bits/char model codes at
+1.85) but binds it to the same charlm and torch on the same kind of CPU (torch picks kernels by
+instruction set, and their last bits differ); the archive records what decided its arithmetic, and a
+decoder elsewhere names the difference instead of calling the file damaged.
 """
 
 from .archive import CompressReport, DecompressReport, compress_bytes, decode_utf8, decompress_bytes

@@ -10,6 +10,7 @@ failed checksum is reported as either corruption or a platform whose arithmetic 
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .. import fixed
 from ..errors import ArchiveError, ConfigError
 from ..streams import IGNORE, Cuts
 from ..units import bits_per_char
@@ -36,10 +38,12 @@ from .container import (
     ARCHIVE_CUTS,
     FLAG_ADAPT,
     FLAG_CRLF,
+    FLAG_PORTABLE,
     ArchiveHeader,
     check_model,
     check_payload,
     pack_header,
+    payload_crc32,
     payloads,
     read_archive_header,
 )
@@ -138,14 +142,27 @@ class DecompressReport:
         return dict(asdict(self), chars_per_sec=self.chars_per_sec)
 
 
-def platform_info(model_name: str) -> dict[str, str]:
+# What decides a machine-bound archive's arithmetic, in the order a mismatch is named: the kernels
+# torch dispatches (its CPU capability, which ATEN_CPU_CAPABILITY caps), the BLAS and what caps its
+# instruction set, oneDNN's cap (the coder turns oneDNN off, but a torch may not honour that
+# everywhere), torch itself, the CPU. Thread counts are in the header and repeated by the decoder.
+ARITHMETIC_KEYS = ("isa", "blas_cap", "onednn_cap", "torch", "machine", "cpu")
+
+
+def platform_info(model_name: str, *, portable: bool = False) -> dict[str, str]:
     """What the archive records of where it was made: a decoder elsewhere names the difference."""
+    from ..device import cpu_name
+
     return {
         "model": model_name,
         "charlm": __version__,
+        "arithmetic": f"integer-{fixed.FORMAT}" if portable else "float",
         "torch": torch.__version__,
         "machine": platform.machine(),
         "isa": torch.backends.cpu.get_cpu_capability(),
+        "blas_cap": os.environ.get("MKL_ENABLE_INSTRUCTIONS", "") or os.environ.get("OPENBLAS_CORETYPE", "") or "none",
+        "onednn_cap": os.environ.get("ONEDNN_MAX_CPU_ISA", "") or os.environ.get("DNNL_MAX_CPU_ISA", "") or "none",
+        "cpu": cpu_name(),
     }
 
 
@@ -173,13 +190,15 @@ def compress_bytes(
     *,
     model_sha256: str,
     threads: int = 1,
-    adapt: bool = True,
+    adapt: bool = False,
     cuts: Cuts = ARCHIVE_CUTS,
     progress: OnProgress | None = None,
     what: str = "the input",
 ) -> tuple[bytes, CompressReport]:
     """A .clm archive of UTF-8 `data`, and what it achieved. The model runs step by step over all
-    segments at once (never the fast whole-sequence pass) so that decompression can repeat it exactly.
+    segments at once (never the fast whole-sequence pass) so that decompression can repeat it exactly:
+    in integers (portable: any machine decodes it), or with `adapt` in floating point while it learns
+    from the text (smaller, but only the same charlm and torch on the same kind of CPU decode it).
     `cuts` other than ARCHIVE_CUTS (at most as many segments) are for tests and experiments: the
     archive records the segment count, so it decodes all the same."""
     require_constriction()
@@ -189,12 +208,14 @@ def compress_bytes(
     prepare(lm.model, lm.vocab)
     original = decode_utf8(data, what)
     text, flags = _fold_newlines(original, lm.vocab)
-    flags |= FLAG_ADAPT if adapt else 0
+    flags |= FLAG_ADAPT if adapt else FLAG_PORTABLE
     codes = text_to_codes(text)
     ids = known_ids(lm.vocab, codes)  # IGNORE: coded through the escape
     segments = cuts.count(len(codes))
     with exact_arithmetic(threads):
-        words, nats, probe = encode_segments(lm.model, lm.vocab, codes, ids, segments, adapt=adapt, progress=progress)
+        words, nats, probe = encode_segments(
+            lm.model, lm.vocab, codes, ids, segments, adapt=adapt, portable=not adapt, progress=progress
+        )
     header = pack_header(
         model_sha256=model_sha256,
         text_sha256=hashlib.sha256(data).digest(),
@@ -203,7 +224,10 @@ def compress_bytes(
         threads=threads,
         flags=flags,
         probe=probe,
-        info=platform_info(lm.path.name if lm.path else "?"),
+        info={
+            **platform_info(lm.path.name if lm.path else "?", portable=not adapt),
+            "payload_crc32": payload_crc32(words),
+        },
         segment_words=[len(w) for w in words],
     )
     archive = header + b"".join(w.tobytes() for w in words)
@@ -235,13 +259,20 @@ def decompress_bytes(
     check_model(header, model_sha256, lm.path, what)
     check_payload(header, len(archive), what)
     prepare(lm.model, lm.vocab)
+    words = payloads(archive, header)
+    if header.payload_crc32 is not None and int(payload_crc32(words), 16) != header.payload_crc32:
+        raise ArchiveError(
+            f"{what} is corrupt: its payload fails its checksum",
+            "the archive was damaged after it was written; use another copy",
+        )
     with exact_arithmetic(header.threads):
         codes, same_arithmetic = decode_segments(
             lm.model,
             lm.vocab,
-            payloads(archive, header),
+            words,
             header.char_count,
             adapt=bool(header.flags & FLAG_ADAPT),
+            portable=header.portable,
             expected_fingerprint=header.fingerprint,
             progress=progress,
         )
@@ -264,16 +295,41 @@ def _verify(codes: np.ndarray, header: ArchiveHeader, what: str, same_arithmetic
 
 
 def _decode_failure(header: ArchiveHeader, what: str, same_arithmetic: bool) -> ArchiveError:
-    if same_arithmetic:
-        return ArchiveError(
+    """Why a payload did not decode to its text, as far as the archive can tell. It is called damaged
+    only when nothing else can explain it: never when its payload checksum held (format 3) or when
+    the machine's arithmetic differs from the one recorded."""
+    intact = header.payload_crc32 is not None  # decompress_bytes has checked it by now
+    here = platform_info(header.model_name, portable=header.portable)
+    made = header.info
+    if header.portable:
+        if not same_arithmetic or made.get("arithmetic") != here["arithmetic"]:
+            return ArchiveError(
+                f"{what} cannot be decoded by this charlm: it was written by charlm {made.get('charlm', '?')} "
+                f"({made.get('arithmetic', '?')} arithmetic), whose integer model differs from this charlm "
+                f"{here['charlm']}'s ({here['arithmetic']})",
+                f"decompress it with charlm {made.get('charlm', '?')}",
+            )
+        return ArchiveError(  # the arithmetic is the same everywhere: what is left is the file
             f"{what} is corrupt: the decoded text does not match its checksum",
-            "the archive was damaged after it was written; use another copy",
+            "use another copy (its payload checksum holds, so its header was altered; if this copy is good, "
+            "please report a charlm bug)",
         )
-    here = platform_info(header.model_name)
-    made = ", ".join(f"{k} {header.info.get(k, '?')}" for k in ("charlm", "torch", "machine", "isa"))
-    now = ", ".join(f"{k} {here[k]}" for k in ("charlm", "torch", "machine", "isa"))
+    differs = [
+        f"{key} {made.get(key, '?')} there, {here[key]} here"
+        for key in ARITHMETIC_KEYS
+        if key in made and made.get(key) != here[key]
+    ]
+    if not intact and not differs:  # format 1-2: no payload checksum to tell damage from arithmetic
+        return ArchiveError(
+            f"{what} does not decode to its checksum: it was damaged, or made on a CPU whose arithmetic "
+            "differs (its format, 2, keeps no payload checksum to tell which)",
+            "decompress it on the machine that made it; if that fails too, it is damaged: use another copy",
+        )
+    mode = "with --adapt" if header.flags & FLAG_ADAPT else "by a charlm before format 3"
+    why = "; ".join(differs) if differs else "the CPU's arithmetic differs in a way the archive does not record"
     return ArchiveError(
-        f"{what} cannot be decoded here: it was compressed on a machine whose arithmetic differs "
-        f"({made}; this one: {now})",
-        "decompress it with the same charlm and torch on the same kind of CPU",
+        f"{what} cannot be decoded here: it was compressed {mode}, whose floating-point arithmetic "
+        f"is bound to the machine that wrote it ({why}; {header.threads} thread{'s' if header.threads != 1 else ''})",
+        "decompress it where it was made, or with the same charlm and torch on the same kind of CPU "
+        "under the same settings; archives made without --adapt decode anywhere",
     )

@@ -28,8 +28,9 @@ import torch
 from ..adapt import Adaptation, AdaptingStreams
 from ..device import cpu_settings
 from ..errors import CharlmError, ConfigError
+from ..fixed import FixedModel, frequencies, to_float
 from ..model import CharRNN
-from ..streams import IGNORE, StepStreams, nll, stream_bounds
+from ..streams import IGNORE, StepStreams, model_inputs, nll, stream_bounds
 from ..vocab import Vocab
 from .container import ESCAPE_WEIGHT, PROBABILITY_BITS, TOTAL, WORD, segment_bits
 
@@ -87,10 +88,10 @@ def known_ids(vocab: Vocab, codes: np.ndarray) -> np.ndarray:
     return ids
 
 
-def fingerprint(logits: torch.Tensor) -> bytes:
+def fingerprint(raw: bytes) -> bytes:
     """8 bytes that change with any bit of the first step's logits: a check of the platform's arithmetic
-    that does not depend on the payload."""
-    return hashlib.sha256(logits[0].contiguous().numpy().tobytes()).digest()[:8]
+    (or, portable, of the integer model) that does not depend on the payload."""
+    return hashlib.sha256(raw).digest()[:8]
 
 
 @contextmanager
@@ -121,27 +122,49 @@ def prepare(model: CharRNN, vocab: Vocab) -> None:
 class CodingSteps:
     """The one computation encoder and decoder share: S segments advance one character per step.
 
-    Same batch shape, same step size, fp32, same threads on both sides, so the same inputs give the
-    same bits. Input after an unknown character, and after a segment has ended, is the start symbol.
-    With `adapt`, the model also learns from the text it codes (adapt.AdaptingStreams, with the
-    archive format's fixed ADAPTATION): both sides know the coded characters by the time they learn.
+    Portable (the default since format 3): the model in integers (fixed.FixedModel), whose every
+    number is the same on any machine and thread count, and integer frequencies from its Q10 logits
+    (fixed.frequencies). Otherwise the float model, machine-bound: same batch shape, same step size,
+    fp32, same threads on both sides, so the same inputs give the same bits on the same kind of CPU;
+    with `adapt`, it also learns from the text it codes (adapt.AdaptingStreams, with the archive
+    format's fixed ADAPTATION): both sides know the coded characters by the time they learn. Input
+    after an unknown character, and after a segment has ended, is the start symbol.
     """
 
-    def __init__(self, model: CharRNN, vocab: Vocab, segments: int, *, adapt: bool = False) -> None:
-        self.streams: StepStreams | AdaptingStreams = (
-            AdaptingStreams(model, segments, start_id=vocab.start_id, adaptation=ADAPTATION)
-            if adapt
-            else StepStreams(model, segments, start_id=vocab.start_id)
-        )
+    def __init__(
+        self, model: CharRNN, vocab: Vocab, segments: int, *, adapt: bool = False, portable: bool = False
+    ) -> None:
+        self.fixed = FixedModel.from_model(model) if portable else None
+        self.free = TOTAL - (len(vocab) + 1) - ESCAPE_WEIGHT
+        self.start_id = vocab.start_id
+        if self.fixed is not None:
+            self.state = self.fixed.initial_state(segments)
+            self.inputs = np.full(segments, vocab.start_id, dtype=np.int64)
+        else:
+            self.streams: StepStreams | AdaptingStreams = (
+                AdaptingStreams(model, segments, start_id=vocab.start_id, adaptation=ADAPTATION)
+                if adapt
+                else StepStreams(model, segments, start_id=vocab.start_id)
+            )
 
-    def step(self) -> tuple[np.ndarray, torch.Tensor]:
-        """(integer weights [S, V + 1], fp32 logits [S, V]) for the next character of every segment."""
+    def step(self) -> tuple[np.ndarray, torch.Tensor, bytes]:
+        """(integer weights [S, V + 1], fp32 logits [S, V], the bytes a fingerprint is taken of) for the
+        next character of every segment."""
+        if self.fixed is not None:
+            q = self.fixed.step(self.inputs, self.state)
+            weights = np.empty((q.shape[0], q.shape[1] + 1), dtype=np.float64)
+            weights[:, :-1] = frequencies(q, self.free)
+            weights[:, -1] = ESCAPE_WEIGHT
+            return weights, torch.from_numpy(to_float(q)), q[:1].astype("<i8").tobytes()
         logits = self.streams.step()
-        return quantize(torch.softmax(logits, dim=-1).numpy()), logits
+        return quantize(torch.softmax(logits, dim=-1).numpy()), logits, logits[0].contiguous().numpy().tobytes()
 
     def feed(self, ids: np.ndarray) -> None:
         """The characters just coded, [S] (IGNORE: unknown, or the segment has ended), become the next inputs."""
-        self.streams.feed(ids)
+        if self.fixed is not None:
+            self.inputs = model_inputs(ids, self.start_id)
+        else:
+            self.streams.feed(ids)
 
 
 def _model_nats(logits: torch.Tensor, target: np.ndarray) -> float:
@@ -173,6 +196,7 @@ def encode_segments(
     segments: int,
     *,
     adapt: bool,
+    portable: bool,
     progress: OnProgress | None = None,
 ) -> tuple[list[np.ndarray], float, bytes]:
     """(each segment's 32-bit words, summed model nats over known characters, fingerprint) for the
@@ -185,7 +209,7 @@ def encode_segments(
     n, escape = len(codes), len(vocab)
     lo, hi = stream_bounds(n, segments)
     encoders = [constriction.stream.queue.RangeEncoder() for _ in range(segments)]
-    stepper = CodingSteps(model, vocab, segments, adapt=adapt)
+    stepper = CodingSteps(model, vocab, segments, adapt=adapt, portable=portable)
     steps = int((hi - lo).max()) if segments else 0
     nats, probe = 0.0, bytes(8)
     for block in range(0, steps, ENCODE_BLOCK):
@@ -195,8 +219,8 @@ def encode_segments(
         target = np.where(active, ids[np.minimum(pos, n - 1)], IGNORE)  # [K, S]; IGNORE unknown or past the end
         weights = np.empty((width, segments, escape + 1), dtype=np.float64)
         for k in range(width):
-            weights[k], logits = stepper.step()
-            probe = fingerprint(logits) if block + k == 0 else probe
+            weights[k], logits, raw = stepper.step()
+            probe = fingerprint(raw) if block + k == 0 else probe
             nats += _model_nats(logits, target[k])
             stepper.feed(target[k])
         symbols = np.where(target != IGNORE, target, escape).astype(np.int32)
@@ -239,6 +263,7 @@ def decode_segments(
     char_count: int,
     *,
     adapt: bool,
+    portable: bool,
     expected_fingerprint: bytes,
     progress: OnProgress | None = None,
 ) -> tuple[np.ndarray | None, bool]:
@@ -259,14 +284,14 @@ def decode_segments(
     budget = [segment_bits(len(words)) for words in payloads]
     spent = [0.0] * segments  # sum of -log2 p over each segment's decoded symbols
     blocks: list[np.ndarray] = []  # [ENCODE_BLOCK, S] code points: memory follows the decoding, not the header
-    stepper = CodingSteps(model, vocab, segments, adapt=adapt)
+    stepper = CodingSteps(model, vocab, segments, adapt=adapt, portable=portable)
     steps = int((hi - lo).max()) if segments else 0
     same_arithmetic = True
     for k in range(steps):
         if k % ENCODE_BLOCK == 0:
             blocks.append(np.zeros((ENCODE_BLOCK, segments), dtype=np.uint32))
-        weights, logits = stepper.step()
-        same_arithmetic = fingerprint(logits) == expected_fingerprint if k == 0 else same_arithmetic
+        weights, _, raw = stepper.step()
+        same_arithmetic = fingerprint(raw) == expected_fingerprint if k == 0 else same_arithmetic
         coded = np.full(segments, IGNORE, dtype=np.int64)
         for row in np.flatnonzero(lo + k < hi):
             try:

@@ -1,9 +1,14 @@
 """The .clm container: the bytes around the coded segments, and every number fixed by FORMAT_VERSION.
 
-Layout, little-endian: magic, format version u16 (2; version 1 had no FLAG_ADAPT), model sha256, text
+Layout, little-endian: magic, format version u16 (3; version 1 had no FLAG_ADAPT, version 2 no
+FLAG_PORTABLE and no payload checksum), model sha256, text
 sha256, byte length u64, char count u64, segment count u32, threads u8, flags u8, fingerprint (8
-bytes), info JSON (u16 length: model file name, charlm, torch, machine, instruction set), one u32 per
-segment (its length in 32-bit words), crc32 of all the above; then each segment's words in order.
+bytes), info JSON (u16 length: model file name, charlm, torch, machine, instruction set, and from
+version 3 the arithmetic, CPU, oneDNN and the payload's crc32), one u32 per segment (its length in
+32-bit words), crc32 of all the above; then each segment's words in order.
+
+The payload's crc32 tells damage from arithmetic: a payload that matches it was not damaged, so a
+decoded text that fails the text checksum means the decoder's arithmetic differs from the encoder's.
 
 An old archive decodes only if the text is cut, and the probabilities are quantised, exactly as when
 it was written, so those parameters live here beside the version that records them (ARCHIVE_CUTS,
@@ -30,7 +35,7 @@ from ..errors import ArchiveError
 from ..streams import Cuts
 
 MAGIC = b"\x89CLM\r\n\x1a\n"  # PNG-style: a text-mode transfer or a 7-bit channel breaks it visibly
-FORMAT_VERSION = 2  # 2: the adapting model (FLAG_ADAPT)
+FORMAT_VERSION = 3  # 2: the adapting model (FLAG_ADAPT); 3: the portable integer model (FLAG_PORTABLE)
 ARCHIVE_CUTS = Cuts(max_streams=64, min_chars=4096)  # segments: the streams `charlm perplexity` scores, fixed here
 PROBABILITY_BITS = 24  # constriction's default coders: 32-bit words, probabilities in units of 2^-24
 TOTAL = 1 << PROBABILITY_BITS
@@ -38,6 +43,7 @@ ESCAPE_WEIGHT = 1 << 8  # 2^-16 of the mass: 16 bits per unknown character, 2e-5
 MIN_BITS_PER_CHAR = -math.log2(1 - (ESCAPE_WEIGHT + 1) / TOTAL)  # 2.2e-5: the most predictable character's cost
 FLAG_CRLF = 1
 FLAG_ADAPT = 2
+FLAG_PORTABLE = 4  # the model ran in integers (charlm.fixed): decodes on any machine
 
 HEAD = struct.Struct("<8sH")  # magic, format version
 BODY = struct.Struct("<32s32sQQIBB8sH")  # model sha, text sha, bytes, chars, segments, threads, flags, probe, info
@@ -67,6 +73,19 @@ class ArchiveHeader:
     @property
     def payload_bytes(self) -> int:
         return 4 * sum(self.segment_words)
+
+    @property
+    def portable(self) -> bool:
+        return bool(self.flags & FLAG_PORTABLE)
+
+    @property
+    def payload_crc32(self) -> int | None:
+        """The payload's crc32 (format 3 on), None before."""
+        raw = self.info.get("payload_crc32")
+        try:
+            return int(raw, 16) if raw is not None else None
+        except ValueError:
+            return None
 
 
 def segment_bits(words: int) -> int:
@@ -150,7 +169,9 @@ def read_archive_header(archive: bytes, what: str = "the archive") -> ArchiveHea
         and chars * MIN_BITS_PER_CHAR <= sum(segment_bits(w) for w in words)
     )
     strings = isinstance(info, dict) and all(isinstance(value, str) for value in info.values())
-    known_flags = FLAG_CRLF | (FLAG_ADAPT if version >= 2 else 0)
+    known_flags = FLAG_CRLF | (FLAG_ADAPT if version >= 2 else 0) | (FLAG_PORTABLE if version >= 3 else 0)
+    if flags & FLAG_ADAPT and flags & FLAG_PORTABLE:
+        plausible = False
     if not strings or not plausible or flags & ~known_flags:
         raise ArchiveError(f"{what} is corrupt: its header is inconsistent", "use another copy")
     return ArchiveHeader(
@@ -185,6 +206,14 @@ def check_model(header: ArchiveHeader, model_sha256: str, path: Path | None, wha
             f"{header.model_sha256[:16]}...), not {path} (sha256 {model_sha256[:16]}...)",
             f"pass --checkpoint with the {header.model_name} it was compressed with",
         )
+
+
+def payload_crc32(words: list[np.ndarray]) -> str:
+    """The crc32 of the segments' words as they are stored, hex (kept in the info JSON)."""
+    crc = 0
+    for w in words:
+        crc = zlib.crc32(np.ascontiguousarray(w, dtype=WORD).tobytes(), crc)
+    return f"{crc:08x}"
 
 
 def payloads(archive: bytes, header: ArchiveHeader) -> list[np.ndarray]:

@@ -120,7 +120,7 @@ def compress_file(
     *,
     checkpoint: str | os.PathLike[str] | None = None,
     threads: int = 1,
-    adapt: bool = True,
+    adapt: bool = False,
     force: bool = False,
     baselines: bool = False,
     progress: OnProgress | None = None,

@@ -1,0 +1,468 @@
+"""The model in integer arithmetic: the same bits on every machine, and one fused step per character.
+
+Why. Floating-point results depend on the order of additions, so a matrix product gives other last
+bits on AVX2 than on AVX-512 or AMX, with one thread than with two, on ARM and on a GPU. A compressed
+archive must be decoded by the very same arithmetic that wrote it, so its model runs here in integers,
+whose sums are exact in any order.
+
+The format (fixed: `compress`'s portable archives depend on every number here; a change needs a new
+archive format version):
+- weights: int16 holding 11-bit values (|q| <= 1023), one float scale per output row, q = rint(w / s);
+- activations (the hidden state, the LSTM cell): Q12, value x 4096 (|h| <= 1 for tanh and sigmoid
+  cells; ReLU layers clamp at 8);
+- each product row is summed exactly (int32 blocks into int64), rescaled by an integer multiplier
+  rint(s x 2^28) and a rounding shift, plus a Q12 bias;
+- sigmoid and tanh are tables over Q12 inputs in [-8, 8), each entry the correctly rounded value, so
+  no libm is consulted at run time;
+- logits are Q10 (value x 1024); the coder turns them into integer frequencies (`frequencies`) with a
+  table of exp.
+Building the integers from a checkpoint uses only exactly rounded operations on single numbers
+(divide, multiply, rint): IEEE 754 makes them the same everywhere.
+
+Two implementations compute the same integers: a numba kernel (one compiled call per character and
+stream: what a single stream wants) and numpy with torch's float64 matrix products, which are exact
+for these integers (every partial sum is an integer far below 2^53, so the order of additions and the
+thread count cannot matter): what many streams at once want, and the path without numba. Tests hold
+them equal.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from decimal import Decimal, localcontext
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+ACT_BITS = 12  # activations are Q12
+ONE = 1 << ACT_BITS
+HALF = 1 << (ACT_BITS - 1)
+WEIGHT_MAX = 1023  # 11-bit weights in int16
+MUL_BITS = 28  # fraction bits of the rescaling multipliers
+LOGIT_BITS = 10  # logits are Q10
+TABLE_MIN = -(1 << 15)  # sigmoid/tanh tables cover Q12 inputs [-8, 8)
+TABLE_SIZE = 1 << 16
+RELU_MAX = (1 << 15) - 1  # a ReLU activation is clamped at 8 (Q12)
+EXP_BITS = 24  # exp table entries are exp(-d / 1024) x 2^24
+EXP_RANGE = 24 << LOGIT_BITS  # logits more than 24 nats below the best get the smallest weight
+FORMAT = 1  # of the integer model; recorded in archives
+
+
+def _rounded_table(fn: Any, exact: Any, xs: np.ndarray, scale: int) -> np.ndarray:
+    """rint(fn(x) * scale) for every x, correctly rounded: float64 gives it except within 1e-6 of a
+    half, where `exact` (decimal arithmetic, the same on every machine) decides."""
+    v = fn(xs.astype(np.float64)) * scale
+    out = np.rint(v).astype(np.int64)
+    near = np.flatnonzero(np.abs(v - np.floor(v) - 0.5) < 1e-6)
+    for i in near:
+        with localcontext() as ctx:
+            ctx.prec = 40
+            out[i] = int((exact(Decimal(int(xs[i]))) * scale).to_integral_value())
+    return out
+
+
+@functools.cache
+def tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sigmoid, tanh, exp) tables, int64. Index u of the first two is a Q12 input TABLE_MIN + u."""
+    u = np.arange(TABLE_MIN, TABLE_MIN + TABLE_SIZE, dtype=np.int64)
+    sig = _rounded_table(lambda x: 1 / (1 + np.exp(-x / ONE)), lambda d: 1 / (1 + (-d / ONE).exp()), u, ONE)
+    tanh = _rounded_table(lambda x: np.tanh(x / ONE), lambda d: _dtanh(d / ONE), u, ONE)
+    d = np.arange(EXP_RANGE + 1, dtype=np.int64)
+    exp = _rounded_table(
+        lambda x: np.exp(-x / (1 << LOGIT_BITS)), lambda x: (-x / (1 << LOGIT_BITS)).exp(), d, 1 << EXP_BITS
+    )
+    exp = np.maximum(exp, 1)  # every character keeps a weight: a coder cannot code probability 0
+    for t in (sig, tanh, exp):
+        t.setflags(write=False)
+    return sig, tanh, exp
+
+
+def _dtanh(x: Decimal) -> Decimal:
+    e = (2 * x).exp()
+    return (e - 1) / (e + 1)
+
+
+def _quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(int16 q [N, K], float64 scale [N]) with w ~ q * scale per row; all-zero rows get scale 1."""
+    w = np.asarray(w, dtype=np.float64)
+    top = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0])
+    scale = np.where(top > 0, top / WEIGHT_MAX, 1.0)
+    q = np.clip(np.rint(w / scale[:, None]), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int16)
+    return q, scale
+
+
+def _multiplier(scale: np.ndarray, out_bits: int) -> np.ndarray:
+    """rint(scale x 2^(MUL_BITS + out_bits - ACT_BITS)): an accumulator of Q12 inputs times this,
+    shifted right by MUL_BITS, is the output in Q(out_bits)."""
+    return np.rint(scale * float(2 ** (MUL_BITS + out_bits - ACT_BITS))).astype(np.int64)
+
+
+def _q(x: np.ndarray, bits: int) -> np.ndarray:
+    return np.rint(np.asarray(x, dtype=np.float64) * float(1 << bits)).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class FixedModel:
+    """A CharRNN as integers (see the module docstring). Layer 0's input part is a table (one row of
+    Q12 pre-activations per character: embedding, input weights and biases folded, exactly)."""
+
+    cell: str  # lstm, gru, rnn, rnn-relu
+    layers: int
+    hidden: int
+    vocab: int
+    table0: np.ndarray  # [V, G*H] int64: layer 0's input pre-activations (+ biases but GRU's b_hh)
+    w_ih: np.ndarray  # [L-1, G*H, H] int16: input weights of layers 1..
+    m_ih: np.ndarray  # [L-1, G*H] int64 multipliers
+    b_ih: np.ndarray  # [L-1, G*H] int64 Q12 (+ b_hh but for GRU)
+    w_hh: np.ndarray  # [L, G*H, H] int16
+    m_hh: np.ndarray  # [L, G*H] int64
+    b_hh: np.ndarray  # [L, G*H] int64 Q12 (GRU's b_hh; zero otherwise)
+    w_out: np.ndarray  # [V, H] int16
+    m_out: np.ndarray  # [V] int64
+    b_out: np.ndarray  # [V] int64 Q10
+
+    @classmethod
+    def from_model(cls, model: Any) -> FixedModel:
+        """The integers of a CharRNN (any device, any dtype: read as float32, as checkpoints store)."""
+        cfg = model.config
+        rnn = model.rnn
+        g, h = cfg.gates(), cfg.hidden_size
+
+        def get(name: str) -> np.ndarray:
+            return getattr(rnn, name).detach().float().cpu().numpy().astype(np.float64)
+
+        gru = cfg.cell == "gru"
+        w_ih, m_ih, b_ih, w_hh, m_hh, b_hh = [], [], [], [], [], []
+        table0 = np.zeros((cfg.vocab_size, g * h), dtype=np.int64)
+        for i in range(cfg.num_layers):
+            bi, bh = _q(get(f"bias_ih_l{i}"), ACT_BITS), _q(get(f"bias_hh_l{i}"), ACT_BITS)
+            if not gru:
+                bi, bh = bi + bh, np.zeros_like(bh)
+            wi, si = _quantize_rows(get(f"weight_ih_l{i}"))
+            if i == 0:
+                emb = model.embed.weight.detach().float().cpu().numpy().astype(np.float64)
+                qe, se = _quantize_rows(emb)
+                acc = qe.astype(np.float64) @ wi.astype(np.float64).T  # [V, G*H] exact integers
+                table0 = np.rint(((acc * si[None, :]) * se[:, None]) * float(ONE)).astype(np.int64) + bi
+            else:
+                w_ih.append(wi)
+                m_ih.append(_multiplier(si, ACT_BITS))
+                b_ih.append(bi)
+            wh, sh = _quantize_rows(get(f"weight_hh_l{i}"))
+            w_hh.append(wh)
+            m_hh.append(_multiplier(sh, ACT_BITS))
+            b_hh.append(bh)
+        wo, so = _quantize_rows(model.head.weight.detach().float().cpu().numpy())
+        bo = _q(model.head.bias.detach().float().cpu().numpy(), LOGIT_BITS)
+
+        def stack(xs: list[np.ndarray], shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+            return np.stack(xs).astype(dtype) if xs else np.zeros(shape, dtype=dtype)
+
+        fixed = cls(
+            cell=cfg.cell,
+            layers=cfg.num_layers,
+            hidden=h,
+            vocab=cfg.vocab_size,
+            table0=np.ascontiguousarray(table0),
+            w_ih=stack(w_ih, (0, g * h, h), np.int16),
+            m_ih=stack(m_ih, (0, g * h), np.int64),
+            b_ih=stack(b_ih, (0, g * h), np.int64),
+            w_hh=stack(w_hh, (0, g * h, h), np.int16),
+            m_hh=stack(m_hh, (0, g * h), np.int64),
+            b_hh=stack(b_hh, (0, g * h), np.int64),
+            w_out=wo,
+            m_out=_multiplier(so, LOGIT_BITS),
+            b_out=bo,
+        )
+        fixed.check()
+        return fixed
+
+    def check(self) -> None:
+        """Refuses a model whose row sums could leave int32 (the kernel's accumulator) or whose
+        rescaling could leave int64. Rows of 512 bounded inputs always fit; wider layers and ReLU
+        layers fit unless their weights are unusually large."""
+        amax = RELU_MAX if self.cell == "rnn-relu" else ONE
+        for w, m in ((self.w_ih, self.m_ih), (self.w_hh, self.m_hh), (self.w_out[None], self.m_out[None])):
+            if not w.size:
+                continue
+            worst = int(np.abs(w.astype(np.int64)).sum(axis=-1).max()) * amax
+            if worst >= 1 << 31 or worst * max(1, int(np.abs(m).max())) >= 1 << 62:
+                raise ConfigError(
+                    "this model's weights are too large for the portable integer arithmetic",
+                    "compress it with --machine-bound",
+                )
+
+    @property
+    def state_layers(self) -> int:
+        return 2 if self.cell == "lstm" else 1
+
+    def initial_state(self, streams: int) -> np.ndarray:
+        """[state_layers (h, and c for LSTM), L, S, H] int64 zeros."""
+        return np.zeros((self.state_layers, self.layers, streams, self.hidden), dtype=np.int64)
+
+    def digest(self) -> bytes:
+        """8 bytes that change with any integer of the model: encoder and decoder check they hold the
+        same integers before anything else (a different charlm quantising differently, say)."""
+        h = hashlib.sha256(f"{FORMAT} {self.cell} {self.layers} {self.hidden} {self.vocab}".encode())
+        for a in (
+            self.table0,
+            self.w_ih,
+            self.m_ih,
+            self.b_ih,
+            self.w_hh,
+            self.m_hh,
+            self.b_hh,
+            self.w_out,
+            self.m_out,
+            self.b_out,
+        ):
+            h.update(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes())
+        return h.digest()[:8]
+
+    def step(self, ids: np.ndarray, state: np.ndarray, threads: int = 1) -> np.ndarray:
+        """ids [S] (what each stream reads), state (updated in place) -> Q10 logits [S, V] int64.
+
+        With `threads` > 1 and several streams, the streams are split between that many threads (the
+        kernel releases the GIL); every stream's integers are the same either way."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        out = np.empty((len(ids), self.vocab), dtype=np.int64)
+        compiled = _kernel()
+        if compiled is None or len(ids) >= BLAS_STREAMS:
+            _numpy_step(self, ids, state, out, None if compiled is None else compiled.rows)
+            return out
+        kernel = compiled.step
+        args = (*self.arrays(), *tables()[:2])
+        kind = _CELLS[self.cell]
+        parts = min(threads, len(ids) // MIN_STREAMS_PER_THREAD)
+        if parts <= 1:
+            kernel(kind, ids, state, *args, out)
+            return out
+        cuts = [len(ids) * i // parts for i in range(parts + 1)]
+        list(
+            _pool(parts).map(
+                lambda ab: kernel(kind, ids[ab[0] : ab[1]], state[:, :, ab[0] : ab[1]], *args, out[ab[0] : ab[1]]),
+                zip(cuts[:-1], cuts[1:], strict=True),
+            )
+        )
+        return out
+
+    @functools.cached_property
+    def float64(self) -> dict[str, list[torch.Tensor]]:
+        """The weights transposed as float64, for the exact matrix products (made on first use)."""
+
+        def t(w: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(w.T, dtype=np.float64))
+
+        return {"ih": [t(w) for w in self.w_ih], "hh": [t(w) for w in self.w_hh], "out": [t(self.w_out)]}
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return (
+            self.table0,
+            self.w_ih,
+            self.m_ih,
+            self.b_ih,
+            self.w_hh,
+            self.m_hh,
+            self.b_hh,
+            self.w_out,
+            self.m_out,
+            self.b_out,
+        )
+
+
+_CELLS = {"gru": 0, "lstm": 1, "rnn": 2, "rnn-relu": 3}
+MIN_STREAMS_PER_THREAD = 4  # fewer: handing work to another thread costs more than it saves
+# From this many streams the products run as float64 matrix products in torch's BLAS (exact for these
+# integers, and reading each weight once for all streams) rather than one compiled pass per stream:
+# measured on a 2-core Xeon, 64 streams 2.4 ms a step against 6 ms (bench/compress.py).
+BLAS_STREAMS = 12
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="charlm-fixed")
+
+
+# ---- the pointwise maths, written once: numpy runs it as is, numba compiles it into the kernel ----
+
+
+def _rescale(acc: Any, m: Any, b: Any) -> Any:
+    return ((acc * m + (1 << (MUL_BITS - 1))) >> MUL_BITS) + b
+
+
+def _lookup(table: Any, x: Any) -> Any:
+    return table[np.minimum(np.maximum(x, TABLE_MIN), TABLE_MIN + TABLE_SIZE - 1) - TABLE_MIN]
+
+
+def _mul(a: Any, b: Any) -> Any:
+    """Q12 x Q12 -> Q12, rounding half up."""
+    return (a * b + HALF) >> ACT_BITS
+
+
+def _cell(kind: int, gi: Any, gh: Any, h: Any, c: Any, sig: Any, tanh: Any, n: int) -> tuple[Any, Any]:
+    """One cell update from input and recurrent pre-activations (Q12); returns (h, c)."""
+    if kind == 0:  # GRU, gates r, z, n; gh holds b_hh: n's part is gated by r
+        r = _lookup(sig, gi[:n] + gh[:n])
+        z = _lookup(sig, gi[n : 2 * n] + gh[n : 2 * n])
+        new = _lookup(tanh, gi[2 * n :] + _mul(r, gh[2 * n :]))
+        return new + _mul(z, h - new), c
+    pre = gi + gh
+    if kind == 1:  # LSTM, gates i, f, g, o
+        i = _lookup(sig, pre[:n])
+        f = _lookup(sig, pre[n : 2 * n])
+        g = _lookup(tanh, pre[2 * n : 3 * n])
+        o = _lookup(sig, pre[3 * n :])
+        c = np.minimum(np.maximum(_mul(f, c) + _mul(i, g), -(1 << 30)), 1 << 30)
+        return _mul(o, _lookup(tanh, c)), c
+    if kind == 2:
+        return _lookup(tanh, pre), c
+    return np.minimum(np.maximum(pre, 0), RELU_MAX), c
+
+
+def _numpy_step(m: FixedModel, ids: np.ndarray, state: np.ndarray, out: np.ndarray, rows: Any = None) -> None:
+    """The kernel's integers through BLAS products (float64, exact for these integers); the cell's
+    pointwise maths compiled (`rows`: the kernel's own cell, stream by stream) or in numpy."""
+    sig, tanh, _ = tables()
+    kind, n = _CELLS[m.cell], m.hidden
+    x = None
+    for layer in range(m.layers):
+        h = state[0, layer]
+        if layer == 0:
+            gi = m.table0[ids]
+        else:
+            gi = _rescale(_exact_matmul(x, m.float64["ih"][layer - 1]), m.m_ih[layer - 1], m.b_ih[layer - 1])
+        gh = _rescale(_exact_matmul(h, m.float64["hh"][layer]), m.m_hh[layer], m.b_hh[layer])
+        if rows is not None:
+            rows(kind, np.ascontiguousarray(gi), gh, state, layer, sig, tanh)
+        else:  # gates along the first axis, streams along the second: _cell slices gates as the kernel does
+            new_h, new_c = _cell(kind, gi.T, gh.T, h.T, state[1, layer].T if kind == 1 else h.T, sig, tanh, n)
+            state[0, layer] = new_h.T
+            if kind == 1:
+                state[1, layer] = new_c.T
+        x = state[0, layer]
+    out[:] = _rescale(_exact_matmul(x, m.float64["out"][0]), m.m_out, m.b_out)
+
+
+def _exact_matmul(x: np.ndarray, w_t: torch.Tensor) -> np.ndarray:
+    """x [S, K] @ w_t [K, N] (float64 copies of the integer weights) as int64; exact (every partial sum
+    is an integer below 2^53) whatever order and threads BLAS adds in."""
+    return (torch.from_numpy(x.astype(np.float64)) @ w_t).numpy().astype(np.int64)
+
+
+# ---- the numba kernel ----
+
+
+def kernel_available() -> bool:
+    """Whether the compiled step is here (numba installed and not switched off)."""
+    return _kernel() is not None
+
+
+@functools.cache
+def _kernel() -> Any:
+    """The compiled step, or None without numba (or with CHARLM_NO_NUMBA=1, for tests)."""
+    import os
+
+    if os.environ.get("CHARLM_NO_NUMBA"):
+        return None
+    try:
+        import numba
+    except ImportError:
+        return None
+    jit = functools.partial(numba.njit, cache=True, nogil=True, boundscheck=False)
+    rescale, lookup, mul = jit(_rescale), jit(_lookup), jit(_mul)
+    g = dict(_rescale=rescale, _lookup=lookup, _mul=mul)
+    cell = jit(_rebind(_cell, g))
+    matvec = jit(_matvec)
+
+    def step(kind, ids, state, table0, w_ih, m_ih, b_ih, w_hh, m_hh, b_hh, w_out, m_out, b_out, sig, tanh, out):  # noqa: ANN001, ANN202
+        layers, streams, n = state.shape[1], state.shape[2], state.shape[3]
+        acc_i = np.empty(w_hh.shape[1], dtype=np.int64)
+        acc_h = np.empty(w_hh.shape[1], dtype=np.int64)
+        acc_o = np.empty(w_out.shape[0], dtype=np.int64)
+        for s in range(streams):
+            for layer in range(layers):
+                h = state[0, layer, s]
+                if layer == 0:
+                    gi = table0[ids[s]]
+                else:
+                    matvec(w_ih[layer - 1], state[0, layer - 1, s], acc_i)
+                    gi = rescale(acc_i, m_ih[layer - 1], b_ih[layer - 1])
+                matvec(w_hh[layer], h, acc_h)
+                gh = rescale(acc_h, m_hh[layer], b_hh[layer])
+                c = state[1, layer, s] if kind == 1 else h
+                new_h, new_c = cell(kind, gi, gh, h, c, sig, tanh, n)
+                state[0, layer, s, :] = new_h
+                if kind == 1:
+                    state[1, layer, s, :] = new_c
+            matvec(w_out, state[0, layers - 1, s], acc_o)
+            out[s, :] = rescale(acc_o, m_out, b_out)
+
+    def rows(kind, gi, gh, state, layer, sig, tanh):  # noqa: ANN001, ANN202
+        n = state.shape[3]
+        for s in range(state.shape[2]):
+            h = state[0, layer, s]
+            c = state[1, layer, s] if kind == 1 else h
+            new_h, new_c = cell(kind, gi[s], gh[s], h, c, sig, tanh, n)
+            state[0, layer, s, :] = new_h
+            if kind == 1:
+                state[1, layer, s, :] = new_c
+
+    return Compiled(
+        step=jit(_rebind(step, dict(rescale=rescale, matvec=matvec, cell=cell, np=np))),
+        rows=jit(_rebind(rows, dict(cell=cell))),
+    )
+
+
+@dataclass(frozen=True)
+class Compiled:
+    step: Any  # the whole step of each stream
+    rows: Any  # the cell's pointwise maths over the streams of one layer (beside BLAS products)
+
+
+def _rebind(fn: Any, names: dict[str, Any]) -> Any:
+    """fn with some global names bound to compiled versions (numba resolves globals at compile time)."""
+    import types
+
+    g = dict(fn.__globals__)
+    g.update(names)
+    return types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+
+
+def _matvec(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out[j] = sum_k w[j, k] x[k], exactly: int16 x int16 products summed in int32 (FixedModel.check
+    proves no row's sum can leave int32), the pattern compilers turn into multiply-add-pairs."""
+    rows, k_all = w.shape
+    x16 = x.astype(np.int16)
+    for j in range(rows):
+        r = w[j]
+        a = np.int32(0)
+        for k in range(k_all):
+            a = np.int32(a + np.int32(r[k]) * np.int32(x16[k]))
+        out[j] = a
+
+
+# ---- probabilities for the coder ----
+
+
+def frequencies(logits: np.ndarray, free: int) -> np.ndarray:
+    """Q10 logits [S, V] -> integer weights [S, V] int64 summing to exactly `free` per row, each from
+    the exp table: w_i proportional to exp(l_i - max), floor-divided, the remainder to the first most
+    likely character. Integers only: the same on every machine."""
+    _, _, exp = tables()
+    d = np.minimum(logits.max(axis=1, keepdims=True) - logits, EXP_RANGE)
+    e = exp[d]  # [S, V] each in [1, 2^24]
+    total = e.sum(axis=1, keepdims=True)
+    w = (e * free) // total  # e * free < 2^48
+    w[np.arange(len(w)), logits.argmax(axis=1)] += free - w.sum(axis=1)
+    return w
+
+
+def to_float(logits: np.ndarray) -> np.ndarray:
+    """Q10 logits as float32 (for sampling and the reports' cross-entropy)."""
+    return (logits * (1.0 / (1 << LOGIT_BITS))).astype(np.float32)

@@ -1,0 +1,191 @@
+"""The integer model (charlm.fixed) and the archives it makes portable: the same integers from the
+compiled kernel and from numpy, any thread count, any instruction set; close to the float model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from decimal import Decimal, localcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_text
+
+from charlm import fixed
+from charlm.config import ModelConfig
+from charlm.errors import ArchiveError
+from charlm.model import CharRNN
+
+pytest.importorskip("constriction", reason="needs the compress extra: pip install 'charlm[compress]'")
+
+
+def random_model(cell: str, layers: int = 2, hidden: int = 24, vocab: int = 19, seed: int = 0) -> CharRNN:
+    torch.manual_seed(seed)
+    net = CharRNN(ModelConfig(vocab_size=vocab, cell=cell, hidden_size=hidden, num_layers=layers, embed_size=8))
+    with torch.no_grad():  # biases and a wider spread than the initialisation, so every table region is used
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+            if cell == "rnn-relu":  # a ReLU network that stays below the clamp at 8, as trained ones do
+                p.mul_(0.5)
+    return net.eval()
+
+
+def run(model: fixed.FixedModel, ids: np.ndarray, steps: int, threads: int = 1) -> tuple[list[np.ndarray], np.ndarray]:
+    state = model.initial_state(ids.shape[1])
+    outs = [model.step(ids[t], state, threads) for t in range(steps)]
+    return outs, state
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn", "rnn-relu"])
+def test_the_kernel_and_numpy_give_the_same_integers(cell: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("numba")
+    m = fixed.FixedModel.from_model(random_model(cell, layers=3 if cell == "gru" else 2))
+    ids = np.random.default_rng(1).integers(0, m.vocab, size=(12, 9))
+    compiled, state_c = run(m, ids, 12)
+    threaded, state_t = run(m, ids, 12, threads=3)
+    fixed._kernel.cache_clear()
+    monkeypatch.setenv("CHARLM_NO_NUMBA", "1")
+    try:
+        plain, state_p = run(m, ids, 12)
+    finally:
+        fixed._kernel.cache_clear()
+    for a, b, c in zip(compiled, plain, threaded, strict=True):
+        assert np.array_equal(a, b) and np.array_equal(a, c)
+    assert np.array_equal(state_c, state_p) and np.array_equal(state_c, state_t)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn", "rnn-relu"])
+def test_integer_logits_follow_the_float_model(cell: str) -> None:
+    net = random_model(cell)
+    m = fixed.FixedModel.from_model(net)
+    ids = np.random.default_rng(2).integers(0, m.vocab, size=(30, 4))
+    outs, _ = run(m, ids, 30)
+    with torch.inference_mode():
+        logits, _ = net(torch.from_numpy(ids.T.copy()))  # [S, T, V]
+    diff = np.abs(np.stack([fixed.to_float(o) for o in outs], 1) - logits.numpy())
+    assert diff.max() < 0.05, diff.max()  # 11-bit weights, Q12 activations: errors of a few thousandths
+
+
+def test_tables_are_correctly_rounded() -> None:
+    sig, tanh, exp = fixed.tables()
+    u = np.arange(1, 1 << 15)
+    assert np.array_equal(sig[(1 << 15) + u] + sig[(1 << 15) - u], np.full(len(u), 4096))  # s(x) + s(-x) = 1
+    assert np.array_equal(tanh[(1 << 15) + u], -tanh[(1 << 15) - u])
+    assert sig[1 << 15] == 2048 and tanh[1 << 15] == 0 and exp[0] == 1 << 24 and exp.min() == 1
+    with localcontext() as ctx:
+        ctx.prec = 40
+        for i in np.random.default_rng(3).integers(0, 1 << 16, 200):
+            x = Decimal(int(i) - (1 << 15)) / 4096
+            assert sig[i] == int((4096 / (1 + (-x).exp())).to_integral_value())
+
+
+def test_frequencies_sum_exactly_and_keep_every_symbol() -> None:
+    logits = np.random.default_rng(4).integers(-40_000, 20_000, size=(16, 70))
+    free = (1 << 24) - 71 - 256
+    w = fixed.frequencies(logits, free)
+    assert (w.sum(axis=1) == free).all() and (w >= 0).all()
+    assert (w.argmax(axis=1) == logits.argmax(axis=1)).all()
+
+
+def test_an_unsafe_model_is_refused_not_miscomputed() -> None:
+    net = random_model("rnn-relu", hidden=600)
+    with torch.no_grad():
+        net.rnn.weight_hh_l1.fill_(1.0)  # every row sums to 600 x 1023 x 8: beyond int32
+    with pytest.raises(Exception, match="too large for the portable integer arithmetic"):
+        fixed.FixedModel.from_model(net)
+
+
+# ------------------------------------------------------------------------------- archives across machines
+
+CAPPED = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "NUMBA_CPU_NAME": "generic"}
+
+CODE = """
+import sys
+from charlm.compress import compress_file, decompress_file
+if sys.argv[1] == "compress":
+    compress_file(sys.argv[2], sys.argv[3], checkpoint=sys.argv[4], threads=int(sys.argv[5]), force=True)
+else:
+    decompress_file(sys.argv[2], sys.argv[3], checkpoint=sys.argv[4], force=True)
+"""
+
+
+def charlm_python(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", CODE, *args], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    "encode_env, encode_threads, decode_env",
+    [
+        (CAPPED, 1, {}),  # AVX2 kernels and one thread -> default kernels, two threads
+        ({}, 2, {**CAPPED, "CHARLM_NO_NUMBA": "1"}),  # and back, decoded by numpy alone
+    ],
+    ids=["avx2-1-thread-to-default", "default-2-threads-to-avx2-numpy"],
+)
+def test_an_archive_decodes_byte_exact_under_other_kernels_and_threads(
+    encode_env: dict[str, str], encode_threads: int, decode_env: dict[str, str], tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text(make_text(20_000, seed=31) + "ünïcödé 😀\n", encoding="utf-8")
+    archive, back = tmp_path / "t.clm", tmp_path / "back.txt"
+    made = charlm_python(["compress", str(text), str(archive), str(tiny_checkpoint), str(encode_threads)], encode_env)
+    assert made.returncode == 0, made.stderr
+    info = read_info(archive)
+    assert info["arithmetic"] == f"integer-{fixed.FORMAT}"
+    if encode_env:
+        assert info["isa"] == "AVX2"
+    done = charlm_python(
+        ["decompress", str(archive), str(back), str(tiny_checkpoint)], {**decode_env, "OMP_NUM_THREADS": "2"}
+    )
+    assert done.returncode == 0, done.stderr
+    assert back.read_bytes() == text.read_bytes()
+
+
+def read_info(archive: Path) -> dict:
+    from charlm.compress import read_archive_header
+
+    return read_archive_header(archive.read_bytes()).info
+
+
+def test_a_machine_bound_archive_names_what_differs(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--adapt archives bind to the arithmetic that wrote them; decoded where it differs, the message
+    names the difference (here a recorded instruction set other than this machine's) and never says
+    damaged: the payload's checksum shows it is intact."""
+    from test_compress import forge
+
+    from charlm.compress import coder, compress_bytes, decompress_bytes, load_model, read_archive_header
+
+    lm, sha = load_model(tiny_checkpoint)
+    archive, _ = compress_bytes(make_text(3000, seed=32).encode(), lm, model_sha256=sha, adapt=True)
+    info = read_archive_header(archive).info
+    other = "AVX2" if info["isa"] != "AVX2" else "AVX512"
+    forged = forge(archive, info=json.dumps({**info, "isa": other}, separators=(",", ":")).encode())
+    assert decompress_bytes(forged, lm, model_sha256=sha)  # the record alone changes nothing here
+    quantize = coder.quantize
+    monkeypatch.setattr(coder, "quantize", lambda probs: np.roll(quantize(probs), 1, axis=1))  # other arithmetic
+    with pytest.raises(ArchiveError) as e:
+        decompress_bytes(forged, lm, model_sha256=sha)
+    message = str(e.value)
+    assert "cannot be decoded here: it was compressed with --adapt" in message, message
+    assert f"isa {other} there, {info['isa']} here" in message and "corrupt" not in message
+
+
+@pytest.mark.parametrize("name", ["v2-static.clm", "v2-adapt.clm"])
+def test_format_2_archives_still_decode(name: str, tmp_path: Path) -> None:
+    """Archives written by charlm before format 3 (float arithmetic, no payload checksum). They are
+    machine-bound: made on an Intel Xeon (AVX512), they decode here or fail with the honest message."""
+    from charlm.compress import decompress_file
+
+    folder = Path(__file__).parent / "data" / "format2"
+    out = tmp_path / "back.txt"
+    try:
+        decompress_file(folder / name, out, checkpoint=folder / "v2model.safetensors")
+    except ArchiveError as e:
+        assert "corrupt" not in str(e) and ("cannot be decoded here" in str(e) or "made on a CPU" in str(e)), e
+        pytest.skip(f"this machine's arithmetic differs from the one that made it: {e}")
+    assert out.read_bytes() == (folder / "v2.txt").read_bytes()
