@@ -229,15 +229,49 @@ def baseline_sample_rate(streams: int, length: int) -> float:
     return streams * length / (time.perf_counter() - start)
 
 
-def charlm_sample_rate(streams: int, length: int, precision: str = "fp32") -> float:
+def charlm_sample_rate(
+    streams: int, length: int, precision: str = "fp32", cell: str = "lstm", hidden: int = H
+) -> float:
     from charlm.vocab import Vocab
 
-    model = CharRNN(ModelConfig(vocab_size=V, cell="lstm", hidden_size=H, num_layers=LAYERS, embed_size=E))
+    model = CharRNN(ModelConfig(vocab_size=V, cell=cell, hidden_size=hidden, num_layers=LAYERS, embed_size=E))
     sampler = Sampler(model, Vocab([chr(32 + i) for i in range(V)]), weight_format=precision)
     start = time.perf_counter()
     for _ in sampler.stream("a", length=length, num_samples=streams, rng_seed=0):
         pass
     return streams * length / (time.perf_counter() - start)
+
+
+# -------------------------------------------------------------------------------------------- coding
+
+
+CODING_CHARS = 100_000  # cut as archives cut it (compress.ARCHIVE_CUTS): 24 segments of ~4,200 characters
+
+
+def coding_rates(mode: str) -> tuple[float, float]:
+    """(encode, decode) chars/s of the default model (GRU 2x256, V=96) over generated text: `portable`
+    (the default archive since format 3), `float` (the float model without learning: the static coder of
+    format 2) or `adapt` (the float model learning as it codes: format 2's default, now --adapt)."""
+    from charlm.compress.coder import decode_segments, encode_segments, exact_arithmetic, known_ids
+    from charlm.compress.container import ARCHIVE_CUTS
+    from charlm.vocab import Vocab, text_to_codes
+
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=V, cell="gru", hidden_size=256, num_layers=LAYERS, embed_size=E)).eval()
+    vocab = Vocab([chr(32 + i) for i in range(V - 1)] + ["\n"])
+    codes = text_to_codes(text(CODING_CHARS, seed=3))
+    ids = known_ids(vocab, codes)
+    segments = ARCHIVE_CUTS.count(len(codes))
+    options = dict(adapt=mode == "adapt", portable=mode == "portable")
+    with exact_arithmetic(1):
+        start = time.perf_counter()
+        words, _, probe = encode_segments(model, vocab, codes, ids, segments, **options)
+        encode = len(codes) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        decoded, _ = decode_segments(model, vocab, words, len(codes), expected_fingerprint=probe, **options)
+        decode = len(codes) / (time.perf_counter() - start)
+    assert decoded is not None and np.array_equal(np.concatenate(list(decoded)), codes)
+    return encode, decode
 
 
 # ---------------------------------------------------------------------------------------- corpus, CLI
@@ -294,7 +328,7 @@ def command_seconds(args: list[str], repeats: int = 5) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats; skip the 1 GB corpus")
-    parser.add_argument("--only", default="", help="comma-separated sections: peak,train,eval,sample,corpus,cli")
+    parser.add_argument("--only", default="", help="comma-separated sections: peak,train,eval,sample,coding,corpus,cli")
     parser.add_argument(
         "--name",
         default=f"{dt.date.today().isoformat()}-{socket.gethostname()}",
@@ -304,7 +338,9 @@ def main() -> None:
     configure_cpu()
     repeats = 2 if args.quick else 3
     steps = 4 if args.quick else 8
-    sections = set(args.only.split(",")) if args.only else {"peak", "train", "eval", "sample", "corpus", "cli"}
+    sections = (
+        set(args.only.split(",")) if args.only else {"peak", "train", "eval", "sample", "coding", "corpus", "cli"}
+    )
     results: dict = {
         "machine": machine(),
         "config": {"vocab": V, "embed": E, "hidden": H, "layers": LAYERS, "batch": B, "seq_len": T},
@@ -377,24 +413,55 @@ def main() -> None:
             )
 
     if "sample" in sections:
+        # "int8" is the per-character step charlm sampled with before the integer model (and still uses
+        # for more than 16 streams), "fixed" the compiled integer step that `auto` now picks on a CPU
         results["sample"] = {}
-        for streams, length in ((1, 600), (64, 120)):
+        for (cell, hidden), streams, length in (
+            (("gru", 256), 1, 1500),
+            (("lstm", H), 1, 600),
+            (("lstm", H), 64, 120),
+        ):
+            model_name = f"{cell.upper()} 2x{hidden}"
             base = median_rate(lambda: baseline_sample_rate(streams, length // 3), repeats)  # noqa: B023
-            for name in ("fp32", "bf16", "int8"):
-                ours = median_rate(lambda: charlm_sample_rate(streams, length, name), repeats)  # noqa: B023
-                results["sample"][f"{streams}-{name}"] = {
+            for name in ("fp32", "bf16", "int8", "fixed"):
+                if name == "fixed" and streams > 16:
+                    continue  # (more streams than FIXED_MAX_STREAMS run the torch step)
+                ours = median_rate(lambda: charlm_sample_rate(streams, length, name, cell, hidden), repeats)  # noqa: B023
+                results["sample"][f"{cell}-{hidden}-{streams}-{name}"] = {
                     "charlm_chars_per_sec": ours,
                     "baseline_chars_per_sec": base,
                     "ratio": ours / base,
                 }
                 rows.append(
                     (
-                        f"sample LSTM 2x512, {streams} stream{'s' if streams > 1 else ''}",
+                        f"sample {model_name}, {streams} stream{'s' if streams > 1 else ''}",
                         name,
                         f"{ours:,.0f} chars/s",
-                        f"{ours / base:.1f}x baseline ({base:,.0f})",
+                        f"{ours / base:.1f}x LSTM 2x512 baseline ({base:,.0f})",
                     )
                 )
+
+    if "coding" in sections:
+        results["coding"] = {}
+        for mode in ("float", "adapt", "portable"):
+            encode, decode = coding_rates(mode)
+            results["coding"][mode] = {"encode_chars_per_sec": encode, "decode_chars_per_sec": decode}
+        before = results["coding"]["float"]
+        for mode, label in (
+            ("float", "float static (format 2)"),
+            ("adapt", "float --adapt (format 2 default)"),
+            ("portable", "portable integer (default)"),
+        ):
+            r = results["coding"][mode]
+            rows.append(
+                (
+                    f"compress GRU 2x256, {CODING_CHARS:,} chars",
+                    label,
+                    f"{r['encode_chars_per_sec']:,.0f} / {r['decode_chars_per_sec']:,.0f} chars/s",
+                    f"encode / decode; {r['encode_chars_per_sec'] / before['encode_chars_per_sec']:.2f}x / "
+                    f"{r['decode_chars_per_sec'] / before['decode_chars_per_sec']:.2f}x float static",
+                )
+            )
 
     if "corpus" in sections:
         results["corpus"] = {}
