@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
@@ -291,20 +292,33 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 
 # ---- the pointwise maths, written once: numpy runs it as is, numba compiles it into the kernel ----
 
+try:  # register_jitable: plain Python when called from Python, compiled inline into the kernel
+    from numba import njit as _njit
+    from numba.extending import register_jitable as _jitable
+except ImportError:  # numpy and torch compute the same integers
+    _njit = None
 
+    def _jitable(fn: Any) -> Any:
+        return fn
+
+
+@_jitable
 def _rescale(acc: Any, m: Any, b: Any) -> Any:
     return ((acc * m + (1 << (MUL_BITS - 1))) >> MUL_BITS) + b
 
 
+@_jitable
 def _lookup(table: Any, x: Any) -> Any:
     return table[np.minimum(np.maximum(x, TABLE_MIN), TABLE_MIN + TABLE_SIZE - 1) - TABLE_MIN]
 
 
+@_jitable
 def _mul(a: Any, b: Any) -> Any:
     """Q12 x Q12 -> Q12, rounding half up."""
     return (a * b + HALF) >> ACT_BITS
 
 
+@_jitable
 def _cell(kind: int, gi: Any, gh: Any, h: Any, c: Any, sig: Any, tanh: Any, n: int) -> tuple[Any, Any]:
     """One cell update from input and recurrent pre-activations (Q12); returns (h, c)."""
     if kind == 0:  # GRU, gates r, z, n; gh holds b_hh: n's part is gated by r
@@ -364,59 +378,13 @@ def kernel_available() -> bool:
 
 
 @functools.cache
-def _kernel() -> Any:
-    """The compiled step, or None without numba (or with CHARLM_NO_NUMBA=1, for tests)."""
-    import os
-
-    if os.environ.get("CHARLM_NO_NUMBA"):
+def _kernel() -> Compiled | None:
+    """The compiled step, or None without numba (or with CHARLM_NO_NUMBA=1, for tests). Compiled once
+    per machine: numba keeps the machine code in its cache (beside this file, or NUMBA_CACHE_DIR)."""
+    if os.environ.get("CHARLM_NO_NUMBA") or _njit is None:
         return None
-    try:
-        import numba
-    except ImportError:
-        return None
-    jit = functools.partial(numba.njit, cache=True, nogil=True, boundscheck=False)
-    rescale, lookup, mul = jit(_rescale), jit(_lookup), jit(_mul)
-    g = dict(_rescale=rescale, _lookup=lookup, _mul=mul)
-    cell = jit(_rebind(_cell, g))
-    matvec = jit(_matvec)
-
-    def step(kind, ids, state, table0, w_ih, m_ih, b_ih, w_hh, m_hh, b_hh, w_out, m_out, b_out, sig, tanh, out):  # noqa: ANN001, ANN202
-        layers, streams, n = state.shape[1], state.shape[2], state.shape[3]
-        acc_i = np.empty(w_hh.shape[1], dtype=np.int64)
-        acc_h = np.empty(w_hh.shape[1], dtype=np.int64)
-        acc_o = np.empty(w_out.shape[0], dtype=np.int64)
-        for s in range(streams):
-            for layer in range(layers):
-                h = state[0, layer, s]
-                if layer == 0:
-                    gi = table0[ids[s]]
-                else:
-                    matvec(w_ih[layer - 1], state[0, layer - 1, s], acc_i)
-                    gi = rescale(acc_i, m_ih[layer - 1], b_ih[layer - 1])
-                matvec(w_hh[layer], h, acc_h)
-                gh = rescale(acc_h, m_hh[layer], b_hh[layer])
-                c = state[1, layer, s] if kind == 1 else h
-                new_h, new_c = cell(kind, gi, gh, h, c, sig, tanh, n)
-                state[0, layer, s, :] = new_h
-                if kind == 1:
-                    state[1, layer, s, :] = new_c
-            matvec(w_out, state[0, layers - 1, s], acc_o)
-            out[s, :] = rescale(acc_o, m_out, b_out)
-
-    def rows(kind, gi, gh, state, layer, sig, tanh):  # noqa: ANN001, ANN202
-        n = state.shape[3]
-        for s in range(state.shape[2]):
-            h = state[0, layer, s]
-            c = state[1, layer, s] if kind == 1 else h
-            new_h, new_c = cell(kind, gi[s], gh[s], h, c, sig, tanh, n)
-            state[0, layer, s, :] = new_h
-            if kind == 1:
-                state[1, layer, s, :] = new_c
-
-    return Compiled(
-        step=jit(_rebind(step, dict(rescale=rescale, matvec=matvec, cell=cell, np=np))),
-        rows=jit(_rebind(rows, dict(cell=cell))),
-    )
+    jit = functools.partial(_njit, cache=True, nogil=True, boundscheck=False)
+    return Compiled(step=jit(_step), rows=jit(_rows))
 
 
 @dataclass(frozen=True)
@@ -425,15 +393,44 @@ class Compiled:
     rows: Any  # the cell's pointwise maths over the streams of one layer (beside BLAS products)
 
 
-def _rebind(fn: Any, names: dict[str, Any]) -> Any:
-    """fn with some global names bound to compiled versions (numba resolves globals at compile time)."""
-    import types
+def _step(kind, ids, state, table0, w_ih, m_ih, b_ih, w_hh, m_hh, b_hh, w_out, m_out, b_out, sig, tanh, out):  # noqa: ANN001, ANN202
+    """Every stream through every layer and the output layer (compiled by _kernel)."""
+    layers, streams, n = state.shape[1], state.shape[2], state.shape[3]
+    acc_i = np.empty(w_hh.shape[1], dtype=np.int64)
+    acc_h = np.empty(w_hh.shape[1], dtype=np.int64)
+    acc_o = np.empty(w_out.shape[0], dtype=np.int64)
+    for s in range(streams):
+        for layer in range(layers):
+            h = state[0, layer, s]
+            if layer == 0:
+                gi = table0[ids[s]]
+            else:
+                _matvec(w_ih[layer - 1], state[0, layer - 1, s], acc_i)
+                gi = _rescale(acc_i, m_ih[layer - 1], b_ih[layer - 1])
+            _matvec(w_hh[layer], h, acc_h)
+            gh = _rescale(acc_h, m_hh[layer], b_hh[layer])
+            c = state[1, layer, s] if kind == 1 else h
+            new_h, new_c = _cell(kind, gi, gh, h, c, sig, tanh, n)
+            state[0, layer, s, :] = new_h
+            if kind == 1:
+                state[1, layer, s, :] = new_c
+        _matvec(w_out, state[0, layers - 1, s], acc_o)
+        out[s, :] = _rescale(acc_o, m_out, b_out)
 
-    g = dict(fn.__globals__)
-    g.update(names)
-    return types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
+
+def _rows(kind, gi, gh, state, layer, sig, tanh):  # noqa: ANN001, ANN202
+    """The cell of one layer for every stream, from pre-activations computed elsewhere (compiled)."""
+    n = state.shape[3]
+    for s in range(state.shape[2]):
+        h = state[0, layer, s]
+        c = state[1, layer, s] if kind == 1 else h
+        new_h, new_c = _cell(kind, gi[s], gh[s], h, c, sig, tanh, n)
+        state[0, layer, s, :] = new_h
+        if kind == 1:
+            state[1, layer, s, :] = new_c
 
 
+@_jitable
 def _matvec(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     """out[j] = sum_k w[j, k] x[k], exactly: int16 x int16 products summed in int32 (FixedModel.check
     proves no row's sum can leave int32), the pattern compilers turn into multiply-add-pairs."""
