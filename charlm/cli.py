@@ -1036,16 +1036,21 @@ def _force_option(f: Callable) -> Callable:
     "--threads",
     type=int,
     default=1,
-    help="Threads while coding. Portable archives decode the same with any count; with --adapt it is "
+    help="Threads while coding. Archives decode the same with any count; with --machine-bound it is "
     "recorded in the archive so that decompression repeats the very same arithmetic.",
 )
 @click.option(
     "--adapt/--no-adapt",
-    default=False,
+    default=True,
     show_default=True,
-    help="Let the model keep learning from the file as it codes it: names and phrases that recur cost "
-    "fewer bits (about 9% smaller on held-out plays), but the archive then decodes only with the same "
-    "charlm and torch on the same kind of CPU. Without it the archive decodes on any machine.",
+    help="Let the model's output layer keep learning from the file as it codes it, in integers: names "
+    "and phrases that recur cost fewer bits, and the archive still decodes on any machine.",
+)
+@click.option(
+    "--machine-bound",
+    is_flag=True,
+    help="Let the whole model learn, in floating point: smaller still, but the archive then decodes only "
+    "with the same charlm and torch on the same kind of CPU (and the same --threads).",
 )
 @_force_option
 @click.option(
@@ -1062,6 +1067,7 @@ def compress(
     checkpoint: Path | None,
     threads: int,
     adapt: bool,
+    machine_bound: bool,
     force: bool,
     as_json: bool,
     quiet: bool,
@@ -1070,8 +1076,8 @@ def compress(
     """Compress FILE ('-' = stdin): the model's next-character probabilities drive a range coder, so the
     archive holds about its cross-entropy in bits per character.
 
-    Decompressing needs the same checkpoint; any machine will do (with --adapt: the same charlm and
-    torch on the same kind of CPU).
+    Decompressing needs the same checkpoint; any machine will do (with --machine-bound: the same
+    charlm and torch on the same kind of CPU).
     """
     set_verbosity(quiet=quiet, verbose=verbose)
     from .compress import STDIO, compress_file, output_path
@@ -1081,7 +1087,16 @@ def compress(
         raise click.UsageError("--json and the archive cannot both go to stdout: give -o FILE")
     if file != STDIO:
         refuse_charlm_file(Path(file), reader="model")  # a checkpoint given as FILE: say so before any work
-    r = compress_file(file, out, checkpoint=checkpoint, threads=threads, adapt=adapt, force=force, baselines=as_json)
+    r = compress_file(
+        file,
+        out,
+        checkpoint=checkpoint,
+        threads=threads,
+        adapt=adapt,
+        machine_bound=machine_bound,
+        force=force,
+        baselines=as_json,
+    )
     if as_json:
         click.echo(json.dumps(r.to_dict(), ensure_ascii=False))
     info(

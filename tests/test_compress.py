@@ -114,11 +114,15 @@ def test_quantised_weights_sum_exactly_and_keep_every_symbol() -> None:
     assert (weights == np.floor(weights)).all()
 
 
-@pytest.mark.parametrize("adapt", [False, True], ids=["static", "adapting"])
-def test_bits_per_char_match_the_models_cross_entropy(adapt: bool, model: tuple[CharLM, str]) -> None:
+@pytest.mark.parametrize(
+    "adapt, machine_bound", [(False, False), (True, False), (True, True)], ids=["static", "adapting", "machine-bound"]
+)
+def test_bits_per_char_match_the_models_cross_entropy(
+    adapt: bool, machine_bound: bool, model: tuple[CharLM, str]
+) -> None:
     lm, sha = model
     text = make_text(9000, seed=14)
-    archive, report = compress_bytes(text.encode(), lm, model_sha256=sha, adapt=adapt)
+    archive, report = compress_bytes(text.encode(), lm, model_sha256=sha, adapt=adapt, machine_bound=machine_bound)
     flush = 64 * report.segments / report.original_chars  # a range coder's last words
     assert abs(report.payload_bits_per_char - report.model_bits_per_char) < 0.01 * report.model_bits_per_char + flush
     assert report.compressed_bytes == len(archive) == report.header_bytes + report.payload_bytes
@@ -133,8 +137,9 @@ def test_adapting_learns_what_recurs_and_leaves_the_model_alone(model: tuple[Cha
     before = [p.detach().clone() for p in lm.model.parameters()]
     data = ("Zorblax and Quenthia argued over the vermillion kettle. " * 60).encode()
     static = round_trip(data, model, adapt=False)
-    adapting = round_trip(data, model, adapt=True)
-    assert len(adapting) < 0.8 * len(static)
+    adapting = round_trip(data, model, adapt=True)  # the output layer, in integers
+    whole = round_trip(data, model, adapt=True, machine_bound=True)  # the whole float model
+    assert len(whole) < 0.8 * len(static) and len(adapting) < 0.9 * len(static)
     assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))
 
 

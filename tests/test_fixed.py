@@ -153,7 +153,7 @@ def read_info(archive: Path) -> dict:
 
 
 def test_a_machine_bound_archive_names_what_differs(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--adapt archives bind to the arithmetic that wrote them; decoded where it differs, the message
+    """--machine-bound archives bind to the arithmetic that wrote them; decoded where it differs, the message
     names the difference (here a recorded instruction set other than this machine's) and never says
     damaged: the payload's checksum shows it is intact."""
     from test_compress import forge
@@ -161,7 +161,7 @@ def test_a_machine_bound_archive_names_what_differs(tiny_checkpoint: Path, monke
     from charlm.compress import coder, compress_bytes, decompress_bytes, load_model, read_archive_header
 
     lm, sha = load_model(tiny_checkpoint)
-    archive, _ = compress_bytes(make_text(3000, seed=32).encode(), lm, model_sha256=sha, adapt=True)
+    archive, _ = compress_bytes(make_text(3000, seed=32).encode(), lm, model_sha256=sha, machine_bound=True)
     info = read_archive_header(archive).info
     other = "AVX2" if info["isa"] != "AVX2" else "AVX512"
     forged = forge(archive, info=json.dumps({**info, "isa": other}, separators=(",", ":")).encode())
@@ -171,7 +171,7 @@ def test_a_machine_bound_archive_names_what_differs(tiny_checkpoint: Path, monke
     with pytest.raises(ArchiveError) as e:
         decompress_bytes(forged, lm, model_sha256=sha)
     message = str(e.value)
-    assert "cannot be decoded here: it was compressed with --adapt" in message, message
+    assert "cannot be decoded here: it was compressed with --machine-bound" in message, message
     assert f"isa {other} there, {info['isa']} here" in message and "corrupt" not in message
 
 

@@ -26,9 +26,9 @@ def test_streams_cover_the_text_once_in_order() -> None:
 
 
 def test_the_archive_cuts_are_those_old_archives_were_written_with() -> None:
-    """A version-2 archive decodes only if its text is cut as when it was written: these numbers and
+    """A version-2 or 3 archive decodes only if its text is cut as when it was written: these numbers and
     this formula are part of the format, whatever scoring does with its own cuts."""
-    assert FORMAT_VERSION == 2 and ARCHIVE_CUTS == Cuts(max_streams=64, min_chars=4096)
+    assert FORMAT_VERSION == 3 and ARCHIVE_CUTS == Cuts(max_streams=64, min_chars=4096)
     counts = {n: ARCHIVE_CUTS.count(n) for n in (0, 1, 4095, 8191, 8192, 262_143, 262_144, 10**7)}
     assert counts == {0: 0, 1: 1, 4095: 1, 8191: 1, 8192: 2, 262_143: 63, 262_144: 64, 10**7: 64}
     lo, hi = stream_bounds(10_007, 3)

@@ -65,6 +65,7 @@ class CompressReport:
     segments: int
     threads: int
     adapted: bool  # the model learnt from the text as it coded it (see coder.CodingSteps)
+    machine_bound: bool  # float arithmetic: decodes only with the same charlm, torch and kind of CPU
     model_nats: float  # summed -ln p over the characters the model knows, fp32 softmax, same segments
     elapsed_s: float
     checkpoint: str = ""
@@ -190,31 +191,36 @@ def compress_bytes(
     *,
     model_sha256: str,
     threads: int = 1,
-    adapt: bool = False,
+    adapt: bool = True,
+    machine_bound: bool = False,
     cuts: Cuts = ARCHIVE_CUTS,
     progress: OnProgress | None = None,
     what: str = "the input",
 ) -> tuple[bytes, CompressReport]:
     """A .clm archive of UTF-8 `data`, and what it achieved. The model runs step by step over all
     segments at once (never the fast whole-sequence pass) so that decompression can repeat it exactly:
-    in integers (portable: any machine decodes it), or with `adapt` in floating point while it learns
-    from the text (smaller, but only the same charlm and torch on the same kind of CPU decode it).
+    in integers, any machine decodes it; with `adapt` its output layer learns from the text as it
+    codes it, in integers too. `machine_bound` (with `adapt`): the whole float model learns instead,
+    smaller still, but only the same charlm and torch on the same kind of CPU decode it.
     `cuts` other than ARCHIVE_CUTS (at most as many segments) are for tests and experiments: the
     archive records the segment count, so it decodes all the same."""
     require_constriction()
+    if machine_bound and not adapt:
+        raise ConfigError("--machine-bound is a way to --adapt", "leave out --no-adapt, or --machine-bound")
+    portable = not machine_bound
     if not 1 <= cuts.max_streams <= ARCHIVE_CUTS.max_streams:
         raise ConfigError(f"cuts.max_streams must be from 1 to {ARCHIVE_CUTS.max_streams} (got {cuts.max_streams})")
     started = time.perf_counter()
     prepare(lm.model, lm.vocab)
     original = decode_utf8(data, what)
     text, flags = _fold_newlines(original, lm.vocab)
-    flags |= FLAG_ADAPT if adapt else FLAG_PORTABLE
+    flags |= (FLAG_ADAPT if adapt else 0) | (FLAG_PORTABLE if portable else 0)
     codes = text_to_codes(text)
     ids = known_ids(lm.vocab, codes)  # IGNORE: coded through the escape
     segments = cuts.count(len(codes))
     with exact_arithmetic(threads):
         words, nats, probe = encode_segments(
-            lm.model, lm.vocab, codes, ids, segments, adapt=adapt, portable=not adapt, progress=progress
+            lm.model, lm.vocab, codes, ids, segments, adapt=adapt, portable=portable, progress=progress
         )
     header = pack_header(
         model_sha256=model_sha256,
@@ -225,7 +231,7 @@ def compress_bytes(
         flags=flags,
         probe=probe,
         info={
-            **platform_info(lm.path.name if lm.path else "?", portable=not adapt),
+            **platform_info(lm.path.name if lm.path else "?", portable=portable),
             "payload_crc32": payload_crc32(words),
         },
         segment_words=[len(w) for w in words],
@@ -241,6 +247,7 @@ def compress_bytes(
         segments=segments,
         threads=threads,
         adapted=adapt,
+        machine_bound=machine_bound,
         model_nats=nats,
         elapsed_s=time.perf_counter() - started,
         checkpoint=str(lm.path or ""),
@@ -325,11 +332,11 @@ def _decode_failure(header: ArchiveHeader, what: str, same_arithmetic: bool) -> 
             "differs (its format, 2, keeps no payload checksum to tell which)",
             "decompress it on the machine that made it; if that fails too, it is damaged: use another copy",
         )
-    mode = "with --adapt" if header.flags & FLAG_ADAPT else "by a charlm before format 3"
+    mode = "with --machine-bound" if header.flags & FLAG_ADAPT else "by a charlm before format 3"
     why = "; ".join(differs) if differs else "the CPU's arithmetic differs in a way the archive does not record"
     return ArchiveError(
         f"{what} cannot be decoded here: it was compressed {mode}, whose floating-point arithmetic "
         f"is bound to the machine that wrote it ({why}; {header.threads} thread{'s' if header.threads != 1 else ''})",
         "decompress it where it was made, or with the same charlm and torch on the same kind of CPU "
-        "under the same settings; archives made without --adapt decode anywhere",
+        "under the same settings; archives made without --machine-bound decode anywhere",
     )

@@ -28,7 +28,7 @@ import torch
 from ..adapt import Adaptation, AdaptingStreams
 from ..device import cpu_settings
 from ..errors import CharlmError, ConfigError
-from ..fixed import FixedModel, frequencies, to_float
+from ..fixed import FixedModel, HeadAdaptation, LearningHead, frequencies, to_float
 from ..model import CharRNN
 from ..streams import IGNORE, StepStreams, model_inputs, nll, stream_bounds
 from ..vocab import Vocab
@@ -40,6 +40,7 @@ ENCODE_BLOCK = 256  # steps per block: the encoder hands its coders, the decoder
 # a new FORMAT_VERSION.
 ADAPTATION = Adaptation(steps=16, lr=0.15, decay=0.001, clip=1.0)
 ADAPT_STEPS = ADAPTATION.steps
+HEAD_ADAPTATION = HeadAdaptation(steps=16, lr=0.5, decay_shift=10, max_step=8)  # portable archives' (format 3)
 
 OnProgress = Callable[[int, int], None]  # (characters done, characters in all)
 
@@ -124,7 +125,8 @@ class CodingSteps:
 
     Portable (the default since format 3): the model in integers (fixed.FixedModel), whose every
     number is the same on any machine and thread count, and integer frequencies from its Q10 logits
-    (fixed.frequencies). Otherwise the float model, machine-bound: same batch shape, same step size,
+    (fixed.frequencies); with `adapt`, its output layer learns from the coded text in integers
+    (fixed.LearningHead, HEAD_ADAPTATION). Otherwise the float model, machine-bound: same batch shape, same step size,
     fp32, same threads on both sides, so the same inputs give the same bits on the same kind of CPU;
     with `adapt`, it also learns from the text it codes (adapt.AdaptingStreams, with the archive
     format's fixed ADAPTATION): both sides know the coded characters by the time they learn. Input
@@ -137,9 +139,14 @@ class CodingSteps:
         self.fixed = FixedModel.from_model(model) if portable else None
         self.free = TOTAL - (len(vocab) + 1) - ESCAPE_WEIGHT
         self.start_id = vocab.start_id
+        self.learner: LearningHead | None = None
         if self.fixed is not None:
+            if adapt:
+                self.learner = LearningHead(self.fixed, segments, self.free, HEAD_ADAPTATION)
+                self.fixed = self.learner.model
             self.state = self.fixed.initial_state(segments)
             self.inputs = np.full(segments, vocab.start_id, dtype=np.int64)
+            self.coded: tuple[np.ndarray, np.ndarray] | None = None  # (hidden, frequencies) of the last step
         else:
             self.streams: StepStreams | AdaptingStreams = (
                 AdaptingStreams(model, segments, start_id=vocab.start_id, adaptation=ADAPTATION)
@@ -151,9 +158,12 @@ class CodingSteps:
         """(integer weights [S, V + 1], fp32 logits [S, V], the bytes a fingerprint is taken of) for the
         next character of every segment."""
         if self.fixed is not None:
-            q = self.fixed.step(self.inputs, self.state)
+            q = self.fixed.step(self.inputs, self.state, torch.get_num_threads())
+            freq = frequencies(q, self.free)
+            if self.learner is not None:
+                self.coded = (self.state[0, -1].copy(), freq)
             weights = np.empty((q.shape[0], q.shape[1] + 1), dtype=np.float64)
-            weights[:, :-1] = frequencies(q, self.free)
+            weights[:, :-1] = freq
             weights[:, -1] = ESCAPE_WEIGHT
             return weights, torch.from_numpy(to_float(q)), q[:1].astype("<i8").tobytes()
         logits = self.streams.step()
@@ -162,6 +172,8 @@ class CodingSteps:
     def feed(self, ids: np.ndarray) -> None:
         """The characters just coded, [S] (IGNORE: unknown, or the segment has ended), become the next inputs."""
         if self.fixed is not None:
+            if self.learner is not None and self.coded is not None:
+                self.learner.record(*self.coded, ids)
             self.inputs = model_inputs(ids, self.start_id)
         else:
             self.streams.feed(ids)

@@ -43,7 +43,8 @@ ESCAPE_WEIGHT = 1 << 8  # 2^-16 of the mass: 16 bits per unknown character, 2e-5
 MIN_BITS_PER_CHAR = -math.log2(1 - (ESCAPE_WEIGHT + 1) / TOTAL)  # 2.2e-5: the most predictable character's cost
 FLAG_CRLF = 1
 FLAG_ADAPT = 2
-FLAG_PORTABLE = 4  # the model ran in integers (charlm.fixed): decodes on any machine
+FLAG_PORTABLE = 4  # the model ran in integers (charlm.fixed): decodes on any machine; with FLAG_ADAPT its
+# output layer learnt in integers (fixed.LearningHead), without it the whole float model learnt
 
 HEAD = struct.Struct("<8sH")  # magic, format version
 BODY = struct.Struct("<32s32sQQIBB8sH")  # model sha, text sha, bytes, chars, segments, threads, flags, probe, info
@@ -170,8 +171,6 @@ def read_archive_header(archive: bytes, what: str = "the archive") -> ArchiveHea
     )
     strings = isinstance(info, dict) and all(isinstance(value, str) for value in info.values())
     known_flags = FLAG_CRLF | (FLAG_ADAPT if version >= 2 else 0) | (FLAG_PORTABLE if version >= 3 else 0)
-    if flags & FLAG_ADAPT and flags & FLAG_PORTABLE:
-        plausible = False
     if not strings or not plausible or flags & ~known_flags:
         raise ArchiveError(f"{what} is corrupt: its header is inconsistent", "use another copy")
     return ArchiveHeader(

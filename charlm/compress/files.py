@@ -120,7 +120,8 @@ def compress_file(
     *,
     checkpoint: str | os.PathLike[str] | None = None,
     threads: int = 1,
-    adapt: bool = False,
+    adapt: bool = True,
+    machine_bound: bool = False,
     force: bool = False,
     baselines: bool = False,
     progress: OnProgress | None = None,
@@ -133,7 +134,14 @@ def compress_file(
     lm, sha = load_model(checkpoint)
     what = _name(source)
     archive, report = compress_bytes(
-        data, lm, model_sha256=sha, threads=threads, adapt=adapt, progress=progress, what=what
+        data,
+        lm,
+        model_sha256=sha,
+        threads=threads,
+        adapt=adapt,
+        machine_bound=machine_bound,
+        progress=progress,
+        what=what,
     )
     write_output(target, archive)
     return replace(
