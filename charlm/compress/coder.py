@@ -40,7 +40,7 @@ ENCODE_BLOCK = 256  # steps per block: the encoder hands its coders, the decoder
 # a new FORMAT_VERSION.
 ADAPTATION = Adaptation(steps=16, lr=0.15, decay=0.001, clip=1.0)
 ADAPT_STEPS = ADAPTATION.steps
-HEAD_ADAPTATION = HeadAdaptation(steps=16, lr=0.5, decay_shift=10, max_step=8)  # portable archives' (format 3)
+HEAD_ADAPTATION = HeadAdaptation(steps=16, lr=1.0, decay_shift=12, max_step=8)  # portable archives' (format 3)
 
 OnProgress = Callable[[int, int], None]  # (characters done, characters in all)
 
