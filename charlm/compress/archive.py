@@ -332,7 +332,7 @@ def _decode_failure(header: ArchiveHeader, what: str, same_arithmetic: bool) -> 
             "differs (its format, 2, keeps no payload checksum to tell which)",
             "decompress it on the machine that made it; if that fails too, it is damaged: use another copy",
         )
-    mode = "with --machine-bound" if header.flags & FLAG_ADAPT else "by a charlm before format 3"
+    mode = "with --machine-bound" if "arithmetic" in made else "by a charlm before format 3 (float arithmetic)"
     why = "; ".join(differs) if differs else "the CPU's arithmetic differs in a way the archive does not record"
     return ArchiveError(
         f"{what} cannot be decoded here: it was compressed {mode}, whose floating-point arithmetic "
