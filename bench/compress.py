@@ -10,8 +10,9 @@ the work folder) and the first ~200 KB after the cut, plays it never saw, are co
 sizes and bits/char of every method, the saving against xz -9, the float model's own cross-entropy
 on the text (what the integer model gives up against it), compress and decompress speed in chars/s
 (coding only: the model is loaded beforehand) and checks that the round trip is exact, for the
-portable archive (the default: the model in integers) and the adapting one (--adapt: float, bound to
-the machine). Writes bench/results/compress.json with the machine.
+portable archive with its output layer learning (the default), the portable static one
+(--no-adapt) and the float one whose whole model learns (--machine-bound). Writes
+bench/results/compress.json (or --name) with the machine.
 Targets: at least 30% smaller than xz -9; the portable payload within 1% of the float model's
 cross-entropy.
 """
@@ -35,6 +36,16 @@ from charlm.data import cache_dir  # noqa: E402
 
 TOOLS = {"gzip -9": ["gzip", "-9", "-c"], "bzip2 -9": ["bzip2", "-9", "-c"], "xz -9": ["xz", "-9", "-c"]}
 PYTHON = {"gzip -9": "zlib-9", "bzip2 -9": "bz2-9", "xz -9": "lzma-9"}  # the same algorithms, if a tool is missing
+MODES = {  # result key: compress_bytes options
+    "charlm": dict(adapt=True),  # the default: portable, the output layer learning in integers
+    "charlm_static": dict(adapt=False),  # portable, nothing learnt
+    "charlm_machine_bound": dict(adapt=True, machine_bound=True),  # the whole float model learning
+}
+LABELS = {
+    "charlm": "charlm (default)",
+    "charlm_static": "charlm --no-adapt",
+    "charlm_machine_bound": "charlm --machine-bound",
+}
 TRAIN_FRACTION = 0.9
 PIECE_CHARS = 200_000
 TRAIN_OPTIONS = [
@@ -120,9 +131,9 @@ def measure(checkpoint: Path, text_path: Path, threads: int) -> dict:
     }
     float_bpc = lm.perplexity(data.decode("utf-8")).bpc  # the float model, the fast whole-text pass
     result["float_model_bits_per_char"] = float_bpc
-    for key, adapt in (("charlm", False), ("charlm_adapt", True)):
+    for key, options in MODES.items():
         started = time.perf_counter()
-        archive, report = compress_bytes(data, lm, model_sha256=sha, threads=threads, adapt=adapt)
+        archive, report = compress_bytes(data, lm, model_sha256=sha, threads=threads, **options)
         compress_s = time.perf_counter() - started
         started = time.perf_counter()
         restored = decompress_bytes(archive, lm, model_sha256=sha)
@@ -138,17 +149,14 @@ def measure(checkpoint: Path, text_path: Path, threads: int) -> dict:
 
 def print_table(result: dict) -> None:
     chars, xz = result["chars"], result["others"]["xz -9"]["bytes"]
-    rows = [
-        ("charlm", result["charlm"]["compressed_bytes"]),
-        ("charlm --adapt", result["charlm_adapt"]["compressed_bytes"]),
-    ]
+    rows = [(LABELS[key], result[key]["compressed_bytes"]) for key in MODES]
     rows += [(n, o["bytes"]) for n, o in result["others"].items()]
     print(f"{result['text']}: {result['bytes']:,} bytes, {chars:,} chars; model {result['checkpoint']}")
-    print(f"{'method':<16}{'bytes':>10}{'bits/char':>11}{'vs xz -9':>10}")
+    print(f"{'method':<24}{'bytes':>10}{'bits/char':>11}{'vs xz -9':>10}")
     for name, size in rows:
-        print(f"{name:<16}{size:>10,}{8 * size / chars:>11.3f}{size / xz - 1:>+10.1%}")
+        print(f"{name:<24}{size:>10,}{8 * size / chars:>11.3f}{size / xz - 1:>+10.1%}")
     print(f"float model cross-entropy on the text: {result['float_model_bits_per_char']:.4f} bits/char")
-    for key, name in (("charlm", "portable (default)"), ("charlm_adapt", "--adapt (machine-bound)")):
+    for key, name in LABELS.items():
         c = result[key]
         print(
             f"{name}: model cross-entropy {c['model_bits_per_char']:.4f} bits/char; payload "

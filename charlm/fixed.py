@@ -354,10 +354,11 @@ def _numpy_step(m: FixedModel, ids: np.ndarray, state: np.ndarray, out: np.ndarr
             gi = m.table0[ids]
         else:
             gi = _rescale(_exact_matmul(x, m.float64["ih"][layer - 1]), m.m_ih[layer - 1], m.b_ih[layer - 1])
-        gh = _rescale(_exact_matmul(h, m.float64["hh"][layer]), m.m_hh[layer], m.b_hh[layer])
-        if rows is not None:
-            rows(kind, np.ascontiguousarray(gi), gh, state, layer, sig, tanh)
+        acc_h = _exact_matmul(h, m.float64["hh"][layer])
+        if rows is not None:  # the rescaling and the cell compiled, stream by stream
+            rows(kind, np.ascontiguousarray(gi), acc_h, m.m_hh[layer], m.b_hh[layer], state, layer, sig, tanh)
         else:  # gates along the first axis, streams along the second: _cell slices gates as the kernel does
+            gh = _rescale(acc_h, m.m_hh[layer], m.b_hh[layer])
             new_h, new_c = _cell(kind, gi.T, gh.T, h.T, state[1, layer].T if kind == 1 else h.T, sig, tanh, n)
             state[0, layer] = new_h.T
             if kind == 1:
@@ -421,13 +422,14 @@ def _step(kind, ids, state, table0, w_ih, m_ih, b_ih, w_hh, m_hh, b_hh, w_out, m
         out[s, :] = _rescale(acc_o, m_out, b_out)
 
 
-def _rows(kind, gi, gh, state, layer, sig, tanh):  # noqa: ANN001, ANN202
-    """The cell of one layer for every stream, from pre-activations computed elsewhere (compiled)."""
+def _rows(kind, gi, acc_h, m_hh, b_hh, state, layer, sig, tanh):  # noqa: ANN001, ANN202
+    """The cell of one layer for every stream, from input pre-activations and recurrent sums computed
+    elsewhere (compiled)."""
     n = state.shape[3]
     for s in range(state.shape[2]):
         h = state[0, layer, s]
         c = state[1, layer, s] if kind == 1 else h
-        new_h, new_c = _cell(kind, gi[s], gh[s], h, c, sig, tanh, n)
+        new_h, new_c = _cell(kind, gi[s], _rescale(acc_h[s], m_hh, b_hh), h, c, sig, tanh, n)
         state[0, layer, s, :] = new_h
         if kind == 1:
             state[1, layer, s, :] = new_c

@@ -230,11 +230,12 @@ def encode_segments(
         active = pos < hi[None, :]
         target = np.where(active, ids[np.minimum(pos, n - 1)], IGNORE)  # [K, S]; IGNORE unknown or past the end
         weights = np.empty((width, segments, escape + 1), dtype=np.float64)
+        logits = torch.empty(width, segments, escape)  # the block's, scored in one call
         for k in range(width):
-            weights[k], logits, raw = stepper.step()
+            weights[k], logits[k], raw = stepper.step()
             probe = fingerprint(raw) if block + k == 0 else probe
-            nats += _model_nats(logits, target[k])
             stepper.feed(target[k])
+        nats += _model_nats(logits.view(-1, escape), target.reshape(-1))
         symbols = np.where(target != IGNORE, target, escape).astype(np.int32)
         for row, encoder in enumerate(encoders):
             mask = active[:, row]
