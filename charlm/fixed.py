@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -209,25 +208,6 @@ class FixedModel:
     def initial_state(self, streams: int) -> np.ndarray:
         """[state_layers (h, and c for LSTM), L, S, H] int64 zeros."""
         return np.zeros((self.state_layers, self.layers, streams, self.hidden), dtype=np.int64)
-
-    def digest(self) -> bytes:
-        """8 bytes that change with any integer of the model: encoder and decoder check they hold the
-        same integers before anything else (a different charlm quantising differently, say)."""
-        h = hashlib.sha256(f"{FORMAT} {self.cell} {self.layers} {self.hidden} {self.vocab}".encode())
-        for a in (
-            self.table0,
-            self.w_ih,
-            self.m_ih,
-            self.b_ih,
-            self.w_hh,
-            self.m_hh,
-            self.b_hh,
-            self.w_out,
-            self.m_out,
-            self.b_out,
-        ):
-            h.update(np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<")).tobytes())
-        return h.digest()[:8]
 
     def step(self, ids: np.ndarray, state: np.ndarray, threads: int = 1) -> np.ndarray:
         """ids [S] (what each stream reads), state (updated in place) -> Q10 logits [S, V] int64.
