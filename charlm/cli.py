@@ -486,6 +486,12 @@ def sample(
     lm = CharLM.load(checkpoint, device=device, sample_precision=precision, threads=threads)
     encode_seed(seed, lm.vocab)
     info(f"checkpoint: {lm.path}")
+    if beam is None and not adapt:  # the step is ready before the clock starts: numba compiles it once per machine
+        prepared = time.perf_counter()
+        lm.sampler.step_for(num_samples)
+        spent = time.perf_counter() - prepared
+        if spent > 2:
+            info(f"compiled the integer step for this CPU in {spent:.0f}s (once: numba keeps it)")
     began = time.perf_counter()
     options = {"stop": stop, "lines": lines, "include_stop": include_stop, "seed_file": seed_file}
     if beam is not None:
