@@ -10,8 +10,9 @@ archive format version):
 - weights: int16 holding 11-bit values (|q| <= 1023), one float scale per output row, q = rint(w / s);
 - activations (the hidden state, the LSTM cell): Q12, value x 4096 (|h| <= 1 for tanh and sigmoid
   cells; ReLU layers clamp at 8);
-- each product row is summed exactly (int32 blocks into int64), rescaled by an integer multiplier
-  rint(s x 2^28) and a rounding shift, plus a Q12 bias;
+- each product row is summed exactly (in int32, which `FixedModel.check` proves wide enough for the
+  model's weights), rescaled by an integer multiplier rint(s x 2^28) and a rounding shift, plus a Q12
+  bias;
 - sigmoid and tanh are tables over Q12 inputs in [-8, 8), each entry the correctly rounded value, so
   no libm is consulted at run time;
 - logits are Q10 (value x 1024); the coder turns them into integer frequencies (`frequencies`) with a

@@ -367,7 +367,10 @@ FIXED_MAX_STREAMS = 16  # more streams at once: the batched torch step is faster
 def make_step(model: CharRNN, weight_format: str, streams: int) -> StepModel | FixedStep:
     """The per-character step for `streams` streams at a time in `weight_format` (resolved)."""
     if weight_format == "fixed" and streams <= FIXED_MAX_STREAMS:
-        return FixedStep(model)
+        try:
+            return FixedStep(model)
+        except ConfigError:  # weights too large for the integers' bounds (FixedModel.check): torch's step
+            pass
     device = model.head.weight.device
     return StepModel(model, batch_weight_format(device) if weight_format == "fixed" else weight_format)
 

@@ -189,3 +189,13 @@ def test_format_2_archives_still_decode(name: str, tmp_path: Path) -> None:
         assert "corrupt" not in str(e) and ("cannot be decoded here" in str(e) or "made on a CPU" in str(e)), e
         pytest.skip(f"this machine's arithmetic differs from the one that made it: {e}")
     assert out.read_bytes() == (folder / "v2.txt").read_bytes()
+
+
+def test_sampling_falls_back_to_the_torch_step_for_a_model_the_integers_cannot_hold() -> None:
+    from charlm.sample import FixedStep, StepModel, make_step
+
+    net = random_model("rnn-relu", hidden=600)
+    with torch.no_grad():
+        net.rnn.weight_hh_l1.fill_(1.0)
+    assert isinstance(make_step(net, "fixed", 1), StepModel)
+    assert isinstance(make_step(random_model("gru"), "fixed", 1), FixedStep)
