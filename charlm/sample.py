@@ -341,7 +341,7 @@ class FixedStep:
         self.fixed = FixedModel.from_model(model)
         self.kind = model.config.cell
         self.ints = self.fixed.initial_state(1)  # [h (, c), L, B, H] Q12
-        self.fixed.step(np.zeros(1, dtype=np.int64), self.fixed.initial_state(1))  # compiled (or loaded) now
+        self.fixed.step(np.zeros(1, dtype=np.int64), self.ints.copy())  # compiled (or loaded from cache) now
 
     def reset(self, state: State) -> None:
         values = torch.stack([s.detach().float().cpu() for s in state]).numpy()

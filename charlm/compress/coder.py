@@ -2,12 +2,13 @@
 
 Exactness. The decoder must see bit-identical probabilities to the encoder, and floating point gives
 different bits for a whole-sequence pass and a step-by-step pass, for other batch shapes, thread
-counts and CPUs. So both directions run one computation, `CodingSteps`: the model advances all S
-segments together one character per step (streams.StepStreams), fp32 on the CPU, under the thread
-count the archive records (`exact_arithmetic`). Each step's softmax is turned into integer weights
-that sum to exactly 2^PROBABILITY_BITS with integer-exact arithmetic (`quantize`), and constriction
-codes with exactly those integers (one range coder per segment), so the model step and its softmax
-are the only floating-point work that has to agree.
+counts and CPUs. So both directions run one computation, `CodingSteps`, in which the model advances
+all S segments together one character per step. Portable archives (format 3's default) run the model
+in integers (charlm.fixed): nothing there depends on the machine. Machine-bound ones run it in fp32 on
+the CPU under the thread count the archive records (`exact_arithmetic`); each step's softmax is
+turned into integer weights that sum to exactly 2^PROBABILITY_BITS with integer-exact arithmetic
+(`quantize`), so the model step and its softmax are the only floating-point work that has to agree.
+Either way constriction codes with exactly those integers (one range coder per segment).
 
 Characters the model does not know are coded as an escape symbol (index V, probability 2^-16)
 followed by their UTF-8 bytes at 8 bits each; the model then reads the start symbol in their place.
@@ -126,8 +127,9 @@ class CodingSteps:
     Portable (the default since format 3): the model in integers (fixed.FixedModel), whose every
     number is the same on any machine and thread count, and integer frequencies from its Q10 logits
     (fixed.frequencies); with `adapt`, its output layer learns from the coded text in integers
-    (fixed.LearningHead, HEAD_ADAPTATION). Otherwise the float model, machine-bound: same batch shape, same step size,
-    fp32, same threads on both sides, so the same inputs give the same bits on the same kind of CPU;
+    (fixed.LearningHead, HEAD_ADAPTATION). Otherwise the float model, machine-bound: same batch
+    shape, same step size, fp32, same threads on both sides, so the same inputs give the same bits on
+    the same kind of CPU;
     with `adapt`, it also learns from the text it codes (adapt.AdaptingStreams, with the archive
     format's fixed ADAPTATION): both sides know the coded characters by the time they learn. Input
     after an unknown character, and after a segment has ended, is the start symbol.
