@@ -113,8 +113,10 @@ def external_sizes(data: bytes) -> dict[str, tuple[int, str]]:
     return sizes
 
 
-def measure(checkpoint: Path, text_path: Path, threads: int) -> dict:
+def measure(checkpoint: Path, text_path: Path, threads: int, chars: int | None = None) -> dict:
     data = text_path.read_bytes()
+    if chars is not None:  # the first `chars` characters only
+        data = data.decode("utf-8")[:chars].encode("utf-8")
     chars = len(data.decode("utf-8"))
     lm, sha = load_model(checkpoint)
     header = ckpt.read_header(checkpoint)
@@ -178,6 +180,10 @@ def main() -> None:
     parser.add_argument("--train-minutes", type=float, default=15.0, help="training budget when a model is needed")
     parser.add_argument("--threads", type=int, default=1, help="threads while coding")
     parser.add_argument("--name", default="compress.json", help="results file in bench/results")
+    parser.add_argument("--chars", type=int, default=None, help="compress only the text's first N characters")
+    parser.add_argument(
+        "--busy", action="store_true", help="measure again beside a CPU-bound neighbour (bench/contention.py's matmul)"
+    )
     args = parser.parse_args()
     checkpoint, text = args.checkpoint, args.text
     if text is None:
@@ -189,9 +195,32 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from report import machine
 
-    result = measure(checkpoint, text, args.threads)
+    result = measure(checkpoint, text, args.threads, args.chars)
     result["machine"] = machine()
     print_table(result)
+    if args.busy:
+        import os
+        import tempfile
+
+        from contention import Neighbour
+
+        with tempfile.TemporaryDirectory() as work:
+            neighbour = Neighbour("matmul", Path(work), dict(os.environ), text, lifetime_s=3600)
+            neighbour.start()
+            try:
+                busy = measure(checkpoint, text, args.threads, args.chars)
+            finally:
+                neighbour.stop()
+        result["busy"] = {key: busy[key] for key in MODES}
+        print("beside a CPU-bound neighbour (matmul on every core):")
+        for key, name in LABELS.items():
+            quiet, loaded = result[key], busy[key]
+            print(
+                f"{name}: compress {loaded['compress_chars_per_sec']:,.0f} chars/s "
+                f"({loaded['compress_chars_per_sec'] / quiet['compress_chars_per_sec']:.2f}x quiet), decompress "
+                f"{loaded['decompress_chars_per_sec']:,.0f} chars/s "
+                f"({loaded['decompress_chars_per_sec'] / quiet['decompress_chars_per_sec']:.2f}x quiet)"
+            )
     out = HERE / "results" / args.name
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
