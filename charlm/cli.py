@@ -145,7 +145,10 @@ M, T = ModelConfig, TrainConfig
 )
 @click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW).  [default: 2e-3 x 512 / --hidden]")
 @click.option(
-    "--weight-decay", type=float, default=default(T, "weight_decay"), help="AdamW weight decay on weight matrices."
+    "--weight-decay",
+    type=float,
+    default=None,
+    help="AdamW weight decay on weight matrices.  [default: 0.01, or 0.1 when the run will see its text many times]",
 )
 @click.option("--clip", type=float, default=default(T, "clip"), help="Clip the global gradient norm to this (0 = off).")
 @click.option(

@@ -118,6 +118,7 @@ def budget_hidden_size(time_s: float | None) -> int:
 
 
 DEFAULT_BATCH = 64  # streams per step unless the run will see its text many times
+DEFAULT_WEIGHT_DECAY = 0.01  # or sizing.MANY_PASSES_WEIGHT_DECAY for a text seen many times
 MAX_FOLDED_SHARE = 0.02  # auto --min-count never folds more than this share of the text
 
 
@@ -154,7 +155,7 @@ class TrainConfig:
     seq_len: int = 128
     batch_size: int | None = None  # None: 64, or 32 for a run that will see its text many times (training/sizing.py)
     lr: float | None = None  # None: default_lr(hidden size)
-    weight_decay: float = 0.01
+    weight_decay: float | None = None  # None: 0.01, or 0.1 for a run that will see its text many times (sizing.py)
     clip: float = 1.0
     average: float = 0.99  # decay of the weights' moving average that validation scores and saves; 0: off
     schedule: Schedule = "auto"
@@ -187,7 +188,7 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > 1 << 24:
                 raise ConfigError(f"{_flag(name)} must be a whole number of at least 1 (got {value!r})")
         _check_number("lr", self.lr, optional=True)
-        _check_number("weight_decay", self.weight_decay, allow_zero=True)
+        _check_number("weight_decay", self.weight_decay, allow_zero=True, optional=True)
         _check_number("clip", self.clip, allow_zero=True)
         _check_number("warmup", self.warmup, allow_zero=True)
         _check_number("steps", self.steps, optional=True)

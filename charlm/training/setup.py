@@ -18,7 +18,15 @@ import torch
 
 from .. import checkpoint as ckpt
 from .. import distributed
-from ..config import DEFAULT_BATCH, ModelConfig, TrainConfig, auto_min_count, budget_hidden_size, default_lr
+from ..config import (
+    DEFAULT_BATCH,
+    DEFAULT_WEIGHT_DECAY,
+    ModelConfig,
+    TrainConfig,
+    auto_min_count,
+    budget_hidden_size,
+    default_lr,
+)
 from ..data import (
     Corpus,
     as_sources,
@@ -45,7 +53,16 @@ from .finetune import extend_vocab, grow_model
 from .optim import load_optimizer, make_optimizer
 from .paths import best_path_of, default_paths, new_run_path
 from .resume import check_resume, check_resume_files, check_resume_model, opened
-from .sizing import MANY_PASSES, MANY_PASSES_LR, SMALL_BATCH, TRAINING_SHARE, Passes, expected_passes, measure_speed
+from .sizing import (
+    MANY_PASSES,
+    MANY_PASSES_LR,
+    MANY_PASSES_WEIGHT_DECAY,
+    SMALL_BATCH,
+    TRAINING_SHARE,
+    Passes,
+    expected_passes,
+    measure_speed,
+)
 
 
 @dataclass(frozen=True)
@@ -283,6 +300,8 @@ def build_learner(
             net.start_at_unigram(torch.from_numpy(counts))
     if config.lr is None:
         config = replace(config, lr=default_lr(net.config.hidden_size))
+    if config.weight_decay is None:  # plan_passes raises it for a run that will see its text many times
+        config = replace(config, weight_decay=DEFAULT_WEIGHT_DECAY)
     net = net.to(devices.device).train()
     forward: torch.nn.Module = net
     if devices.dist.active:
@@ -305,7 +324,9 @@ def plan_passes(
         return config, data, None
     passes = None
     if not devices.dist.active and config.time is not None:
-        speed = measure_speed(learner.net, devices.device, devices.precision, DEFAULT_BATCH, config.seq_len)
+        adaptive = config.threads is None
+        net, device = learner.net, devices.device
+        speed = measure_speed(net, device, devices.precision, DEFAULT_BATCH, config.seq_len, adaptive=adaptive)
         passes = expected_passes(speed, TRAINING_SHARE * config.time, len(data.train_ids))
     elif not devices.dist.active and config.epochs is not None:
         passes = Passes(passes=config.epochs, chars_per_sec=0.0, train_chars=len(data.train_ids), budget_s=0.0)
@@ -313,6 +334,11 @@ def plan_passes(
     config = replace(config, batch_size=SMALL_BATCH if many else DEFAULT_BATCH)
     if many and asked.lr is None:
         config = replace(config, lr=config.lr * MANY_PASSES_LR)  # type: ignore[operator] - build_learner filled it in
+    if many and asked.weight_decay is None:
+        config = replace(config, weight_decay=MANY_PASSES_WEIGHT_DECAY)
+        for group in learner.opt.param_groups:
+            if group["weight_decay"]:  # the matrices' group (optim.make_optimizer)
+                group["weight_decay"] = MANY_PASSES_WEIGHT_DECAY
     batch = config.batch_size
     if batch != data.batches.batch_size // devices.dist.world:
         data = replace(
@@ -359,6 +385,12 @@ def explain_defaults(
         many = f" x {MANY_PASSES_LR:g} for many passes" if passes is not None and passes.many else ""
         lines.append(
             f"--lr {config.lr:.3g} (2e-3 x 512 / {model.hidden_size}{many}: narrower layers take larger steps)"
+        )
+    if asked.weight_decay is None:
+        many = passes is not None and passes.many
+        lines.append(
+            f"--weight-decay {config.weight_decay:g}"
+            + (" for many passes (a text seen many times is learned by heart without it)" if many else "")
         )
     vocab = data.corpus.vocab
     if asked.min_count is None and vocab.folded:
