@@ -360,6 +360,11 @@ class FixedStep:
         q = self.fixed.step(ids.cpu().numpy(), self.ints, torch.get_num_threads())
         return torch.from_numpy(to_float(q))
 
+    def generate(self, logits: np.ndarray, noise: np.ndarray, count: int, *, advance_last: bool) -> np.ndarray:
+        """One stream writes `count` characters in one compiled call (FixedModel.generate): what
+        `count` rounds of picking and calling this step would write, without Python in between."""
+        return self.fixed.generate(self.ints, logits, noise, count, advance_last=advance_last)
+
 
 FIXED_MAX_STREAMS = 16  # more streams at once: the batched torch step is faster (bench/sample_speed.py)
 
@@ -376,6 +381,7 @@ def make_step(model: CharRNN, weight_format: str, streams: int) -> StepModel | F
 
 
 PRIME_CHUNK = 8192
+WRITE_FIRST, WRITE_MOST = 16, 512  # characters per call of the compiled writer (Sampler._write_fixed)
 NOISE_FLOATS = 1 << 20  # Gumbel noise drawn ahead, in floats: a few MB whatever the batch and vocab
 
 
@@ -408,16 +414,29 @@ def make_picker(
     return pick
 
 
+class GumbelNoise:
+    """T x Gumbel noise for one generation, many steps' worth per draw from its generator: a draw from
+    softmax(logits / T) is argmax(logits + noise). The torch picker and the compiled writer
+    (FixedStep.generate) take the same blocks, so they write the same text."""
+
+    def __init__(self, temperature: float, length: int, generator: torch.Generator) -> None:
+        self.temperature, self.length, self.generator = temperature, length, generator
+
+    def block(self, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+        """[steps, *shape]: the noise of the next `steps` steps (as many as fit in NOISE_FLOATS)."""
+        steps = max(1, min(self.length, NOISE_FLOATS // math.prod(shape)))
+        e = torch.empty(steps, *shape, device=device).exponential_(generator=self.generator)
+        return e.clamp_min_(1e-30).log_().mul_(-self.temperature)
+
+
 def _gumbel(temperature: float, length: int, generator: torch.Generator) -> Picker:
-    """A draw from softmax(logits / T) as argmax(logits + T * Gumbel noise): two tensor ops per step,
-    with the noise for many steps drawn in one call."""
+    """Two tensor ops per step, with the noise for many steps drawn in one call."""
+    source = GumbelNoise(temperature, length, generator)
     noise: list[torch.Tensor] = []
 
     def pick(logits: torch.Tensor) -> torch.Tensor:
         if not noise:
-            steps = max(1, min(length, NOISE_FLOATS // logits.numel()))
-            e = torch.empty(steps, *logits.shape, device=logits.device).exponential_(generator=generator)
-            noise.extend(reversed((e.clamp_min_(1e-30).log_().mul_(-temperature)).unbind()))
+            noise.extend(reversed(source.block(logits.shape, logits.device).unbind()))
         return (logits + noise.pop()).argmax(-1)
 
     return pick
@@ -549,6 +568,10 @@ class Sampler:
         rules = [StopRule(stop, lines, include_stop=include_stop) for _ in range(num_samples)]
         self.rules = rules
         watching = rules[0].active
+        plain_draw = temperature == 0 or (top_k is None and (top_p is None or top_p >= 1.0))
+        if adapt is None and num_samples == 1 and plain_draw and isinstance(advance, FixedStep):
+            yield from self._write_fixed(advance, logits, length, temperature, generator, rules[0])
+            return
         # one stream: short probes, since such a sample is often over in a second and a 0.4 s look at
         # the slower count would cost it ~10% (bench/contention.py); 0.1 s still averages ~500 steps.
         # Many streams: each step is 64x the work, and 0.1 s is too few steps to tell the counts apart
@@ -570,6 +593,44 @@ class Sampler:
                         logits = advance(next_ids)
             if watching:
                 yield [rule.flush() for rule in rules]
+
+    def _write_fixed(
+        self,
+        step: FixedStep,
+        logits: torch.Tensor,
+        length: int,
+        temperature: float,
+        generator: torch.Generator,
+        rule: StopRule,
+    ) -> Iterator[list[str]]:
+        """One sample through the compiled writer, in blocks that grow from WRITE_FIRST to WRITE_MOST
+        characters (the first ones show at once; a stop string wastes at most a block). The same text
+        as stream's loop: the same noise blocks, float32 sums and first-of-equal-maxima argmax."""
+        chars = self.vocab.chars
+        source = None if temperature == 0 else GumbelNoise(temperature, length, generator)
+        current = logits[0].float().cpu().numpy().copy()  # float32 [V], updated by each block
+        noise = np.empty((0, len(current)), dtype=np.float32)
+        used, done, block = 0, 0, WRITE_FIRST
+        while done < length:
+            count = min(block, length - done)
+            rows = noise[:0]
+            if source is not None:
+                if used == len(noise):
+                    noise, used = source.block((len(current),), torch.device("cpu")).numpy(), 0
+                count = min(count, len(noise) - used)
+                rows, used = noise[used : used + count], used + count
+            ids = step.generate(current, rows, count, advance_last=done + count < length)
+            done += count
+            for j in ids.tolist():
+                if not rule.active:
+                    yield [chars[j]]
+                    continue
+                yield [rule.feed(chars[j])]
+                if rule.stopped:
+                    return
+            block = min(2 * block, WRITE_MOST)
+        if rule.active:
+            yield [rule.flush()]
 
     @torch.inference_mode()
     def beam_search(

@@ -199,3 +199,42 @@ def test_sampling_falls_back_to_the_torch_step_for_a_model_the_integers_cannot_h
         net.rnn.weight_hh_l1.fill_(1.0)
     assert isinstance(make_step(net, "fixed", 1), StepModel)
     assert isinstance(make_step(random_model("gru"), "fixed", 1), FixedStep)
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn", "rnn-relu"])
+def test_the_compiled_writer_writes_what_stepping_and_drawing_write(cell: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FixedModel.generate (many characters in one compiled call) against a step at a time with the
+    float32 sum and argmax done in numpy; with numba and without, Gumbel rows and greedy."""
+    m = fixed.FixedModel.from_model(random_model(cell))
+    rng = np.random.default_rng(2)
+    noise = (rng.gumbel(size=(40, m.vocab)) * 0.8).astype(np.float32)
+    start = rng.normal(size=m.vocab).astype(np.float32)
+
+    def stepping(rows: np.ndarray, count: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+        state, logits, chosen = m.initial_state(1), start.copy(), []
+        for t in range(count):
+            chosen.append(int(np.argmax(logits + rows[t] if len(rows) else logits)))
+            logits = fixed.to_float(m.step(np.array(chosen[-1:]), state)[0])
+        return chosen, state, logits
+
+    def writing(rows: np.ndarray, count: int) -> tuple[list[int], np.ndarray, np.ndarray]:
+        state, logits = m.initial_state(1), start.copy()
+        chosen = m.generate(state, logits, rows, count, advance_last=True)
+        return chosen.tolist(), state, logits
+
+    for rows in (noise, noise[:0]):
+        expected = stepping(rows, 40)
+        got = [writing(rows, 40)]
+        fixed._kernel.cache_clear()
+        monkeypatch.setenv("CHARLM_NO_NUMBA", "1")
+        try:
+            got.append(writing(rows, 40))
+        finally:
+            monkeypatch.delenv("CHARLM_NO_NUMBA")
+            fixed._kernel.cache_clear()
+        for chosen, state, logits in got:
+            assert chosen == expected[0]
+            assert np.array_equal(state, expected[1]) and np.array_equal(logits, expected[2])
+    state, logits = m.initial_state(1), start.copy()
+    m.generate(state, logits, noise, 3, advance_last=False)  # the last one chosen but not read
+    assert np.array_equal(state, writing(noise, 2)[1])

@@ -311,3 +311,42 @@ def test_library_calls_give_back_the_threads_and_denormal_mode(tiny_checkpoint: 
         assert (torch.get_num_threads(), flushes_denormals()) == (3, False)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"temperature": 1.0},
+        {"temperature": 0.0},
+        {"temperature": 0.7, "stop": ["e "]},
+        {"temperature": 1.3, "lines": 3},
+    ],
+)
+def test_the_compiled_writer_writes_what_the_step_loop_writes(tiny_checkpoint: Path, options: dict) -> None:
+    """One sample with the integer step goes through the compiled writer in growing blocks; it must
+    write what picking and stepping one character at a time writes (what `charlm serve` does)."""
+    from charlm.sample import FixedStep, StopRule, make_picker, new_generator
+
+    pytest.importorskip("numba")
+    fixed_lm = CharLM.load(tiny_checkpoint, device="cpu", sample_precision="fixed")
+    sampler = fixed_lm.sampler
+    length = 700  # blocks of 16, 32, ... 512: crosses every size
+    logits, state = sampler.prime("The ", 1)
+    step = sampler.step_for(1)
+    assert isinstance(step, FixedStep)
+    step.reset(state)
+    temperature = options["temperature"]
+    pick = make_picker(
+        temperature=temperature, top_k=None, top_p=None, length=length, generator=new_generator(sampler.device, 5)
+    )
+    rule, text = StopRule(options.get("stop", ()), options.get("lines")), []
+    for _ in range(length):
+        j = int(pick(logits)[0])
+        text.append(rule.feed(sampler.vocab.chars[j]) if rule.active else sampler.vocab.chars[j])
+        if rule.stopped:
+            break
+        logits = step(torch.tensor([j]))
+    else:
+        text.append(rule.flush() if rule.active else "")
+    got = fixed_lm.sample("The ", length=length, rng_seed=5, **options)
+    assert got == "The " + "".join(text)
