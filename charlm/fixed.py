@@ -250,9 +250,8 @@ class FixedModel:
             raise ValueError(f"{count} characters need {count} rows of noise, not {len(noise)}")
         compiled = _kernel()
         if compiled is not None:
-            compiled.generate(
-                _CELLS[self.cell], state, *self.arrays(), *tables()[:2], logits, noise, chosen, advance_last
-            )
+            weights = (*self.arrays(), *tables()[:2])
+            compiled.generate(_CELLS[self.cell], state, weights, logits, noise, chosen, advance_last)
             return chosen
         for t in range(count):
             scores = logits if greedy else logits + noise[t]
@@ -406,58 +405,21 @@ class Compiled:
 
 def _step(kind, ids, state, table0, w_ih, m_ih, b_ih, w_hh, m_hh, b_hh, w_out, m_out, b_out, sig, tanh, out):  # noqa: ANN001, ANN202
     """Every stream through every layer and the output layer (compiled by _kernel)."""
+    weights = (table0, w_ih, m_ih, b_ih, w_hh, m_hh, b_hh, w_out, m_out, b_out, sig, tanh)
     acc_i = np.empty(w_hh.shape[1], dtype=np.int64)
     acc_h = np.empty(w_hh.shape[1], dtype=np.int64)
     acc_o = np.empty(w_out.shape[0], dtype=np.int64)
     for s in range(state.shape[2]):
-        _advance(
-            kind,
-            ids[s],
-            state,
-            s,
-            table0,
-            w_ih,
-            m_ih,
-            b_ih,
-            w_hh,
-            m_hh,
-            b_hh,
-            w_out,
-            m_out,
-            b_out,
-            sig,
-            tanh,
-            acc_i,
-            acc_h,
-            acc_o,
-        )
+        _advance(kind, ids[s], state, s, weights, acc_i, acc_h, acc_o)
         out[s, :] = acc_o
 
 
 @_jitable
-def _advance(
-    kind,
-    token,
-    state,
-    s,
-    table0,
-    w_ih,
-    m_ih,
-    b_ih,
-    w_hh,
-    m_hh,
-    b_hh,
-    w_out,
-    m_out,
-    b_out,
-    sig,
-    tanh,
-    acc_i,
-    acc_h,
-    acc_o,
-):  # noqa: ANN001, ANN202, E501
+def _advance(kind, token, state, s, weights, acc_i, acc_h, acc_o):  # noqa: ANN001, ANN202
     """Stream `s` reads `token`: its state moves on and acc_o holds its next Q10 logits. The cell's
-    maths of _cell, written element by element: no temporary arrays (they cost a third of a step)."""
+    maths of _cell, written element by element, without the temporary arrays numpy's form makes.
+    `weights`: FixedModel.arrays() and the sigmoid and tanh tables, as one tuple."""
+    table0, w_ih, m_ih, b_ih, w_hh, m_hh, b_hh, w_out, m_out, b_out, sig, tanh = weights
     layers, n = state.shape[1], state.shape[3]
     gi = acc_i  # rescaled in place
     for layer in range(layers):
@@ -497,33 +459,15 @@ def _advance(
         acc_o[v] = _rescale(acc_o[v], m_out[v], b_out[v])
 
 
-def _generate(
-    kind,
-    state,
-    table0,
-    w_ih,
-    m_ih,
-    b_ih,
-    w_hh,
-    m_hh,
-    b_hh,
-    w_out,
-    m_out,
-    b_out,
-    sig,
-    tanh,
-    logits,
-    noise,
-    chosen,
-    advance_last,
-):  # noqa: ANN001, ANN202, E501
+def _generate(kind, state, weights, logits, noise, chosen, advance_last):  # noqa: ANN001, ANN202
     """One stream writes len(chosen) characters: each is argmax(logits + noise[t]) in float32 (the
     Gumbel draw of sample._gumbel, bit for bit; noise of no rows: argmax(logits), the greedy choice),
     then read, turning the next Q10 logits into float32 in `logits` as to_float does. The last one is
-    read only with `advance_last`. No Python between characters: that is most of a step's cost."""
-    acc_i = np.empty(w_hh.shape[1], dtype=np.int64)
-    acc_h = np.empty(w_hh.shape[1], dtype=np.int64)
-    acc_o = np.empty(w_out.shape[0], dtype=np.int64)
+    read only with `advance_last`. No Python between characters: that is most of a step's cost.
+    `weights` as _advance takes them."""
+    acc_i = np.empty(weights[4].shape[1], dtype=np.int64)
+    acc_h = np.empty(weights[4].shape[1], dtype=np.int64)
+    acc_o = np.empty(weights[7].shape[0], dtype=np.int64)
     greedy = noise.shape[0] == 0
     scale = 1.0 / (1 << LOGIT_BITS)
     for t in range(len(chosen)):
@@ -534,27 +478,7 @@ def _generate(
                 best, top = v, x
         chosen[t] = best
         if t + 1 < len(chosen) or advance_last:
-            _advance(
-                kind,
-                best,
-                state,
-                0,
-                table0,
-                w_ih,
-                m_ih,
-                b_ih,
-                w_hh,
-                m_hh,
-                b_hh,
-                w_out,
-                m_out,
-                b_out,
-                sig,
-                tanh,
-                acc_i,
-                acc_h,
-                acc_o,
-            )
+            _advance(kind, best, state, 0, weights, acc_i, acc_h, acc_o)
             for v in range(len(logits)):
                 logits[v] = np.float32(acc_o[v] * scale)
 

@@ -341,7 +341,13 @@ class FixedStep:
         self.fixed = FixedModel.from_model(model)
         self.kind = model.config.cell
         self.ints = self.fixed.initial_state(1)  # [h (, c), L, B, H] Q12
-        self.fixed.step(np.zeros(1, dtype=np.int64), self.ints.copy())  # compiled (or loaded from cache) now
+        # compiled (or loaded from numba's cache) now, not inside the first generation: the step and
+        # the one-stream writer, with the argument types Sampler._write_fixed passes
+        self.fixed.step(np.zeros(1, dtype=np.int64), self.ints.copy())
+        vocab = self.fixed.vocab
+        self.fixed.generate(
+            self.ints.copy(), np.zeros(vocab, np.float32), np.zeros((1, vocab), np.float32), 1, advance_last=True
+        )
 
     def reset(self, state: State) -> None:
         values = torch.stack([s.detach().float().cpu() for s in state]).numpy()
