@@ -360,6 +360,7 @@ def explain_defaults(
     """One line per setting the rule chose because the caller left it open (README: "How charlm
     picks its defaults"); explicit options are never second-guessed, so they are not listed."""
     lines = []
+    many = passes is not None and passes.many
     if not (asked_model or ModelConfig()).hidden_size:
         budget = f"a {fmt_budget(config.time)} budget" if config.time else "no time budget"
         lines.append(
@@ -382,12 +383,11 @@ def explain_defaults(
                 f"32 from {MANY_PASSES:g} passes)"
             )
     if asked.lr is None:
-        many = f" x {MANY_PASSES_LR:g} for many passes" if passes is not None and passes.many else ""
+        larger = f" x {MANY_PASSES_LR:g} for many passes" if many else ""
         lines.append(
-            f"--lr {config.lr:.3g} (2e-3 x 512 / {model.hidden_size}{many}: narrower layers take larger steps)"
+            f"--lr {config.lr:.3g} (2e-3 x 512 / {model.hidden_size}{larger}: narrower layers take larger steps)"
         )
     if asked.weight_decay is None:
-        many = passes is not None and passes.many
         lines.append(
             f"--weight-decay {config.weight_decay:g}"
             + (" for many passes (a text seen many times is learned by heart without it)" if many else "")

@@ -23,8 +23,9 @@ from ..model import CharRNN
 MANY_PASSES = 3.0  # expected passes from which the smaller batch wins
 SMALL_BATCH = 32
 MANY_PASSES_LR = 1.5  # and, with the weight average smoothing the noise, a larger step
-# and weight decay 10x the default: measured on the 1.1M-character plays at 20 minutes (8.7 passes),
-# where the defaults' training loss fell to 1.46 bits/char against 2.21 on held-out text
+# and weight decay 10x the default: on the 1.1M-character plays at 20 minutes (8.7 passes) training
+# falls to 1.46 bits/char while held-out text stops near 2.18; 0.1 scored 2.170 against 0.01's 2.184
+# in one run, and 2.261 against 2.302 at 5 minutes (bench/results/quality-*-wd-rule-2026-12-03.json)
 MANY_PASSES_WEIGHT_DECAY = 0.1
 PROBE_STEPS = 2  # timed, after one warm-up step
 TRAINING_SHARE = 0.9  # of a time budget: validation takes about a tenth (schedule.auto_eval_every)
@@ -51,9 +52,9 @@ def measure_speed(
     are left as they were, so the run is the same as with the batch size given explicitly).
 
     `adaptive`: the run will keep whichever of one thread or all cores is faster (device.ThreadTuner),
-    so both are timed and the faster counts. Timing all cores alone misjudged a run by 3x on a VM whose
-    two cores were slower together than one (a 1.1M-character text at 5 minutes: 4.2 passes made,
-    under 3 expected, so it took the few-passes batch)."""
+    so both are timed and the faster counts. Timing all cores alone misjudged runs on a VM whose two
+    cores were slower together than one: 3,968 chars/s probed, 13,948 trained (one thread) on a small
+    text; a 1.1M-character text at 5 minutes judged under 3 passes made 4.2."""
     threads = torch.get_num_threads()
     if not adaptive or device.type != "cpu" or threads == 1:
         return _timed(net, device, precision, batch_size, seq_len)
