@@ -58,6 +58,39 @@ def test_the_kernel_and_numpy_give_the_same_integers(cell: str, monkeypatch: pyt
     assert np.array_equal(state_c, state_p) and np.array_equal(state_c, state_t)
 
 
+@pytest.mark.parametrize(("rows", "depth"), [(37, 13), (768, 256), (16, 8), (5, 1)])
+def test_the_packed_products_are_exact(rows: int, depth: int) -> None:
+    """The compiled multiply-add-pairs kernel, its numpy reference and a plain int64 product agree,
+    with padded rows and inputs and at the extremes the format allows (11-bit weights, ReLU inputs
+    at the clamp, as far as FixedModel.check lets a row's sum go), where a wrong order or width of
+    the sums would show."""
+    rng = np.random.default_rng(rows)
+    top = min(fixed.RELU_MAX, ((1 << 31) - 1) // (depth * fixed.WEIGHT_MAX))
+    for w, x in (
+        (
+            rng.integers(-fixed.WEIGHT_MAX, fixed.WEIGHT_MAX + 1, (rows, depth)),
+            rng.integers(-fixed.ONE, fixed.ONE + 1, depth),
+        ),
+        (np.full((rows, depth), fixed.WEIGHT_MAX), np.full(depth, top)),
+        (np.full((rows, depth), -fixed.WEIGHT_MAX), np.full(depth, top)),
+    ):
+        expected = w.astype(np.int64) @ x.astype(np.int64)
+        x16 = np.zeros(-(-depth // fixed.DEPTH) * fixed.DEPTH, dtype=np.int16)
+        x16[:depth] = x
+        packed = fixed._pack(w.astype(np.int16))
+        for dot in (fixed._dot_rows_numpy, fixed._dot_rows):
+            out = np.full(-(-rows // fixed.LANES) * fixed.LANES, 7, dtype=np.int64)
+            if dot is fixed._dot_rows:
+                if fixed._njit is None:
+                    continue
+                call = fixed._njit(lambda a, b, c: fixed._dot_rows(a, b, c))  # an intrinsic runs inside compiled code
+                call(packed, x16, out)
+            else:
+                dot(packed, x16, out)
+            assert np.array_equal(out[:rows], expected)
+            assert not out[rows:].any()  # padded rows sum zero weights
+
+
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn", "rnn-relu"])
 def test_integer_logits_follow_the_float_model(cell: str) -> None:
     net = random_model(cell)
