@@ -227,9 +227,19 @@ class FixedModel:
         args = self.kernel_arrays
         kind = _CELLS[self.cell]
         parts = min(threads, len(ids) // MIN_STREAMS_PER_THREAD)
-        if parts <= 1:
-            kernel(kind, ids, state, *args, out)
-            return out
+        # whole groups to each thread; the calling thread takes the last share instead of waiting
+        cuts = (
+            [min(len(ids), -(-len(ids) * i // parts // GROUP) * GROUP) for i in range(parts + 1)]
+            if parts > 1
+            else [0, len(ids)]
+        )
+        shares = list(zip(cuts[:-1], cuts[1:], strict=True))
+        pool = _pool(len(shares) - 1) if len(shares) > 1 else None
+        others = [pool.submit(kernel, kind, ids, state, a, b, *args, out) for a, b in shares[:-1]] if pool else []
+        kernel(kind, ids, state, *shares[-1], *args, out)
+        for job in others:
+            job.result()
+        return out
         cuts = [len(ids) * i // parts for i in range(parts + 1)]
         list(
             _pool(parts).map(
@@ -400,79 +410,104 @@ def _kernel() -> Compiled | None:
     if os.environ.get("CHARLM_NO_NUMBA") or _njit is None:
         return None
     jit = functools.partial(_njit, cache=True, nogil=True, boundscheck=False)
-    return Compiled(step=jit(_step), generate=jit(_generate))
+    return Compiled(step=jit(_step), generate=jit(_generate), frequencies=jit(_frequencies))
 
 
 @dataclass(frozen=True)
 class Compiled:
     step: Any  # the whole step of each stream
+    frequencies: Any  # the coder's integer frequencies from Q10 logits
     generate: Any  # one stream writing many characters: step, draw, step (FixedModel.generate)
 
 
-def _step(kind, ids, state, table0, w_ih, m_ih, b_ih, w_hh, m_hh, b_hh, w_out, m_out, b_out, sig, tanh, out):  # noqa: ANN001, ANN202
-    """Every stream through every layer and the output layer (compiled by _kernel)."""
+def _step(kind, ids, state, lo, hi, table0, w_ih, m_ih, b_ih, w_hh, m_hh, b_hh, w_out, m_out, b_out, sig, tanh, out):  # noqa: ANN001, ANN202
+    """Streams lo..hi-1 through every layer and the output layer, GROUP streams at a time (compiled by
+    _kernel). The whole state comes in, not a slice of it, so it keeps the one contiguous layout numba
+    compiles for."""
     weights = (table0, w_ih, m_ih, b_ih, w_hh, m_hh, b_hh, w_out, m_out, b_out, sig, tanh)
-    acc_i, acc_h, acc_o, x16 = _scratch(state, m_hh, m_out)
-    for s in range(state.shape[2]):
-        _advance(kind, ids[s], state, s, weights, acc_i, acc_h, acc_o, x16)
-        out[s, :] = acc_o[: out.shape[1]]
+    scratch = _scratch(hi - lo, state, m_hh, m_out)
+    vocab = out.shape[1]
+    for s0 in range(lo, hi, GROUP):
+        g = min(GROUP, hi - s0)
+        _advance(kind, ids[s0 : s0 + g], state, s0, weights, scratch)
+        for u in range(g):
+            out[s0 + u, :] = scratch[2][u, :vocab]
 
 
 @_jitable
-def _scratch(state, m_hh, m_out):  # noqa: ANN001, ANN202
-    """The sums of one stream's products (rows padded to whole blocks) and its int16 input."""
+def _scratch(streams, state, m_hh, m_out):  # noqa: ANN001, ANN202
+    """The sums of a group's products (rows padded to whole blocks) and its int16 inputs: one row for
+    a single stream, GROUP for more."""
     gates, vocab, n = m_hh.shape[1], m_out.shape[0], state.shape[3]
-    acc_i = np.zeros(-(-gates // LANES) * LANES, dtype=np.int64)
-    acc_h = np.zeros(-(-gates // LANES) * LANES, dtype=np.int64)
-    acc_o = np.zeros(-(-vocab // LANES) * LANES, dtype=np.int64)
-    x16 = np.zeros(-(-n // DEPTH) * DEPTH, dtype=np.int16)
+    group = 1 if streams == 1 else GROUP
+    acc_i = np.zeros((group, -(-gates // LANES) * LANES), dtype=np.int64)
+    acc_h = np.zeros((group, -(-gates // LANES) * LANES), dtype=np.int64)
+    acc_o = np.zeros((group, -(-vocab // LANES) * LANES), dtype=np.int64)
+    x16 = np.zeros((group, -(-n // DEPTH) * DEPTH), dtype=np.int16)
     return acc_i, acc_h, acc_o, x16
 
 
 @_jitable
-def _advance(kind, token, state, s, weights, acc_i, acc_h, acc_o, x16):  # noqa: ANN001, ANN202
-    """Stream `s` reads `token`: its state moves on and acc_o holds its next Q10 logits. The cell's
-    maths of _cell, written element by element, without the temporary arrays numpy's form makes.
-    `weights`: FixedModel.kernel_arrays; the rest from _scratch."""
+def _products(w, x16, acc, g):  # noqa: ANN001, ANN202
+    """The first g rows of acc = the products of w with the first g rows of x16."""
+    if g == 1:
+        _dot_rows(w, x16[0], acc[0])
+    else:
+        _dot_rows_group(w, x16, acc)  # rows past g: left over from an earlier group, never read
+
+
+@_jitable
+def _advance(kind, tokens, state, s0, weights, scratch):  # noqa: ANN001, ANN202
+    """Streams s0, s0 + 1, ... (at most GROUP) read `tokens`: their states move on and scratch[2] holds
+    their next Q10 logits, one row each. The cell's maths of _cell, written element by element, without
+    the temporary arrays numpy's form makes; each weight is read once for the whole group.
+    `weights`: FixedModel.kernel_arrays; `scratch`: from _scratch."""
     table0, w_ih, m_ih, b_ih, w_hh, m_hh, b_hh, w_out, m_out, b_out, sig, tanh = weights
+    acc_i, acc_h, acc_o, x16 = scratch
     layers, n = state.shape[1], state.shape[3]
-    gates = m_hh.shape[1]
-    gi = acc_i  # rescaled in place
+    gates, g = m_hh.shape[1], len(tokens)
     for layer in range(layers):
-        h = state[0, layer, s]
-        c = state[1, layer, s] if kind == 1 else h
-        if layer == 0:
-            gi = table0[token]
-        else:
-            _dot_rows(w_ih[layer - 1], _as_int16(state[0, layer - 1, s], x16), acc_i)
+        if layer > 0:
+            for u in range(g):
+                _as_int16(state[0, layer - 1, s0 + u], x16[u])
+            _products(w_ih[layer - 1], x16, acc_i, g)
             mi, bi = m_ih[layer - 1], b_ih[layer - 1]
-            for k in range(gates):
-                acc_i[k] = _rescale(acc_i[k], mi[k], bi[k])
-            gi = acc_i
-        _dot_rows(w_hh[layer], _as_int16(h, x16), acc_h)
+            for u in range(g):
+                for k in range(gates):
+                    acc_i[u, k] = _rescale(acc_i[u, k], mi[k], bi[k])
+        for u in range(g):
+            _as_int16(state[0, layer, s0 + u], x16[u])
+        _products(w_hh[layer], x16, acc_h, g)
         mh, bh = m_hh[layer], b_hh[layer]
-        for k in range(gates):
-            acc_h[k] = _rescale(acc_h[k], mh[k], bh[k])
-        gh = acc_h
-        for j in range(n):
-            if kind == 0:  # GRU: r, z, n; n's recurrent part gated by r
-                r = _lookup(sig, gi[j] + gh[j])
-                new = _lookup(tanh, gi[2 * n + j] + _mul(r, gh[2 * n + j]))
-                h[j] = new + _mul(_lookup(sig, gi[n + j] + gh[n + j]), h[j] - new)
-            elif kind == 1:  # LSTM: i, f, g, o
-                i_g = _lookup(sig, gi[j] + gh[j])
-                f_g = _lookup(sig, gi[n + j] + gh[n + j])
-                g_g = _lookup(tanh, gi[2 * n + j] + gh[2 * n + j])
-                cj = min(max(_mul(f_g, c[j]) + _mul(i_g, g_g), -(1 << 30)), 1 << 30)
-                c[j] = cj
-                h[j] = _mul(_lookup(sig, gi[3 * n + j] + gh[3 * n + j]), _lookup(tanh, cj))
-            elif kind == 2:
-                h[j] = _lookup(tanh, gi[j] + gh[j])
-            else:
-                h[j] = min(max(gi[j] + gh[j], 0), RELU_MAX)
-    _dot_rows(w_out, _as_int16(state[0, layers - 1, s], x16), acc_o)
-    for v in range(m_out.shape[0]):
-        acc_o[v] = _rescale(acc_o[v], m_out[v], b_out[v])
+        for u in range(g):
+            h = state[0, layer, s0 + u]
+            c = state[1, layer, s0 + u] if kind == 1 else h
+            gi = table0[tokens[u]] if layer == 0 else acc_i[u]
+            gh = acc_h[u]
+            for k in range(gates):
+                gh[k] = _rescale(gh[k], mh[k], bh[k])
+            for j in range(n):
+                if kind == 0:  # GRU: r, z, n; n's recurrent part gated by r
+                    r = _lookup(sig, gi[j] + gh[j])
+                    new = _lookup(tanh, gi[2 * n + j] + _mul(r, gh[2 * n + j]))
+                    h[j] = new + _mul(_lookup(sig, gi[n + j] + gh[n + j]), h[j] - new)
+                elif kind == 1:  # LSTM: i, f, g, o
+                    i_g = _lookup(sig, gi[j] + gh[j])
+                    f_g = _lookup(sig, gi[n + j] + gh[n + j])
+                    g_g = _lookup(tanh, gi[2 * n + j] + gh[2 * n + j])
+                    cj = min(max(_mul(f_g, c[j]) + _mul(i_g, g_g), -(1 << 30)), 1 << 30)
+                    c[j] = cj
+                    h[j] = _mul(_lookup(sig, gi[3 * n + j] + gh[3 * n + j]), _lookup(tanh, cj))
+                elif kind == 2:
+                    h[j] = _lookup(tanh, gi[j] + gh[j])
+                else:
+                    h[j] = min(max(gi[j] + gh[j], 0), RELU_MAX)
+    for u in range(g):
+        _as_int16(state[0, layers - 1, s0 + u], x16[u])
+    _products(w_out, x16, acc_o, g)
+    for u in range(g):
+        for v in range(m_out.shape[0]):
+            acc_o[u, v] = _rescale(acc_o[u, v], m_out[v], b_out[v])
 
 
 @_jitable
@@ -490,7 +525,8 @@ def _generate(kind, state, weights, logits, noise, chosen, advance_last):  # noq
     then read, turning the next Q10 logits into float32 in `logits` as to_float does. The last one is
     read only with `advance_last`. No Python between characters: that is most of a step's cost.
     `weights` as _advance takes them."""
-    acc_i, acc_h, acc_o, x16 = _scratch(state, weights[5], weights[8])
+    scratch = _scratch(1, state, weights[5], weights[8])
+    acc_o, token = scratch[2][0], np.zeros(1, dtype=np.int64)
     greedy = noise.shape[0] == 0
     scale = 1.0 / (1 << LOGIT_BITS)
     for t in range(len(chosen)):
@@ -501,7 +537,8 @@ def _generate(kind, state, weights, logits, noise, chosen, advance_last):  # noq
                 best, top = v, x
         chosen[t] = best
         if t + 1 < len(chosen) or advance_last:
-            _advance(kind, best, state, 0, weights, acc_i, acc_h, acc_o, x16)
+            token[0] = best
+            _advance(kind, token, state, 0, weights, scratch)
             for v in range(len(logits)):
                 logits[v] = np.float32(acc_o[v] * scale)
 
@@ -511,6 +548,7 @@ def _generate(kind, state, weights, logits, noise, chosen, advance_last):  # noq
 LANES = 16  # rows per block: 16 int32 sums fill one 512-bit register (two 256-bit ones)
 DEPTH = 8  # inputs padded to this multiple: four pairs of inputs per turn of the loop
 SUMS = 4  # independent sums per block, so the adds do not wait on one another
+GROUP = 4  # streams stepped together by _step, each weight read once for all of them
 
 
 def _pack(w: np.ndarray) -> np.ndarray:
@@ -547,6 +585,33 @@ if _njit is not None:
     from numba.core import cgutils as _cgutils
     from numba.extending import intrinsic as _intrinsic
 
+    class _Vectors:
+        """The LLVM vector types and the one operation both product kernels are made of."""
+
+        def __init__(self, builder: Any) -> None:
+            self.builder = builder
+            self.i16, self.i32, self.i64 = _ir.IntType(16), _ir.IntType(32), _ir.IntType(64)
+            self.pair_rows = _ir.VectorType(self.i16, 2 * LANES)  # one pair of inputs' weights, LANES rows
+            self.wide = _ir.VectorType(self.i32, 2 * LANES)
+            self.sums = _ir.VectorType(self.i32, LANES)
+            self.evens = _ir.Constant(self.sums, [2 * i for i in range(LANES)])
+            self.odds = _ir.Constant(self.sums, [2 * i + 1 for i in range(LANES)])
+            self.splat = _ir.Constant(self.sums, [0] * LANES)
+
+        def madd(self, weights: Any, pair: Any) -> Any:
+            """LANES int32 sums w[r, 2p] x[2p] + w[r, 2p+1] x[2p+1]: `weights` one pair_rows vector,
+            `pair` the two int16 inputs read as one int32. LLVM matches this shape to pmaddwd."""
+            b = self.builder
+            xs = b.insert_element(_ir.Constant(self.sums, None), pair, _ir.Constant(self.i32, 0))
+            xs = b.bitcast(b.shuffle_vector(xs, _ir.Constant(self.sums, None), self.splat), self.pair_rows)
+            prod = b.mul(b.sext(weights, self.wide), b.sext(xs, self.wide))
+            return b.add(b.shuffle_vector(prod, prod, self.evens), b.shuffle_vector(prod, prod, self.odds))
+
+        def store_sums(self, sums: Any, at: Any) -> None:
+            """LANES int32 sums widened into int64 memory at `at`."""
+            wide = _ir.VectorType(self.i64, LANES)
+            self.builder.store(self.builder.sext(sums, wide), self.builder.bitcast(at, wide.as_pointer()), align=8)
+
     @_intrinsic
     def _dot_rows(typingctx, w, x, out):  # noqa: ANN001, ANN202
         """out[r] = sum_k W[r, k] x[k] exactly, for `w` packed by _pack (int16), `x` int16 (length a
@@ -566,47 +631,70 @@ if _njit is not None:
 
         def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
             wa, xa, oa = (context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args, strict=True))
-            i16, i32, i64 = _ir.IntType(16), _ir.IntType(32), _ir.IntType(64)
-            pair_rows = _ir.VectorType(i16, 2 * LANES)  # one pair of inputs' weights for LANES rows
-            wide = _ir.VectorType(i32, 2 * LANES)
-            sums = _ir.VectorType(i32, LANES)
-            const = functools.partial(_ir.Constant, i64)
+            v = _Vectors(builder)
+            const = functools.partial(_ir.Constant, v.i64)
             pairs = builder.udiv(builder.extract_value(xa.shape, 0), const(2))
-            blocks = builder.udiv(builder.extract_value(oa.shape, 0), const(LANES))
-            w_ptr = builder.bitcast(wa.data, pair_rows.as_pointer())
-            x_ptr = builder.bitcast(xa.data, i32.as_pointer())  # a pair of int16 inputs as one int32
-            evens = _ir.Constant(sums, [2 * i for i in range(LANES)])
-            odds = _ir.Constant(sums, [2 * i + 1 for i in range(LANES)])
-            splat = _ir.Constant(sums, [0] * LANES)
-            slots = [_cgutils.alloca_once(builder, sums) for _ in range(SUMS)]
-            with _cgutils.for_range(builder, blocks) as block:
+            w_ptr = builder.bitcast(wa.data, v.pair_rows.as_pointer())
+            x_ptr = builder.bitcast(xa.data, v.i32.as_pointer())  # a pair of int16 inputs as one int32
+            slots = [_cgutils.alloca_once(builder, v.sums) for _ in range(SUMS)]
+            with _cgutils.for_range(builder, builder.udiv(builder.extract_value(oa.shape, 0), const(LANES))) as block:
                 for slot in slots:
-                    builder.store(_ir.Constant(sums, None), slot)
+                    builder.store(_ir.Constant(v.sums, None), slot)
                 first = builder.mul(block.index, pairs)
                 with _cgutils.for_range(builder, builder.udiv(pairs, const(SUMS))) as turn:
                     for u, slot in enumerate(slots):
                         p = builder.add(builder.mul(turn.index, const(SUMS)), const(u))
                         wv = builder.load(builder.gep(w_ptr, [builder.add(first, p)]), align=2)
-                        xv = builder.insert_element(
-                            _ir.Constant(sums, None),
-                            builder.load(builder.gep(x_ptr, [p]), align=2),
-                            _ir.Constant(i32, 0),
-                        )
-                        xv = builder.bitcast(builder.shuffle_vector(xv, _ir.Constant(sums, None), splat), pair_rows)
-                        prod = builder.mul(builder.sext(wv, wide), builder.sext(xv, wide))
-                        both = builder.add(
-                            builder.shuffle_vector(prod, prod, evens), builder.shuffle_vector(prod, prod, odds)
-                        )
+                        both = v.madd(wv, builder.load(builder.gep(x_ptr, [p]), align=2))
                         builder.store(builder.add(builder.load(slot), both), slot)
                 total = builder.load(slots[0])
                 for slot in slots[1:]:
                     total = builder.add(total, builder.load(slot))
-                at = builder.gep(oa.data, [builder.mul(block.index, const(LANES))])
-                builder.store(
-                    builder.sext(total, _ir.VectorType(i64, LANES)),
-                    builder.bitcast(at, _ir.VectorType(i64, LANES).as_pointer()),
-                    align=8,
-                )
+                v.store_sums(total, builder.gep(oa.data, [builder.mul(block.index, const(LANES))]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    @_intrinsic
+    def _dot_rows_group(typingctx, w, xs, outs):  # noqa: ANN001, ANN202
+        """_dot_rows for GROUP inputs at once: xs [GROUP, K] int16, outs [GROUP, rows] int64. Each
+        weight vector is loaded once and meets every input of the group, so the group costs about
+        what one input costs in memory traffic (the weights are what a step reads most)."""
+        for a, dims, dtype in ((w, 1, _types.int16), (xs, 2, _types.int16), (outs, 2, _types.int64)):
+            if not isinstance(a, _types.Array) or a.ndim != dims or a.layout != "C" or a.dtype != dtype:
+                return None
+        sig = _types.void(w, xs, outs)
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            wa, xa, oa = (context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args, strict=True))
+            v = _Vectors(builder)
+            const = functools.partial(_ir.Constant, v.i64)
+            depth = builder.extract_value(xa.shape, 1)
+            rows = builder.extract_value(oa.shape, 1)
+            pairs = builder.udiv(depth, const(2))
+            w_ptr = builder.bitcast(wa.data, v.pair_rows.as_pointer())
+            x_ptrs = [
+                builder.bitcast(builder.gep(xa.data, [builder.mul(const(u), depth)]), v.i32.as_pointer())
+                for u in range(GROUP)
+            ]
+            out_ptrs = [builder.gep(oa.data, [builder.mul(const(u), rows)]) for u in range(GROUP)]
+            # two sums per input (even and odd turns), so 2 x GROUP multiply-adds are in flight
+            slots = [[_cgutils.alloca_once(builder, v.sums) for _ in range(2)] for _ in range(GROUP)]
+            with _cgutils.for_range(builder, builder.udiv(rows, const(LANES))) as block:
+                for pair_slots in slots:
+                    for slot in pair_slots:
+                        builder.store(_ir.Constant(v.sums, None), slot)
+                first = builder.mul(block.index, pairs)
+                with _cgutils.for_range(builder, builder.udiv(pairs, const(2))) as turn:
+                    for half in range(2):
+                        p = builder.add(builder.mul(turn.index, const(2)), const(half))
+                        wv = builder.load(builder.gep(w_ptr, [builder.add(first, p)]), align=2)
+                        for x_ptr, pair_slots in zip(x_ptrs, slots, strict=True):
+                            both = v.madd(wv, builder.load(builder.gep(x_ptr, [p]), align=2))
+                            builder.store(builder.add(builder.load(pair_slots[half]), both), pair_slots[half])
+                sums = [builder.add(builder.load(a), builder.load(b)) for a, b in slots]
+                for out_ptr, total in zip(out_ptrs, sums, strict=True):
+                    v.store_sums(total, builder.gep(out_ptr, [builder.mul(block.index, const(LANES))]))
             return context.get_dummy_value()
 
         return sig, codegen
@@ -703,14 +791,44 @@ class LearningHead:
 def frequencies(logits: np.ndarray, free: int) -> np.ndarray:
     """Q10 logits [S, V] -> integer weights [S, V] int64 summing to exactly `free` per row, each from
     the exp table: w_i proportional to exp(l_i - max), floor-divided, the remainder to the first most
-    likely character. Integers only: the same on every machine."""
+    likely character. Integers only: the same on every machine (compiled or numpy, the same integers)."""
     _, _, exp = tables()
+    compiled = _kernel()
+    if compiled is not None:
+        out = np.empty(logits.shape, dtype=np.int64)
+        compiled.frequencies(np.ascontiguousarray(logits, dtype=np.int64), free, exp, out)
+        return out
     d = np.minimum(logits.max(axis=1, keepdims=True) - logits, EXP_RANGE)
     e = exp[d]  # [S, V] each in [1, 2^24]
     total = e.sum(axis=1, keepdims=True)
     w = (e * free) // total  # e * free < 2^48
     w[np.arange(len(w)), logits.argmax(axis=1)] += free - w.sum(axis=1)
     return w
+
+
+def _frequencies(logits, free, exp, out):  # noqa: ANN001, ANN202
+    """frequencies' integers row by row (compiled by _kernel)."""
+    for s in range(logits.shape[0]):
+        row, w = logits[s], out[s]
+        best = 0
+        for v in range(len(row)):
+            if row[v] > row[best]:
+                best = v
+        total = 0
+        for v in range(len(row)):
+            w[v] = exp[min(row[best] - row[v], EXP_RANGE)]
+            total += w[v]
+        given, inverse = 0, 1.0 / total
+        for v in range(len(row)):
+            # floor(w * free / total) without an integer division (tens of cycles each): the float
+            # quotient of these exact integers (below 2^53) is off by at most one, which is corrected
+            num = w[v] * free
+            q = np.int64(num * inverse)
+            q -= q * total > num
+            q += (q + 1) * total <= num
+            w[v] = q
+            given += q
+        w[best] += free - given
 
 
 def to_float(logits: np.ndarray) -> np.ndarray:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -296,8 +295,8 @@ def decode_segments(
     vocab_codes = vocab.codes
     n, segments, escape = char_count, len(payloads), len(vocab)
     lo, hi = stream_bounds(n, segments)
-    budget = [segment_bits(len(words)) for words in payloads]
-    spent = [0.0] * segments  # sum of -log2 p over each segment's decoded symbols
+    budget = np.array([segment_bits(len(words)) for words in payloads], dtype=np.float64)
+    spent = np.zeros(segments)  # sum of -log2 p over each segment's decoded symbols
     blocks: list[np.ndarray] = []  # [ENCODE_BLOCK, S] code points: memory follows the decoding, not the header
     stepper = CodingSteps(model, vocab, segments, adapt=adapt, portable=portable)
     steps = int((hi - lo).max()) if segments else 0
@@ -307,18 +306,24 @@ def decode_segments(
             blocks.append(np.zeros((ENCODE_BLOCK, segments), dtype=np.uint32))
         weights, _, raw = stepper.step()
         same_arithmetic = fingerprint(raw) == expected_fingerprint if k == 0 else same_arithmetic
-        coded = np.full(segments, IGNORE, dtype=np.int64)
-        for row in np.flatnonzero(lo + k < hi):
+        rows = np.flatnonzero(lo + k < hi)
+        symbols = np.empty(len(rows), dtype=np.int64)
+        codes = blocks[-1][k % ENCODE_BLOCK]
+        for i, row in enumerate(rows.tolist()):
             try:
                 symbol = int(decoders[row].decode(family, weights[row : row + 1])[0])
                 code = vocab_codes[symbol] if symbol < escape else _decode_escape(decoders[row], byte_model)
             except AssertionError:  # constriction's way of saying no encoder could have written these words
                 return None, same_arithmetic
-            spent[row] += PROBABILITY_BITS - math.log2(weights[row, symbol] + 1)  # constriction codes with weight + 1
-            if code < 0 or spent[row] > budget[row]:  # no UTF-8 after an escape, or reading past the real data
+            if code < 0:  # no UTF-8 after an escape
                 return None, same_arithmetic
-            coded[row] = symbol if symbol < escape else IGNORE
-            blocks[-1][k % ENCODE_BLOCK, row] = code
+            symbols[i], codes[row] = symbol, code
+        # each segment's bits so far, checked once a step: reading past the real data shows within a symbol
+        spent[rows] += PROBABILITY_BITS - np.log2(weights[rows, symbols] + 1)  # constriction codes with weight + 1
+        if (spent[rows] > budget[rows]).any():
+            return None, same_arithmetic
+        coded = np.full(segments, IGNORE, dtype=np.int64)
+        coded[rows] = np.where(symbols < escape, symbols, IGNORE)
         stepper.feed(coded)
         if progress is not None and (k % ENCODE_BLOCK == ENCODE_BLOCK - 1 or k == steps - 1):
             progress(int((np.minimum(lo + k + 1, hi) - lo).sum()), n)
