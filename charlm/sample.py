@@ -107,6 +107,7 @@ class StopRule:
 
     def __init__(self, stops: Sequence[str] = (), lines: int | None = None, *, include_stop: bool = False) -> None:
         self.stops = [s for s in stops if s]
+        self.stop_chars = frozenset("".join(self.stops))  # a character outside them ends no stop string
         self.lines = lines
         self.include_stop = include_stop
         self.held = ""
@@ -121,6 +122,13 @@ class StopRule:
     def feed(self, ch: str) -> str:
         if self.stopped:
             return ""
+        if ch not in self.stop_chars:  # the common case, in O(1): nothing can be held back after it
+            out, self.held = self.held + ch, ""
+            if ch == "\n" and self.lines is not None:
+                self.newlines += 1
+                if self.newlines >= self.lines:
+                    self.stopped = "lines"
+            return out
         self.held += ch
         for stop in self.stops:
             if self.held.endswith(stop):
@@ -617,6 +625,7 @@ class Sampler:
         current = logits[0].float().cpu().numpy().copy()  # float32 [V], updated by each block
         noise = np.empty((0, len(current)), dtype=np.float32)
         used, done, block = 0, 0, WRITE_FIRST
+        watching = rule.active
         while done < length:
             count = min(block, length - done)
             rows = noise[:0]
@@ -627,15 +636,16 @@ class Sampler:
                 rows, used = noise[used : used + count], used + count
             ids = step.generate(current, rows, count, advance_last=done + count < length)
             done += count
-            for j in ids.tolist():
-                if not rule.active:
+            if not watching:
+                for j in ids.tolist():
                     yield [chars[j]]
-                    continue
-                yield [rule.feed(chars[j])]
-                if rule.stopped:
-                    return
+            else:
+                for j in ids.tolist():
+                    yield [rule.feed(chars[j])]
+                    if rule.stopped:
+                        return
             block = min(2 * block, WRITE_MOST)
-        if rule.active:
+        if watching:
             yield [rule.flush()]
 
     @torch.inference_mode()

@@ -38,6 +38,19 @@ def test_a_stop_rule_holds_back_a_possible_stop_string_and_never_shows_half_of_i
     assert feed_all(StopRule(["zz"]), "abz") == "abz"  # the length cap shows what was held back
 
 
+@pytest.mark.parametrize(("stops", "lines"), [(["ab", "aab", "\n\n"], None), (["ba"], 3), ([], 4), (["b\n"], 2)])
+def test_a_stop_rule_shows_the_same_on_its_quick_path_and_its_full_one(stops: list[str], lines: int | None) -> None:
+    """Characters in no stop string take a shortcut; a rule that believes every character might
+    be in one (the full path only) shows the same thing at every position."""
+    import random
+
+    text = "".join(random.Random(len(stops)).choice("aab c\n") for _ in range(3000))
+    quick, full = StopRule(stops, lines), StopRule(stops, lines)
+    full.stop_chars = frozenset(text)
+    assert [quick.feed(ch) for ch in text] == [full.feed(ch) for ch in text]
+    assert (quick.stopped, quick.matched, quick.flush()) == (full.stopped, full.matched, full.flush())
+
+
 def test_samples_stop_at_a_string_each_on_its_own_and_reproducibly(lm: CharLM) -> None:
     free = lm.sample_many("The ", num_samples=4, length=300, rng_seed=5)
     stopped = lm.sample_many("The ", num_samples=4, length=300, rng_seed=5, stop=[". "])
