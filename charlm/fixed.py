@@ -226,27 +226,16 @@ class FixedModel:
         kernel = compiled.step
         args = self.kernel_arrays
         kind = _CELLS[self.cell]
-        parts = min(threads, len(ids) // MIN_STREAMS_PER_THREAD)
+        parts = max(1, min(threads, len(ids) // MIN_STREAMS_PER_THREAD))
         # whole groups to each thread; the calling thread takes the last share instead of waiting
-        cuts = (
-            [min(len(ids), -(-len(ids) * i // parts // GROUP) * GROUP) for i in range(parts + 1)]
-            if parts > 1
-            else [0, len(ids)]
-        )
+        width = -(-len(ids) // (GROUP * parts)) * GROUP
+        cuts = [min(len(ids), i * width) for i in range(parts + 1)]
         shares = list(zip(cuts[:-1], cuts[1:], strict=True))
         pool = _pool(len(shares) - 1) if len(shares) > 1 else None
         others = [pool.submit(kernel, kind, ids, state, a, b, *args, out) for a, b in shares[:-1]] if pool else []
         kernel(kind, ids, state, *shares[-1], *args, out)
         for job in others:
             job.result()
-        return out
-        cuts = [len(ids) * i // parts for i in range(parts + 1)]
-        list(
-            _pool(parts).map(
-                lambda ab: kernel(kind, ids[ab[0] : ab[1]], state[:, :, ab[0] : ab[1]], *args, out[ab[0] : ab[1]]),
-                zip(cuts[:-1], cuts[1:], strict=True),
-            )
-        )
         return out
 
     def generate(

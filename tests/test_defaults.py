@@ -103,7 +103,7 @@ def test_a_text_seen_many_times_trains_with_more_smaller_steps(in_tmp: Path) -> 
         config={"epochs": 3, "seq_len": 16, "batch_size": 64, "weight_decay": 0.05},
         out="given.safetensors",
     )
-    for result, batch, decay in ((many, 32, 0.1), (few, 64, 0.01), (given, 64, 0.05)):  # explicit options win
+    for result, batch, decay in ((many, 32, 0.3), (few, 64, 0.01), (given, 64, 0.05)):  # explicit options win
         header = read_header(result.checkpoint)
         assert (header.train["batch_size"], header.train["weight_decay"]) == (batch, decay)
         last = read_header(result.last_checkpoint)
@@ -119,7 +119,7 @@ def test_the_chosen_defaults_are_printed_at_the_start(in_tmp: Path, capsys: pyte
     assert "default --hidden 256 for a 2s budget" in err
     assert re.search(r"default --batch-size (32|64): ~[\d.]+ passes over [\d,]+ training characters at a measured", err)
     assert "default --lr 0.004" in err
-    assert re.search(r"default --weight-decay (0.1 for many passes|0.01\n)", err)
+    assert re.search(r"default --weight-decay (0.3 for many passes|0.01\n)", err)
     explicit = ["--time", "2s", "--hidden", "16", "--batch-size", "8", "--lr", "0.01", "--weight-decay", "0.01"]
     explicit.append("--overwrite")
     code, _, err = run_cli(["train", "small.txt", *explicit], capsys)
