@@ -574,12 +574,25 @@ if _njit is not None:
     from numba.core import cgutils as _cgutils
     from numba.extending import intrinsic as _intrinsic
 
-    class _Vectors:
-        """The LLVM vector types and the one operation both product kernels are made of."""
+    def _signature(w: Any, x: Any, out: Any, dims: int) -> Any:
+        """void(w, x, out) for contiguous arrays: w int16 1-D, x int16 and out int64 `dims`-D; else
+        None (numba then reports the call as not matching)."""
+        for a, ndim, dtype in ((w, 1, _types.int16), (x, dims, _types.int16), (out, dims, _types.int64)):
+            if not isinstance(a, _types.Array) or a.ndim != ndim or a.layout != "C" or a.dtype != dtype:
+                return None
+        return _types.void(w, x, out)
 
-        def __init__(self, builder: Any) -> None:
+    class _Vectors:
+        """The arrays of a product kernel's call, the LLVM vector types, and the one operation both
+        product kernels are made of."""
+
+        def __init__(self, context: Any, builder: Any, signature: Any, args: Any) -> None:
             self.builder = builder
+            self.w, self.x, self.out = (
+                context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args, strict=True)
+            )
             self.i16, self.i32, self.i64 = _ir.IntType(16), _ir.IntType(32), _ir.IntType(64)
+            self.const = functools.partial(_ir.Constant, self.i64)
             self.pair_rows = _ir.VectorType(self.i16, 2 * LANES)  # one pair of inputs' weights, LANES rows
             self.wide = _ir.VectorType(self.i32, 2 * LANES)
             self.sums = _ir.VectorType(self.i32, LANES)
@@ -611,17 +624,10 @@ if _njit is not None:
         machine's own instructions: vpdpwssd with AVX512-VNNI, vpmaddwd with AVX2, smlal on ARM.
         Sums are int32, which FixedModel.check proves wide enough for any row; integer sums are exact
         in any order, so every machine gets the same integers."""
-        arrays = (w, x, out)
-        wanted = (_types.int16, _types.int16, _types.int64)
-        for a, dtype in zip(arrays, wanted, strict=True):
-            if not isinstance(a, _types.Array) or a.ndim != 1 or a.layout != "C" or a.dtype != dtype:
-                return None
-        sig = _types.void(w, x, out)
 
         def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-            wa, xa, oa = (context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args, strict=True))
-            v = _Vectors(builder)
-            const = functools.partial(_ir.Constant, v.i64)
+            v = _Vectors(context, builder, signature, args)
+            wa, xa, oa, const = v.w, v.x, v.out, v.const
             pairs = builder.udiv(builder.extract_value(xa.shape, 0), const(2))
             w_ptr = builder.bitcast(wa.data, v.pair_rows.as_pointer())
             x_ptr = builder.bitcast(xa.data, v.i32.as_pointer())  # a pair of int16 inputs as one int32
@@ -642,22 +648,17 @@ if _njit is not None:
                 v.store_sums(total, builder.gep(oa.data, [builder.mul(block.index, const(LANES))]))
             return context.get_dummy_value()
 
-        return sig, codegen
+        return _signature(w, x, out, 1), codegen
 
     @_intrinsic
     def _dot_rows_group(typingctx, w, xs, outs):  # noqa: ANN001, ANN202
         """_dot_rows for GROUP inputs at once: xs [GROUP, K] int16, outs [GROUP, rows] int64. Each
         weight vector is loaded once and meets every input of the group, so the group costs about
         what one input costs in memory traffic (the weights are what a step reads most)."""
-        for a, dims, dtype in ((w, 1, _types.int16), (xs, 2, _types.int16), (outs, 2, _types.int64)):
-            if not isinstance(a, _types.Array) or a.ndim != dims or a.layout != "C" or a.dtype != dtype:
-                return None
-        sig = _types.void(w, xs, outs)
 
         def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
-            wa, xa, oa = (context.make_array(t)(context, builder, v) for t, v in zip(signature.args, args, strict=True))
-            v = _Vectors(builder)
-            const = functools.partial(_ir.Constant, v.i64)
+            v = _Vectors(context, builder, signature, args)
+            wa, xa, oa, const = v.w, v.x, v.out, v.const
             depth = builder.extract_value(xa.shape, 1)
             rows = builder.extract_value(oa.shape, 1)
             pairs = builder.udiv(depth, const(2))
@@ -686,7 +687,7 @@ if _njit is not None:
                     v.store_sums(total, builder.gep(out_ptr, [builder.mul(block.index, const(LANES))]))
             return context.get_dummy_value()
 
-        return sig, codegen
+        return _signature(w, xs, outs, 2), codegen
 
 else:
     _dot_rows = _dot_rows_numpy
