@@ -21,11 +21,12 @@ Building the integers from a checkpoint uses only exactly rounded operations on 
 (divide, multiply, rint): IEEE 754 makes them the same everywhere.
 
 Two implementations compute the same integers: a numba kernel whose products are hand-written LLVM
-vector code (`_dot_rows`: multiply-add-pairs over packed int16 weights), stream after stream, and,
+vector code (`_dot_rows`: multiply-add-pairs over packed int16 weights), four streams at a time, and,
 without numba, numpy with torch's float64 matrix products, which are exact for these integers (every
 partial sum is an integer far below 2^53, so the order of additions and the thread count cannot
 matter). The kernel is the faster at every stream count measured (1 to 256; GRU 2x256 on a 2-core
-Xeon: 30 us a step for one stream, 25 us per stream for 64, where the float64 products took 36 us).
+Xeon, one thread: 27-35 us a step for one stream, about 18 us per stream for 64, where the float64
+products took 36 us per stream).
 Tests hold them equal.
 """
 
