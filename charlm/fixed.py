@@ -231,7 +231,7 @@ class FixedModel:
         # whole groups to each thread; the calling thread takes the last share instead of waiting
         width = -(-len(ids) // (GROUP * parts)) * GROUP
         cuts = [min(len(ids), i * width) for i in range(parts + 1)]
-        shares = list(zip(cuts[:-1], cuts[1:], strict=True))
+        shares = [(a, b) for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a]  # 13 streams, 3 threads: 8, 5, 0
         pool = _pool(len(shares) - 1) if len(shares) > 1 else None
         others = [pool.submit(kernel, kind, ids, state, a, b, *args, out) for a, b in shares[:-1]] if pool else []
         kernel(kind, ids, state, *shares[-1], *args, out)
