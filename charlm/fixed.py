@@ -49,6 +49,7 @@ ACT_BITS = 12  # activations are Q12
 ONE = 1 << ACT_BITS
 HALF = 1 << (ACT_BITS - 1)
 WEIGHT_MAX = 1023  # 11-bit weights in int16
+NARROW = 127  # 8-bit weights in int8: sampling's step for models whose int16 weights outgrow a core's L2
 MUL_BITS = 28  # fraction bits of the rescaling multipliers
 LOGIT_BITS = 10  # logits are Q10
 TABLE_MIN = -(1 << 15)  # sigmoid/tanh tables cover Q12 inputs [-8, 8)
@@ -57,6 +58,17 @@ RELU_MAX = (1 << 15) - 1  # a ReLU activation is clamped at 8 (Q12)
 EXP_BITS = 24  # exp table entries are exp(-d / 1024) x 2^24
 EXP_RANGE = 24 << LOGIT_BITS  # logits more than 24 nats below the best get the smallest weight
 FORMAT = 1  # of the integer model; recorded in archives
+
+
+NARROW_FROM_BYTES = 2 << 20  # int16 layer weights past this (a core's L2 on many CPUs): sample narrow
+
+
+def narrow_pays(config: Any) -> bool:
+    """Whether a model's layer matrices in int16 outgrow NARROW_FROM_BYTES, so that one stream's step
+    is bound by reading them from L3 or memory and 8-bit weights make it about twice as fast. Decided
+    by the model's shape alone, so a seeded sample writes the same text on every machine."""
+    h = config.hidden_size
+    return 2 * config.gates() * h * h * (2 * config.num_layers - 1) > NARROW_FROM_BYTES
 
 
 def _rounded_table(fn: Any, exact: Any, xs: np.ndarray, scale: int) -> np.ndarray:
@@ -93,12 +105,13 @@ def _dtanh(x: Decimal) -> Decimal:
     return (e - 1) / (e + 1)
 
 
-def _quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int16 q [N, K], float64 scale [N]) with w ~ q * scale per row; all-zero rows get scale 1."""
+def _quantize_rows(w: np.ndarray, top_q: int = WEIGHT_MAX) -> tuple[np.ndarray, np.ndarray]:
+    """(q [N, K], float64 scale [N]) with w ~ q * scale per row and |q| <= top_q: int16, or int8 for
+    NARROW weights; all-zero rows get scale 1."""
     w = np.asarray(w, dtype=np.float64)
     top = np.abs(w).max(axis=1) if w.shape[1] else np.zeros(w.shape[0])
-    scale = np.where(top > 0, top / WEIGHT_MAX, 1.0)
-    q = np.clip(np.rint(w / scale[:, None]), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int16)
+    scale = np.where(top > 0, top / top_q, 1.0)
+    q = np.clip(np.rint(w / scale[:, None]), -top_q, top_q).astype(np.int8 if top_q <= NARROW else np.int16)
     return q, scale
 
 
@@ -122,10 +135,10 @@ class FixedModel:
     hidden: int
     vocab: int
     table0: np.ndarray  # [V, G*H] int64: layer 0's input pre-activations (+ biases but GRU's b_hh)
-    w_ih: np.ndarray  # [L-1, G*H, H] int16: input weights of layers 1..
+    w_ih: np.ndarray  # [L-1, G*H, H] int16 (int8 when narrow): input weights of layers 1..
     m_ih: np.ndarray  # [L-1, G*H] int64 multipliers
     b_ih: np.ndarray  # [L-1, G*H] int64 Q12 (+ b_hh but for GRU)
-    w_hh: np.ndarray  # [L, G*H, H] int16
+    w_hh: np.ndarray  # [L, G*H, H] int16 (int8 when narrow)
     m_hh: np.ndarray  # [L, G*H] int64
     b_hh: np.ndarray  # [L, G*H] int64 Q12 (GRU's b_hh; zero otherwise)
     w_out: np.ndarray  # [V, H] int16
@@ -134,8 +147,14 @@ class FixedModel:
     s_out: np.ndarray  # [V] float64: the output rows' scales (what a learning head's steps are sized by)
 
     @classmethod
-    def from_model(cls, model: Any) -> FixedModel:
-        """The integers of a CharRNN (any device, any dtype: read as float32, as checkpoints store)."""
+    def from_model(cls, model: Any, *, narrow: bool = False) -> FixedModel:
+        """The integers of a CharRNN (any device, any dtype: read as float32, as checkpoints store).
+
+        `narrow`: the layers' weight matrices in 8 bits (int8, |q| <= 127) instead of 11, half the bytes
+        a step reads (sample.FixedStep, for models past NARROW_FROM_BYTES). Not an archive format:
+        `compress` always uses the 11-bit weights. Layer 0's input table and the output layer keep 11
+        bits (they are a small share of the bytes)."""
+        top_q = NARROW if narrow else WEIGHT_MAX
         cfg = model.config
         rnn = model.rnn
         g, h = cfg.gates(), cfg.hidden_size
@@ -150,7 +169,7 @@ class FixedModel:
             bi, bh = _q(get(f"bias_ih_l{i}"), ACT_BITS), _q(get(f"bias_hh_l{i}"), ACT_BITS)
             if not gru:
                 bi, bh = bi + bh, np.zeros_like(bh)
-            wi, si = _quantize_rows(get(f"weight_ih_l{i}"))
+            wi, si = _quantize_rows(get(f"weight_ih_l{i}"), WEIGHT_MAX if i == 0 else top_q)
             if i == 0:
                 emb = model.embed.weight.detach().float().cpu().numpy().astype(np.float64)
                 qe, se = _quantize_rows(emb)
@@ -160,7 +179,7 @@ class FixedModel:
                 w_ih.append(wi)
                 m_ih.append(_multiplier(si, ACT_BITS))
                 b_ih.append(bi)
-            wh, sh = _quantize_rows(get(f"weight_hh_l{i}"))
+            wh, sh = _quantize_rows(get(f"weight_hh_l{i}"), top_q)
             w_hh.append(wh)
             m_hh.append(_multiplier(sh, ACT_BITS))
             b_hh.append(bh)
@@ -176,10 +195,10 @@ class FixedModel:
             hidden=h,
             vocab=cfg.vocab_size,
             table0=np.ascontiguousarray(table0),
-            w_ih=stack(w_ih, (0, g * h, h), np.int16),
+            w_ih=stack(w_ih, (0, g * h, h), np.int8 if narrow else np.int16),
             m_ih=stack(m_ih, (0, g * h), np.int64),
             b_ih=stack(b_ih, (0, g * h), np.int64),
-            w_hh=stack(w_hh, (0, g * h, h), np.int16),
+            w_hh=stack(w_hh, (0, g * h, h), np.int8 if narrow else np.int16),
             m_hh=stack(m_hh, (0, g * h), np.int64),
             b_hh=stack(b_hh, (0, g * h), np.int64),
             w_out=wo,
@@ -239,18 +258,47 @@ class FixedModel:
             job.result()
         return out
 
+    @property
+    def can_split(self) -> bool:
+        """Whether one stream's step can run on two cores (generate with threads=2): the kernel is
+        here and each half of a layer's units is whole blocks of LANES rows."""
+        return _kernel() is not None and self.hidden % (2 * LANES) == 0
+
     def generate(
-        self, state: np.ndarray, logits: np.ndarray, noise: np.ndarray, count: int, *, advance_last: bool
+        self,
+        state: np.ndarray,
+        logits: np.ndarray,
+        noise: np.ndarray,
+        count: int,
+        *,
+        advance_last: bool,
+        threads: int = 1,
     ) -> np.ndarray:
         """One stream (state [.., 1, H], updated in place) writes `count` characters from float32
         `logits` [V] (updated in place to the logits after the last one read): each is
         argmax(logits + noise[t]), or argmax(logits) when `noise` has no rows. The compiled loop when
-        numba is here; else the same integers and floats a step at a time."""
+        numba is here; else the same integers and floats a step at a time.
+
+        `threads` 2 (and can_split): each layer's units in two halves, which this thread and a partner
+        take as they come (the same integers). It pays when the weights outgrow one core's cache
+        (each core then reads half) and only while the partner gets a core: sample.FixedStep measures."""
         chosen = np.empty(count, dtype=np.int64)
         greedy = len(noise) == 0
         if not greedy and len(noise) < count:
             raise ValueError(f"{count} characters need {count} rows of noise, not {len(noise)}")
         compiled = _kernel()
+        if compiled is not None and threads > 1 and self.can_split and count > 0:
+            kind, weights = _CELLS[self.cell], self.kernel_arrays
+            sync = np.zeros(SYNC_SIZE, dtype=np.int64)
+            shared = np.zeros((2, -(-self.hidden // DEPTH) * DEPTH), dtype=np.int16)
+            # not waited for: it ends when the lead publishes -1, and a partner that starts late finds
+            # every half taken (waiting for it would cost a time slice on a busy machine)
+            _pool(1, "charlm-partner").submit(compiled.write_partner, kind, state, weights, sync, shared)
+            try:
+                compiled.write_lead(kind, state, weights, logits, noise, chosen, advance_last, sync, shared)
+            finally:
+                sync[GO] = -1
+            return chosen
         if compiled is not None:
             weights = self.kernel_arrays
             compiled.generate(_CELLS[self.cell], state, weights, logits, noise, chosen, advance_last)
@@ -305,8 +353,8 @@ MIN_STREAMS_PER_THREAD = 4  # fewer: handing work to another thread costs more t
 
 
 @functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(threads, thread_name_prefix="charlm-fixed")
+def _pool(threads: int, name: str = "charlm-fixed") -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix=name)
 
 
 # ---- the pointwise maths, written once: numpy runs it as is, numba compiles it into the kernel ----
@@ -314,11 +362,16 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 try:  # register_jitable: plain Python when called from Python, compiled inline into the kernel
     from numba import njit as _njit
     from numba.extending import register_jitable as _jitable
+
+    # a per-unit function called in the kernel's inner loop: numba's call costs more than its maths
+    _inline = _jitable(inline="always")
 except ImportError:  # numpy and torch compute the same integers
     _njit = None
 
     def _jitable(fn: Any) -> Any:
         return fn
+
+    _inline = _jitable
 
 
 @_jitable
@@ -400,7 +453,13 @@ def _kernel() -> Compiled | None:
     if os.environ.get("CHARLM_NO_NUMBA") or _njit is None:
         return None
     jit = functools.partial(_njit, cache=True, nogil=True, boundscheck=False)
-    return Compiled(step=jit(_step), generate=jit(_generate), frequencies=jit(_frequencies))
+    return Compiled(
+        step=jit(_step),
+        generate=jit(_generate),
+        frequencies=jit(_frequencies),
+        write_lead=jit(_write_lead),
+        write_partner=jit(_write_partner),
+    )
 
 
 @dataclass(frozen=True)
@@ -408,6 +467,8 @@ class Compiled:
     step: Any  # the whole step of each stream
     frequencies: Any  # the coder's integer frequencies from Q10 logits
     generate: Any  # one stream writing many characters: step, draw, step (FixedModel.generate)
+    write_lead: Any  # the same on two cores: this thread's part (FixedModel.generate with threads=2)
+    write_partner: Any  # and the partner thread's
 
 
 def _step(kind, ids, state, lo, hi, table0, w_ih, m_ih, b_ih, w_hh, m_hh, b_hh, w_out, m_out, b_out, sig, tanh, out):  # noqa: ANN001, ANN202
@@ -477,27 +538,34 @@ def _advance(kind, tokens, state, s0, weights, scratch):  # noqa: ANN001, ANN202
             for k in range(gates):
                 gh[k] = _rescale(gh[k], mh[k], bh[k])
             for j in range(n):
-                if kind == 0:  # GRU: r, z, n; n's recurrent part gated by r
-                    r = _lookup(sig, gi[j] + gh[j])
-                    new = _lookup(tanh, gi[2 * n + j] + _mul(r, gh[2 * n + j]))
-                    h[j] = new + _mul(_lookup(sig, gi[n + j] + gh[n + j]), h[j] - new)
-                elif kind == 1:  # LSTM: i, f, g, o
-                    i_g = _lookup(sig, gi[j] + gh[j])
-                    f_g = _lookup(sig, gi[n + j] + gh[n + j])
-                    g_g = _lookup(tanh, gi[2 * n + j] + gh[2 * n + j])
-                    cj = min(max(_mul(f_g, c[j]) + _mul(i_g, g_g), -(1 << 30)), 1 << 30)
-                    c[j] = cj
-                    h[j] = _mul(_lookup(sig, gi[3 * n + j] + gh[3 * n + j]), _lookup(tanh, cj))
-                elif kind == 2:
-                    h[j] = _lookup(tanh, gi[j] + gh[j])
-                else:
-                    h[j] = min(max(gi[j] + gh[j], 0), RELU_MAX)
+                _unit(kind, gi, gh, h, c, j, n, sig, tanh)
     for u in range(g):
         _as_int16(state[0, layers - 1, s0 + u], x16[u])
     _products(w_out, x16, acc_o, g)
     for u in range(g):
         for v in range(m_out.shape[0]):
             acc_o[u, v] = _rescale(acc_o[u, v], m_out[v], b_out[v])
+
+
+@_inline
+def _unit(kind, gi, gh, h, c, j, n, sig, tanh):  # noqa: ANN001, ANN202
+    """Unit j's new h[j] (and c[j] for LSTM) from its gates' rescaled pre-activations: _cell's maths
+    for one unit, without the temporary arrays numpy's form makes."""
+    if kind == 0:  # GRU: r, z, n; n's recurrent part gated by r
+        r = _lookup(sig, gi[j] + gh[j])
+        new = _lookup(tanh, gi[2 * n + j] + _mul(r, gh[2 * n + j]))
+        h[j] = new + _mul(_lookup(sig, gi[n + j] + gh[n + j]), h[j] - new)
+    elif kind == 1:  # LSTM: i, f, g, o
+        i_g = _lookup(sig, gi[j] + gh[j])
+        f_g = _lookup(sig, gi[n + j] + gh[n + j])
+        g_g = _lookup(tanh, gi[2 * n + j] + gh[2 * n + j])
+        cj = min(max(_mul(f_g, c[j]) + _mul(i_g, g_g), -(1 << 30)), 1 << 30)
+        c[j] = cj
+        h[j] = _mul(_lookup(sig, gi[3 * n + j] + gh[3 * n + j]), _lookup(tanh, cj))
+    elif kind == 2:
+        h[j] = _lookup(tanh, gi[j] + gh[j])
+    else:
+        h[j] = min(max(gi[j] + gh[j], 0), RELU_MAX)
 
 
 @_jitable
@@ -533,7 +601,110 @@ def _generate(kind, state, weights, logits, noise, chosen, advance_last):  # noq
                 logits[v] = np.float32(acc_o[v] * scale)
 
 
-# ---- the products: int16 weights packed for multiply-add-pairs ----
+# ---- one stream on two cores: each layer's units in two halves, either core may take either ----
+
+GO, TOKEN, CLAIMED, DONE = 0, 8, 16, 32  # slots of the sync array, a cache line apart (+ 8 x half)
+SYNC_SIZE = 48
+
+
+@_jitable
+def _half(kind, q, layer, token, state, weights, shared, acc_i, acc_h):  # noqa: ANN001, ANN202
+    """Half q of a layer's units for one stream: their rows' products of every gate, rescaled, and
+    their cell updates. Inputs are read from `shared` (the layer's inputs as int16, written before
+    the phase began), so the other half updating its units in place meanwhile cannot change them."""
+    table0, w_ih, m_ih, b_ih, w_hh, m_hh, b_hh, _, _, _, sig, tanh = weights
+    n, depth = state.shape[3], shared.shape[1]
+    half = n // 2
+    j0 = q * half
+    for gate in range(m_hh.shape[1] // n):
+        r0 = gate * n + j0
+        r1 = r0 + half
+        if layer > 0:
+            mi, bi = m_ih[layer - 1], b_ih[layer - 1]
+            _dot_rows(w_ih[layer - 1][r0 * depth : r1 * depth], shared[0], acc_i[r0:r1])
+            for k in range(r0, r1):
+                acc_i[k] = _rescale(acc_i[k], mi[k], bi[k])
+        mh, bh = m_hh[layer], b_hh[layer]
+        _dot_rows(w_hh[layer][r0 * depth : r1 * depth], shared[1], acc_h[r0:r1])
+        for k in range(r0, r1):
+            acc_h[k] = _rescale(acc_h[k], mh[k], bh[k])
+    h = state[0, layer, 0]
+    c = state[1, layer, 0] if kind == 1 else h
+    gi = table0[token] if layer == 0 else acc_i
+    for j in range(j0, j0 + half):
+        _unit(kind, gi, acc_h, h, c, j, n, sig, tanh)
+
+
+@_jitable
+def _take_halves(kind, first, k, layer, token, state, weights, shared, acc_i, acc_h, sync):  # noqa: ANN001, ANN202
+    """Phase k: claim and compute whichever halves are still free, `first` before the other. A half
+    the other thread has not claimed yet is done here, so a partner that is descheduled (a busy
+    machine) costs waiting only for a half it already started."""
+    for u in range(2):
+        q = first ^ u
+        if _claim(sync, CLAIMED + 8 * q, k):
+            _half(kind, q, layer, token, state, weights, shared, acc_i, acc_h)
+            _store_release(sync, DONE + 8 * q, k)
+
+
+def _write_lead(kind, state, weights, logits, noise, chosen, advance_last, sync, shared):  # noqa: ANN001, ANN202
+    """_generate for one stream with a partner thread (_write_partner) taking halves of each layer:
+    the same choices and integers. Each layer is a phase: this thread writes the layer's inputs into
+    `shared`, publishes the phase, takes halves, and waits until both are done; then the output
+    layer and the draw are its own. Ends by publishing -1, which releases the partner."""
+    table0, w_ih, m_ih, b_ih, w_hh, m_hh, b_hh, w_out, m_out, b_out, sig, tanh = weights
+    layers = state.shape[1]
+    acc_i, acc_h, acc_o, x16 = _scratch(1, state, m_hh, m_out)
+    acc_i, acc_h, acc_o, x16 = acc_i[0], acc_h[0], acc_o[0], x16[0]
+    greedy = noise.shape[0] == 0
+    scale = 1.0 / (1 << LOGIT_BITS)
+    k = 0
+    for t in range(len(chosen)):
+        best, top = 0, np.float32(-np.inf)
+        for v in range(len(logits)):
+            x = logits[v] if greedy else np.float32(logits[v] + noise[t, v])
+            if x > top:  # the first of equal maxima, as torch.argmax
+                best, top = v, x
+        chosen[t] = best
+        if t + 1 == len(chosen) and not advance_last:
+            break
+        sync[TOKEN] = best  # published by the release store of the phase
+        for layer in range(layers):
+            if layer > 0:
+                _as_int16(state[0, layer - 1, 0], shared[0])
+            _as_int16(state[0, layer, 0], shared[1])
+            k += 1
+            _store_release(sync, GO, k)
+            _take_halves(kind, 0, k, layer, best, state, weights, shared, acc_i, acc_h, sync)
+            for q in range(2):
+                while _load_acquire(sync, DONE + 8 * q) < k:
+                    pass
+        _as_int16(state[0, layers - 1, 0], x16)
+        _dot_rows(w_out, x16, acc_o)
+        for v in range(len(logits)):
+            logits[v] = np.float32(_rescale(acc_o[v], m_out[v], b_out[v]) * scale)
+    _store_release(sync, GO, -1)
+
+
+def _write_partner(kind, state, weights, sync, shared):  # noqa: ANN001, ANN202
+    """The other thread of _write_lead: takes the halves of each phase it sees, its own half first,
+    until the lead publishes -1. A phase it sees late is already taken and costs nothing."""
+    m_hh, m_out = weights[5], weights[8]
+    layers = state.shape[1]
+    acc_i, acc_h, _, _ = _scratch(1, state, m_hh, m_out)
+    acc_i, acc_h = acc_i[0], acc_h[0]
+    seen = 0
+    while True:
+        k = _load_acquire(sync, GO)
+        if k < 0:
+            return
+        if k != seen:
+            seen = k
+            token = sync[TOKEN]
+            _take_halves(kind, 1, k, (k - 1) % layers, token, state, weights, shared, acc_i, acc_h, sync)
+
+
+# ---- the products: int16 (or int8) weights packed for multiply-add-pairs ----
 
 LANES = 16  # rows per block: 16 int32 sums fill one 512-bit register (two 256-bit ones)
 DEPTH = 8  # inputs padded to this multiple: four pairs of inputs per turn of the loop
@@ -542,13 +713,13 @@ GROUP = 4  # streams stepped together by _step, each weight read once for all of
 
 
 def _pack(w: np.ndarray) -> np.ndarray:
-    """[N, K] int16 -> flat int16 [blocks, K/2, LANES, 2], rows and inputs padded with zeros to
+    """[N, K] int16 or int8 -> flat [blocks, K/2, LANES, 2] of the same type, rows and inputs padded with zeros to
     multiples of LANES and DEPTH. The two weights of each row for inputs 2p and 2p+1 sit side by side,
     and the LANES rows of a block one after the other, so one vector load meets one broadcast pair of
     inputs: what multiply-add-pairs instructions (x86 pmaddwd/vpdpwssd, ARM smlal) consume."""
     n, k = w.shape
     rows, depth = -(-n // LANES) * LANES, -(-k // DEPTH) * DEPTH
-    padded = np.zeros((rows, depth), dtype=np.int16)
+    padded = np.zeros((rows, depth), dtype=w.dtype)
     padded[:n, :k] = w
     blocks = padded.reshape(rows // LANES, LANES, depth // 2, 2).transpose(0, 2, 1, 3)
     return np.ascontiguousarray(blocks).reshape(-1)
@@ -557,7 +728,7 @@ def _pack(w: np.ndarray) -> np.ndarray:
 def _pack_all(ws: np.ndarray) -> np.ndarray:
     """[L, N, K] -> [L, packed size]."""
     if not len(ws):
-        return np.zeros((0, len(_pack(np.zeros(ws.shape[1:], dtype=np.int16)))), dtype=np.int16)
+        return np.zeros((0, len(_pack(np.zeros(ws.shape[1:], dtype=ws.dtype)))), dtype=ws.dtype)
     return np.stack([_pack(w) for w in ws])
 
 
@@ -576,10 +747,14 @@ if _njit is not None:
     from numba.extending import intrinsic as _intrinsic
 
     def _signature(w: Any, x: Any, out: Any, dims: int) -> Any:
-        """void(w, x, out) for contiguous arrays: w int16 1-D, x int16 and out int64 `dims`-D; else
-        None (numba then reports the call as not matching)."""
-        for a, ndim, dtype in ((w, 1, _types.int16), (x, dims, _types.int16), (out, dims, _types.int64)):
-            if not isinstance(a, _types.Array) or a.ndim != ndim or a.layout != "C" or a.dtype != dtype:
+        """void(w, x, out) for contiguous arrays: w int16 or int8 1-D, x int16 and out int64 `dims`-D;
+        else None (numba then reports the call as not matching)."""
+        for a, ndim, dtypes in (
+            (w, 1, (_types.int16, _types.int8)),
+            (x, dims, (_types.int16,)),
+            (out, dims, (_types.int64,)),
+        ):
+            if not isinstance(a, _types.Array) or a.ndim != ndim or a.layout != "C" or a.dtype not in dtypes:
                 return None
         return _types.void(w, x, out)
 
@@ -594,7 +769,10 @@ if _njit is not None:
             )
             self.i16, self.i32, self.i64 = _ir.IntType(16), _ir.IntType(32), _ir.IntType(64)
             self.const = functools.partial(_ir.Constant, self.i64)
-            self.pair_rows = _ir.VectorType(self.i16, 2 * LANES)  # one pair of inputs' weights, LANES rows
+            self.weight_bytes = signature.args[0].dtype.bitwidth // 8  # 2, or 1 for narrow weights
+            # one pair of inputs' weights, LANES rows
+            self.pair_rows = _ir.VectorType(_ir.IntType(8 * self.weight_bytes), 2 * LANES)
+            self.pair_inputs = _ir.VectorType(self.i16, 2 * LANES)
             self.wide = _ir.VectorType(self.i32, 2 * LANES)
             self.sums = _ir.VectorType(self.i32, LANES)
             self.evens = _ir.Constant(self.sums, [2 * i for i in range(LANES)])
@@ -606,7 +784,7 @@ if _njit is not None:
             `pair` the two int16 inputs read as one int32. LLVM matches this shape to pmaddwd."""
             b = self.builder
             xs = b.insert_element(_ir.Constant(self.sums, None), pair, _ir.Constant(self.i32, 0))
-            xs = b.bitcast(b.shuffle_vector(xs, _ir.Constant(self.sums, None), self.splat), self.pair_rows)
+            xs = b.bitcast(b.shuffle_vector(xs, _ir.Constant(self.sums, None), self.splat), self.pair_inputs)
             prod = b.mul(b.sext(weights, self.wide), b.sext(xs, self.wide))
             return b.add(b.shuffle_vector(prod, prod, self.evens), b.shuffle_vector(prod, prod, self.odds))
 
@@ -617,7 +795,8 @@ if _njit is not None:
 
     @_intrinsic
     def _dot_rows(typingctx, w, x, out):  # noqa: ANN001, ANN202
-        """out[r] = sum_k W[r, k] x[k] exactly, for `w` packed by _pack (int16), `x` int16 (length a
+        """out[r] = sum_k W[r, k] x[k] exactly, for `w` packed by _pack (int16, or int8 for narrow
+        weights: LLVM widens them as it loads), `x` int16 (length a
         multiple of DEPTH), `out` int64 (length a multiple of LANES), all contiguous. Written as LLVM
         vector code, not a numba loop: numba's loops sum one row at a time, each ending in a
         horizontal add, where this keeps LANES rows' sums in one register and SUMS registers in flight.
@@ -640,7 +819,7 @@ if _njit is not None:
                 with _cgutils.for_range(builder, builder.udiv(pairs, const(SUMS))) as turn:
                     for u, slot in enumerate(slots):
                         p = builder.add(builder.mul(turn.index, const(SUMS)), const(u))
-                        wv = builder.load(builder.gep(w_ptr, [builder.add(first, p)]), align=2)
+                        wv = builder.load(builder.gep(w_ptr, [builder.add(first, p)]), align=v.weight_bytes)
                         both = v.madd(wv, builder.load(builder.gep(x_ptr, [p]), align=2))
                         builder.store(builder.add(builder.load(slot), both), slot)
                 total = builder.load(slots[0])
@@ -679,7 +858,7 @@ if _njit is not None:
                 with _cgutils.for_range(builder, builder.udiv(pairs, const(2))) as turn:
                     for half in range(2):
                         p = builder.add(builder.mul(turn.index, const(2)), const(half))
-                        wv = builder.load(builder.gep(w_ptr, [builder.add(first, p)]), align=2)
+                        wv = builder.load(builder.gep(w_ptr, [builder.add(first, p)]), align=v.weight_bytes)
                         for x_ptr, pair_slots in zip(x_ptrs, slots, strict=True):
                             both = v.madd(wv, builder.load(builder.gep(x_ptr, [p]), align=2))
                             builder.store(builder.add(builder.load(pair_slots[half]), both), pair_slots[half])
@@ -689,6 +868,46 @@ if _njit is not None:
             return context.get_dummy_value()
 
         return _signature(w, xs, outs, 2), codegen
+
+    def _slot(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        array = context.make_array(signature.args[0])(context, builder, args[0])
+        return builder.gep(array.data, [args[1]])
+
+    def _sync_array(a: Any) -> bool:
+        return isinstance(a, _types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == _types.int64
+
+    @_intrinsic
+    def _load_acquire(typingctx, a, i):  # noqa: ANN001, ANN202
+        """a[i], read atomically with acquire order: what the other thread wrote before its release
+        store of a[i] is visible after this load."""
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            return builder.load_atomic(_slot(context, builder, signature, args), "acquire", 8)
+
+        return (_types.int64(a, _types.intp) if _sync_array(a) else None), codegen
+
+    @_intrinsic
+    def _store_release(typingctx, a, i, v):  # noqa: ANN001, ANN202
+        """a[i] = v, atomically with release order (publishes every write before it)."""
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            builder.store_atomic(args[2], _slot(context, builder, signature, args), "release", 8)
+            return context.get_dummy_value()
+
+        return (_types.void(a, _types.intp, _types.int64) if _sync_array(a) else None), codegen
+
+    @_intrinsic
+    def _claim(typingctx, a, i, k):  # noqa: ANN001, ANN202
+        """Whether this thread moved a[i] from k - 1 to k (compare-and-swap): one of the threads that
+        try wins, and none wins once it holds k."""
+
+        def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+            k = args[2]
+            old = builder.sub(k, _ir.Constant(k.type, 1))
+            pair = builder.cmpxchg(_slot(context, builder, signature, args), old, k, "seq_cst", "seq_cst")
+            return builder.extract_value(pair, 1)
+
+        return (_types.boolean(a, _types.intp, _types.int64) if _sync_array(a) else None), codegen
 
 else:
     _dot_rows = _dot_rows_numpy

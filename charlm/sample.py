@@ -7,6 +7,7 @@ top-p (nucleus), then a draw from what is left; temperature 0 means greedy argma
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import unicodedata
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from .adapt import Adaptation, AdaptingStreams
 from .device import ThreadTuner, WeightFormat, batch_weight_format, int8_matmul_exact, resolve_weight_format
 from .errors import ConfigError, VocabError
-from .fixed import ONE, RELU_MAX, FixedModel, to_float
+from .fixed import ONE, RELU_MAX, FixedModel, narrow_pays, to_float
 from .model import CharRNN, State
 from .streams import IGNORE, model_inputs
 from .vocab import Vocab, describe_char, text_to_codes
@@ -346,7 +347,7 @@ class FixedStep:
     on what else is in the batch, so a generation served beside others writes what it writes alone."""
 
     def __init__(self, model: CharRNN) -> None:
-        self.fixed = FixedModel.from_model(model)
+        self.fixed = FixedModel.from_model(model, narrow=narrow_pays(model.config))
         self.kind = model.config.cell
         self.ints = self.fixed.initial_state(1)  # [h (, c), L, B, H] Q12
         # compiled (or loaded from numba's cache) now, not inside the first generation: the step and
@@ -374,10 +375,17 @@ class FixedStep:
         q = self.fixed.step(ids.cpu().numpy(), self.ints, torch.get_num_threads())
         return torch.from_numpy(to_float(q))
 
-    def generate(self, logits: np.ndarray, noise: np.ndarray, count: int, *, advance_last: bool) -> np.ndarray:
+    @property
+    def can_split(self) -> bool:
+        return self.fixed.can_split
+
+    def generate(
+        self, logits: np.ndarray, noise: np.ndarray, count: int, *, advance_last: bool, threads: int = 1
+    ) -> np.ndarray:
         """One stream writes `count` characters in one compiled call (FixedModel.generate): what
-        `count` rounds of picking and calling this step would write, without Python in between."""
-        return self.fixed.generate(self.ints, logits, noise, count, advance_last=advance_last)
+        `count` rounds of picking and calling this step would write, without Python in between; with
+        `threads` 2, on two cores."""
+        return self.fixed.generate(self.ints, logits, noise, count, advance_last=advance_last, threads=threads)
 
 
 FIXED_MAX_STREAMS = 16  # more streams at once: the batched torch step is faster (bench/sample_speed.py)
@@ -619,7 +627,25 @@ class Sampler:
     ) -> Iterator[list[str]]:
         """One sample through the compiled writer, in blocks that grow from WRITE_FIRST to WRITE_MOST
         characters (the first ones show at once; a stop string wastes at most a block). The same text
-        as stream's loop: the same noise blocks, float32 sums and first-of-equal-maxima argmax."""
+        as stream's loop: the same noise blocks, float32 sums and first-of-equal-maxima argmax.
+
+        One core or two: the blocks are timed (device.ThreadTuner) and the faster kept, re-checked as
+        the load changes. Two pay for a model whose weights outgrow one core's cache (each reads half)
+        and lose beside a busy neighbour; the text is the same either way."""
+        tuner = ThreadTuner(self.device, self.threads, probe_s=0.1) if step.can_split else None
+        with tuner or contextlib.nullcontext():
+            yield from self._write_blocks(step, logits, length, temperature, generator, rule, tuner)
+
+    def _write_blocks(
+        self,
+        step: FixedStep,
+        logits: torch.Tensor,
+        length: int,
+        temperature: float,
+        generator: torch.Generator,
+        rule: StopRule,
+        tuner: ThreadTuner | None,
+    ) -> Iterator[list[str]]:
         chars = self.vocab.chars
         source = None if temperature == 0 else GumbelNoise(temperature, length, generator)
         current = logits[0].float().cpu().numpy().copy()  # float32 [V], updated by each block
@@ -634,7 +660,9 @@ class Sampler:
                     noise, used = source.block((len(current),), torch.device("cpu")).numpy(), 0
                 count = min(count, len(noise) - used)
                 rows, used = noise[used : used + count], used + count
-            ids = step.generate(current, rows, count, advance_last=done + count < length)
+            with tuner.unit(count) if tuner else contextlib.nullcontext():
+                threads = tuner.threads if tuner else 1
+                ids = step.generate(current, rows, count, advance_last=done + count < length, threads=threads)
             done += count
             if not watching:
                 for j in ids.tolist():

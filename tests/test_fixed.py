@@ -40,10 +40,12 @@ def run(model: fixed.FixedModel, ids: np.ndarray, steps: int, threads: int = 1) 
     return outs, state
 
 
+@pytest.mark.parametrize("narrow", [False, True])
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn", "rnn-relu"])
-def test_the_kernel_and_numpy_give_the_same_integers(cell: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_kernel_and_numpy_give_the_same_integers(cell: str, narrow: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("numba")
-    m = fixed.FixedModel.from_model(random_model(cell, layers=3 if cell == "gru" else 2))
+    m = fixed.FixedModel.from_model(random_model(cell, layers=3 if cell == "gru" else 2), narrow=narrow)
+    assert m.w_hh.dtype == (np.int8 if narrow else np.int16) and m.w_out.dtype == np.int16
     ids = np.random.default_rng(1).integers(0, m.vocab, size=(12, 9))
     compiled, state_c = run(m, ids, 12)
     threaded, state_t = run(m, ids, 12, threads=3)
@@ -66,18 +68,23 @@ def test_the_packed_products_are_exact(rows: int, depth: int) -> None:
     the sums would show."""
     rng = np.random.default_rng(rows)
     top = min(fixed.RELU_MAX, ((1 << 31) - 1) // (depth * fixed.WEIGHT_MAX))
-    for w, x in (
+    cases = [
         (
             rng.integers(-fixed.WEIGHT_MAX, fixed.WEIGHT_MAX + 1, (rows, depth)),
             rng.integers(-fixed.ONE, fixed.ONE + 1, depth),
         ),
         (np.full((rows, depth), fixed.WEIGHT_MAX), np.full(depth, top)),
         (np.full((rows, depth), -fixed.WEIGHT_MAX), np.full(depth, top)),
-    ):
+    ]
+    narrow = [  # 8-bit weights (sampling's narrow step): the same kernel widening int8 as it loads
+        (rng.integers(-fixed.NARROW, fixed.NARROW + 1, (rows, depth)), rng.integers(-fixed.ONE, fixed.ONE + 1, depth)),
+        (np.full((rows, depth), -fixed.NARROW), np.full(depth, fixed.RELU_MAX)),
+    ]
+    for w, x in cases + narrow:
         expected = w.astype(np.int64) @ x.astype(np.int64)
         x16 = np.zeros(-(-depth // fixed.DEPTH) * fixed.DEPTH, dtype=np.int16)
         x16[:depth] = x
-        packed = fixed._pack(w.astype(np.int16))
+        packed = fixed._pack(w.astype(np.int8 if np.abs(w).max() <= fixed.NARROW else np.int16))
         for dot in (fixed._dot_rows_numpy, fixed._dot_rows):
             out = np.full(-(-rows // fixed.LANES) * fixed.LANES, 7, dtype=np.int64)
             if dot is fixed._dot_rows:
@@ -230,6 +237,63 @@ def test_format_2_archives_still_decode(name: str, tmp_path: Path) -> None:
         assert "corrupt" not in str(e) and ("cannot be decoded here" in str(e) or "made on a CPU" in str(e)), e
         pytest.skip(f"this machine's arithmetic differs from the one that made it: {e}")
     assert out.read_bytes() == (folder / "v2.txt").read_bytes()
+
+
+def test_narrow_weights_follow_the_float_model_and_only_big_models_sample_with_them() -> None:
+    """8-bit layer weights (FixedStep for models past NARROW_FROM_BYTES) stay close to the float model,
+    if less close than 11 bits; the choice depends on the model's shape alone."""
+    from charlm.sample import FixedStep
+
+    net = random_model("lstm")
+    ids = np.random.default_rng(2).integers(0, net.config.vocab_size, size=(30, 4))
+    with torch.inference_mode():
+        logits = net(torch.from_numpy(ids.T.copy()))[0].numpy()
+    errors = []
+    for narrow in (False, True):
+        outs, _ = run(fixed.FixedModel.from_model(net, narrow=narrow), ids, 30)
+        errors.append(np.abs(np.stack([fixed.to_float(o) for o in outs], 1) - logits).max())
+    assert errors[0] < errors[1] < 0.3, errors
+    assert not fixed.narrow_pays(ModelConfig(vocab_size=99))  # the default GRU 2x256: 1.2 MB in int16
+    assert fixed.narrow_pays(ModelConfig(vocab_size=99, hidden_size=384))  # 2.7 MB
+    assert fixed.narrow_pays(ModelConfig(vocab_size=99, cell="lstm", hidden_size=512))  # 6.3 MB
+    assert FixedStep(random_model("gru")).fixed.w_hh.dtype == np.int16
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm", "rnn", "rnn-relu"])
+def test_one_stream_on_two_cores_writes_what_one_core_writes(cell: str) -> None:
+    """FixedModel.generate with threads=2 (each layer's units in two halves, taken by either thread)
+    gives the same characters, state and logits as one thread, across calls and with the last
+    character not read; narrow weights for the LSTM, wide for the others."""
+    pytest.importorskip("numba")
+    m = fixed.FixedModel.from_model(
+        random_model(cell, hidden=32, layers=3 if cell == "gru" else 2), narrow=cell == "lstm"
+    )
+    assert m.can_split
+    noise = np.random.default_rng(3).gumbel(size=(200, m.vocab)).astype(np.float32)
+    results = []
+    for threads in (1, 2):
+        state, logits = m.initial_state(1), np.zeros(m.vocab, np.float32)
+        first = m.generate(state, logits, noise, 120, advance_last=True, threads=threads)
+        second = m.generate(state, logits, noise[120:], 80, advance_last=False, threads=threads)
+        results.append((np.concatenate([first, second]).tolist(), state, logits))
+    assert results[0][0] == results[1][0]
+    assert np.array_equal(results[0][1], results[1][1]) and np.array_equal(results[0][2], results[1][2])
+
+
+def test_a_sampler_on_two_cores_writes_the_text_of_one() -> None:
+    pytest.importorskip("numba")
+    from charlm.sample import Sampler
+    from charlm.vocab import Vocab
+
+    vocab = Vocab.from_text("abcdefgh ijklmnop\n")
+    net = random_model("lstm", hidden=32, vocab=len(vocab))
+    texts = [
+        "".join(
+            c[0] for c in Sampler(net, vocab, weight_format="fixed", threads=t).stream("ab", length=300, rng_seed=5)
+        )
+        for t in (1, 2)
+    ]
+    assert texts[0] == texts[1] and len(texts[0]) == 300
 
 
 def test_sampling_falls_back_to_the_torch_step_for_a_model_the_integers_cannot_hold() -> None:
