@@ -205,18 +205,10 @@ def main() -> None:
     result["machine"] = machine()
     print_table(result)
     if args.busy:
-        import os
-        import tempfile
+        from contention import matmul_neighbour
 
-        from contention import Neighbour
-
-        with tempfile.TemporaryDirectory() as work:
-            neighbour = Neighbour("matmul", Path(work), dict(os.environ), text, lifetime_s=3600)
-            neighbour.start()
-            try:
-                busy = measure(checkpoint, text, args.threads, args.chars)
-            finally:
-                neighbour.stop()
+        with matmul_neighbour(text=text):
+            busy = measure(checkpoint, text, args.threads, args.chars)
         result["busy"] = {key: busy[key] for key in MODES}
         print("beside a CPU-bound neighbour (matmul on every core):")
         for key, name in LABELS.items():

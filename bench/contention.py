@@ -62,6 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,6 +282,19 @@ class Neighbour:
         if self.proc is not None:
             kill_group(self.proc)
             self.proc = None
+
+
+@contextlib.contextmanager
+def matmul_neighbour(lifetime_s: float = 3600, text: Path | None = None) -> Iterator[None]:
+    """A 2-thread matmul loop running beside the with-block (what the other benchmarks' "busy" rows
+    measure against)."""
+    with tempfile.TemporaryDirectory() as work:
+        neighbour = Neighbour("matmul", Path(work), dict(os.environ), text or Path(work), lifetime_s=lifetime_s)
+        neighbour.start()
+        try:
+            yield
+        finally:
+            neighbour.stop()
 
 
 def settle(neighbour: Neighbour | None, limit_s: float) -> float:

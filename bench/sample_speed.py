@@ -18,14 +18,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-from contention import Neighbour  # noqa: E402
+from contention import matmul_neighbour  # noqa: E402
 from report import finish, machine  # noqa: E402
 
 
@@ -77,13 +76,8 @@ def main() -> None:
 
     measure("")
     if not args.no_busy:
-        with tempfile.TemporaryDirectory() as work:
-            neighbour = Neighbour("matmul", Path(work), dict(os.environ), Path(work), lifetime_s=3600)
-            neighbour.start()
-            try:
-                measure(", busy")
-            finally:
-                neighbour.stop()
+        with matmul_neighbour():
+            measure(", busy")
     title = f"charlm sample speed, {checkpoint.name}, before = {trees['before']}, on {results['machine']['cpu']}"
     finish(title, rows, results, args.name or f"sample-speed-{dt.date.today()}")
 

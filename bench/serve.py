@@ -22,7 +22,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT), str(HERE)]
 
-from contention import Neighbour, kill_group  # noqa: E402
+from contention import kill_group, matmul_neighbour  # noqa: E402
 from report import finish, machine  # noqa: E402
 
 DEADLINE_S = 900  # the whole benchmark
@@ -177,16 +176,11 @@ def main() -> None:
             load(url, args.clients, args.requests, args.length, proc.pid, args.seed)
         )
         if not args.no_busy and time.monotonic() - began < DEADLINE_S / 2:
-            with tempfile.TemporaryDirectory() as work:
-                neighbour = Neighbour("matmul", Path(work), dict(os.environ), Path(work), lifetime_s=DEADLINE_S)
-                neighbour.start()
-                try:
-                    runs["1 client, busy"] = asyncio.run(load(url, 1, args.single, args.length, proc.pid, args.seed))
-                    runs[f"{args.clients} clients, busy"] = asyncio.run(
-                        load(url, args.clients, max(100, args.requests // 4), args.length, proc.pid, args.seed)
-                    )
-                finally:
-                    neighbour.stop()
+            with matmul_neighbour(DEADLINE_S):
+                runs["1 client, busy"] = asyncio.run(load(url, 1, args.single, args.length, proc.pid, args.seed))
+                runs[f"{args.clients} clients, busy"] = asyncio.run(
+                    load(url, args.clients, max(100, args.requests // 4), args.length, proc.pid, args.seed)
+                )
     finally:
         kill_group(proc)
     base = results["runs"]["1 client"]

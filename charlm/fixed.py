@@ -577,6 +577,18 @@ def _as_int16(h, x16):  # noqa: ANN001, ANN202
     return x16
 
 
+@_jitable
+def _draw(logits, noise, t):  # noqa: ANN001, ANN202
+    """argmax(logits + noise[t]) in float32, or argmax(logits) when `noise` has no rows (greedy): the
+    first of equal maxima, as torch.argmax."""
+    best, top = 0, np.float32(-np.inf)
+    for v in range(len(logits)):
+        x = logits[v] if noise.shape[0] == 0 else np.float32(logits[v] + noise[t, v])
+        if x > top:
+            best, top = v, x
+    return best
+
+
 def _generate(kind, state, weights, logits, noise, chosen, advance_last):  # noqa: ANN001, ANN202
     """One stream writes len(chosen) characters: each is argmax(logits + noise[t]) in float32 (the
     Gumbel draw of sample._gumbel, bit for bit; noise of no rows: argmax(logits), the greedy choice),
@@ -585,14 +597,9 @@ def _generate(kind, state, weights, logits, noise, chosen, advance_last):  # noq
     `weights` as _advance takes them."""
     scratch = _scratch(1, state, weights[5], weights[8])
     acc_o, token = scratch[2][0], np.zeros(1, dtype=np.int64)
-    greedy = noise.shape[0] == 0
     scale = 1.0 / (1 << LOGIT_BITS)
     for t in range(len(chosen)):
-        best, top = 0, np.float32(-np.inf)
-        for v in range(len(logits)):
-            x = logits[v] if greedy else np.float32(logits[v] + noise[t, v])
-            if x > top:  # the first of equal maxima, as torch.argmax
-                best, top = v, x
+        best = _draw(logits, noise, t)
         chosen[t] = best
         if t + 1 < len(chosen) or advance_last:
             token[0] = best
@@ -656,15 +663,10 @@ def _write_lead(kind, state, weights, logits, noise, chosen, advance_last, sync,
     layers = state.shape[1]
     acc_i, acc_h, acc_o, x16 = _scratch(1, state, m_hh, m_out)
     acc_i, acc_h, acc_o, x16 = acc_i[0], acc_h[0], acc_o[0], x16[0]
-    greedy = noise.shape[0] == 0
     scale = 1.0 / (1 << LOGIT_BITS)
     k = 0
     for t in range(len(chosen)):
-        best, top = 0, np.float32(-np.inf)
-        for v in range(len(logits)):
-            x = logits[v] if greedy else np.float32(logits[v] + noise[t, v])
-            if x > top:  # the first of equal maxima, as torch.argmax
-                best, top = v, x
+        best = _draw(logits, noise, t)
         chosen[t] = best
         if t + 1 == len(chosen) and not advance_last:
             break

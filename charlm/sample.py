@@ -634,47 +634,35 @@ class Sampler:
         and lose beside a busy neighbour; the text is the same either way."""
         tuner = ThreadTuner(self.device, self.threads, probe_s=0.1) if step.can_split else None
         with tuner or contextlib.nullcontext():
-            yield from self._write_blocks(step, logits, length, temperature, generator, rule, tuner)
-
-    def _write_blocks(
-        self,
-        step: FixedStep,
-        logits: torch.Tensor,
-        length: int,
-        temperature: float,
-        generator: torch.Generator,
-        rule: StopRule,
-        tuner: ThreadTuner | None,
-    ) -> Iterator[list[str]]:
-        chars = self.vocab.chars
-        source = None if temperature == 0 else GumbelNoise(temperature, length, generator)
-        current = logits[0].float().cpu().numpy().copy()  # float32 [V], updated by each block
-        noise = np.empty((0, len(current)), dtype=np.float32)
-        used, done, block = 0, 0, WRITE_FIRST
-        watching = rule.active
-        while done < length:
-            count = min(block, length - done)
-            rows = noise[:0]
-            if source is not None:
-                if used == len(noise):
-                    noise, used = source.block((len(current),), torch.device("cpu")).numpy(), 0
-                count = min(count, len(noise) - used)
-                rows, used = noise[used : used + count], used + count
-            with tuner.unit(count) if tuner else contextlib.nullcontext():
-                threads = tuner.threads if tuner else 1
-                ids = step.generate(current, rows, count, advance_last=done + count < length, threads=threads)
-            done += count
-            if not watching:
-                for j in ids.tolist():
-                    yield [chars[j]]
-            else:
-                for j in ids.tolist():
-                    yield [rule.feed(chars[j])]
-                    if rule.stopped:
-                        return
-            block = min(2 * block, WRITE_MOST)
-        if watching:
-            yield [rule.flush()]
+            chars = self.vocab.chars
+            source = None if temperature == 0 else GumbelNoise(temperature, length, generator)
+            current = logits[0].float().cpu().numpy().copy()  # float32 [V], updated by each block
+            noise = np.empty((0, len(current)), dtype=np.float32)
+            used, done, block = 0, 0, WRITE_FIRST
+            watching = rule.active
+            while done < length:
+                count = min(block, length - done)
+                rows = noise[:0]
+                if source is not None:
+                    if used == len(noise):
+                        noise, used = source.block((len(current),), torch.device("cpu")).numpy(), 0
+                    count = min(count, len(noise) - used)
+                    rows, used = noise[used : used + count], used + count
+                with tuner.unit(count) if tuner else contextlib.nullcontext():
+                    threads = tuner.threads if tuner else 1
+                    ids = step.generate(current, rows, count, advance_last=done + count < length, threads=threads)
+                done += count
+                if not watching:
+                    for j in ids.tolist():
+                        yield [chars[j]]
+                else:
+                    for j in ids.tolist():
+                        yield [rule.feed(chars[j])]
+                        if rule.stopped:
+                            return
+                block = min(2 * block, WRITE_MOST)
+            if watching:
+                yield [rule.flush()]
 
     @torch.inference_mode()
     def beam_search(
