@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .adapt import Adaptation, AdaptingStreams
-from .device import ThreadTuner, WeightFormat, batch_weight_format, int8_matmul_exact, resolve_weight_format
+from .device import ThreadTuner, WeightFormat, batch_weight_format, cpu_cores, int8_matmul_exact, resolve_weight_format
 from .errors import ConfigError, VocabError
 from .fixed import ONE, RELU_MAX, FixedModel, narrow_pays, to_float
 from .model import CharRNN, State
@@ -354,9 +354,15 @@ class FixedStep:
         # the one-stream writer, with the argument types Sampler._write_fixed passes
         self.fixed.step(np.zeros(1, dtype=np.int64), self.ints.copy())
         vocab = self.fixed.vocab
-        self.fixed.generate(
-            self.ints.copy(), np.zeros(vocab, np.float32), np.zeros((1, vocab), np.float32), 1, advance_last=True
-        )
+        for threads in (1, 2) if self.fixed.can_split and cpu_cores() > 1 else (1,):  # and on two cores
+            self.fixed.generate(
+                self.ints.copy(),
+                np.zeros(vocab, np.float32),
+                np.zeros((1, vocab), np.float32),
+                1,
+                advance_last=True,
+                threads=threads,
+            )
 
     def reset(self, state: State) -> None:
         values = torch.stack([s.detach().float().cpu() for s in state]).numpy()
