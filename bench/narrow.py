@@ -2,9 +2,9 @@
 
     python bench/narrow.py CHECKPOINT [TEXT]     # TEXT: held-out text [default: bench/compress.py's]
 
-`charlm sample` runs one stream through the integer model (charlm.fixed). For a model whose int16
-layer weights pass 2 MB (fixed.narrow_pays: an LSTM 2x512 has 6.3 MB, a GRU 2x384 2.7 MB) it keeps
-them in 8 bits, and it may split each layer's units between two cores. This reports, on TEXT:
+`charlm sample` runs one stream through the integer model (charlm.fixed) with its layer weights in
+8 bits, and, for a model whose int8 layer weights pass 1 MB (fixed.split_pays: an LSTM 2x512 has
+3.1 MB, a GRU 2x384 1.3 MB), may split each layer's units between two cores. This reports, on TEXT:
 - bits/char of the float model, the 11-bit integer model (what archives use) and the 8-bit one,
   scored over 64 streams of the text from a zero state;
 - one stream's chars/s writing 3,000 characters (Gumbel draws, the compiled writer, blocks of 512

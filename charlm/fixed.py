@@ -49,7 +49,7 @@ ACT_BITS = 12  # activations are Q12
 ONE = 1 << ACT_BITS
 HALF = 1 << (ACT_BITS - 1)
 WEIGHT_MAX = 1023  # 11-bit weights in int16
-NARROW = 127  # 8-bit weights in int8: sampling's step for models whose int16 weights outgrow a core's L2
+NARROW = 127  # 8-bit weights in int8: sampling's step (half the bytes read per character)
 MUL_BITS = 28  # fraction bits of the rescaling multipliers
 LOGIT_BITS = 10  # logits are Q10
 TABLE_MIN = -(1 << 15)  # sigmoid/tanh tables cover Q12 inputs [-8, 8)
@@ -60,15 +60,16 @@ EXP_RANGE = 24 << LOGIT_BITS  # logits more than 24 nats below the best get the 
 FORMAT = 1  # of the integer model; recorded in archives
 
 
-NARROW_FROM_BYTES = 2 << 20  # int16 layer weights past this (a core's L2 on many CPUs): sample narrow
+SPLIT_FROM_BYTES = 1 << 20  # int8 layer weights past this: one stream may take two cores
 
 
-def narrow_pays(config: Any) -> bool:
-    """Whether a model's layer matrices in int16 outgrow NARROW_FROM_BYTES, so that one stream's step
-    is bound by reading them from L3 or memory and 8-bit weights make it about twice as fast. Decided
-    by the model's shape alone, so a seeded sample writes the same text on every machine."""
+def split_pays(config: Any) -> bool:
+    """Whether a model's layer matrices in int8 pass SPLIT_FROM_BYTES, half of a 2 MB L2: then one
+    core streams them from L3 for every character and two cores, each reading half, can be twice as
+    fast and more (LSTM 2x512, 3.1 MB: 3,223 -> 10,435 chars/s). Below, they sit in one core's cache
+    and a second core only adds waiting (GRU 2x256, 0.6 MB: 33,191 -> 27,730; bench/narrow.py)."""
     h = config.hidden_size
-    return 2 * config.gates() * h * h * (2 * config.num_layers - 1) > NARROW_FROM_BYTES
+    return config.gates() * h * h * (2 * config.num_layers - 1) > SPLIT_FROM_BYTES
 
 
 def _rounded_table(fn: Any, exact: Any, xs: np.ndarray, scale: int) -> np.ndarray:
@@ -151,7 +152,7 @@ class FixedModel:
         """The integers of a CharRNN (any device, any dtype: read as float32, as checkpoints store).
 
         `narrow`: the layers' weight matrices in 8 bits (int8, |q| <= 127) instead of 11, half the bytes
-        a step reads (sample.FixedStep, for models past NARROW_FROM_BYTES). Not an archive format:
+        a step reads (sample.FixedStep: no measurable cost in bits/char, bench/narrow.py). Not an archive format:
         `compress` always uses the 11-bit weights. Layer 0's input table and the output layer keep 11
         bits (they are a small share of the bytes)."""
         top_q = NARROW if narrow else WEIGHT_MAX

@@ -239,9 +239,9 @@ def test_format_2_archives_still_decode(name: str, tmp_path: Path) -> None:
     assert out.read_bytes() == (folder / "v2.txt").read_bytes()
 
 
-def test_narrow_weights_follow_the_float_model_and_only_big_models_sample_with_them() -> None:
-    """8-bit layer weights (FixedStep for models past NARROW_FROM_BYTES) stay close to the float model,
-    if less close than 11 bits; the choice depends on the model's shape alone."""
+def test_narrow_weights_follow_the_float_model_and_only_big_models_take_two_cores() -> None:
+    """8-bit layer weights (what FixedStep samples with) stay close to the float model, if less close
+    than 11 bits; only models whose int8 weights outgrow half an L2 may take two cores."""
     from charlm.sample import FixedStep
 
     net = random_model("lstm")
@@ -253,10 +253,11 @@ def test_narrow_weights_follow_the_float_model_and_only_big_models_sample_with_t
         outs, _ = run(fixed.FixedModel.from_model(net, narrow=narrow), ids, 30)
         errors.append(np.abs(np.stack([fixed.to_float(o) for o in outs], 1) - logits).max())
     assert errors[0] < errors[1] < 0.3, errors
-    assert not fixed.narrow_pays(ModelConfig(vocab_size=99))  # the default GRU 2x256: 1.2 MB in int16
-    assert fixed.narrow_pays(ModelConfig(vocab_size=99, hidden_size=384))  # 2.7 MB
-    assert fixed.narrow_pays(ModelConfig(vocab_size=99, cell="lstm", hidden_size=512))  # 6.3 MB
-    assert FixedStep(random_model("gru")).fixed.w_hh.dtype == np.int16
+    assert not fixed.split_pays(ModelConfig(vocab_size=99))  # the default GRU 2x256: 0.6 MB in int8
+    assert fixed.split_pays(ModelConfig(vocab_size=99, hidden_size=384))  # 1.3 MB
+    assert fixed.split_pays(ModelConfig(vocab_size=99, cell="lstm", hidden_size=512))  # 3.1 MB
+    step = FixedStep(random_model("gru"))
+    assert step.fixed.w_hh.dtype == np.int8 and not step.can_split
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm", "rnn", "rnn-relu"])
@@ -280,10 +281,19 @@ def test_one_stream_on_two_cores_writes_what_one_core_writes(cell: str) -> None:
     assert np.array_equal(results[0][1], results[1][1]) and np.array_equal(results[0][2], results[1][2])
 
 
-def test_a_sampler_on_two_cores_writes_the_text_of_one() -> None:
+def test_a_sampler_on_two_cores_writes_the_text_of_one(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("numba")
+    from charlm import sample
     from charlm.sample import Sampler
     from charlm.vocab import Vocab
+
+    monkeypatch.setattr(sample, "split_pays", lambda config: True)  # a tiny model, as if it were big
+    monkeypatch.setattr(sample, "cpu_cores", lambda: 2)
+    calls: list[int] = []
+    generate = fixed.FixedModel.generate
+    monkeypatch.setattr(
+        fixed.FixedModel, "generate", lambda self, *a, **k: calls.append(k["threads"]) or generate(self, *a, **k)
+    )
 
     vocab = Vocab.from_text("abcdefgh ijklmnop\n")
     net = random_model("lstm", hidden=32, vocab=len(vocab))
@@ -294,6 +304,7 @@ def test_a_sampler_on_two_cores_writes_the_text_of_one() -> None:
         for t in (1, 2)
     ]
     assert texts[0] == texts[1] and len(texts[0]) == 300
+    assert 2 in calls  # the two-core writer ran
 
 
 def test_sampling_falls_back_to_the_torch_step_for_a_model_the_integers_cannot_hold() -> None:
