@@ -28,6 +28,11 @@ matter). The kernel is the faster at every stream count measured (1 to 256; GRU 
 Xeon, one thread: 27-35 us a step for one stream, about 18 us per stream for 64, where the float64
 products took 36 us per stream).
 Tests hold them equal.
+
+Sampling, which need not match an archive, reads 8-bit layer weights (`from_model(narrow=True)`:
+half the bytes per character, no measurable cost in bits/char), and a model whose int8 weights pass
+1 MB may write one stream on two cores (`generate(threads=2)`: each core takes halves of every
+layer's units, so each reads half the weights from its own cache).
 """
 
 from __future__ import annotations
