@@ -42,8 +42,7 @@ WRITE = 3000
 BLOCK = 512
 
 
-def bits_per_char(checkpoint: Path, text: str) -> dict[str, float]:
-    model, vocab = load_model(checkpoint)
+def bits_per_char(model: torch.nn.Module, vocab: object, text: str) -> dict[str, float]:
     ids = vocab.encode(text, unknown="skip").astype(np.int64)
     length = len(ids) // STREAMS
     rows = ids[: STREAMS * length].reshape(STREAMS, length)
@@ -92,9 +91,9 @@ def main() -> None:
         sys.exit(f"error: {text_path} does not exist; run bench/compress.py once, or name a text")
     text = text_path.read_text(encoding="utf-8")[: args.chars]
     results: dict = {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(), "runs": {}}
-    bits = bits_per_char(args.checkpoint, text)
+    model, vocab = load_model(args.checkpoint)
+    bits = bits_per_char(model, vocab, text)
     results["bits_per_char"] = bits
-    model, _ = load_model(args.checkpoint)
     cfg = model.config
     name = f"{cfg.cell.upper()} {cfg.num_layers}x{cfg.hidden_size}"
     rows = [["case", "bits/char", "vs float", "1 core chars/s", "2 cores chars/s"]]

@@ -7,7 +7,6 @@ top-p (nucleus), then a draw from what is left; temperature 0 means greedy argma
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import unicodedata
@@ -640,8 +639,9 @@ class Sampler:
         # two cores first: where they are offered they win on a quiet machine by 2-3x, a sample is
         # often over in a second, and a half the partner does not take is done here, so a busy
         # machine costs the probe little (bench/narrow.py: 1,888 against one core's 2,819)
-        tuner = ThreadTuner(self.device, self.threads, all_cores_first=True, probe_s=0.1) if step.can_split else None
-        with tuner or contextlib.nullcontext():
+        # (a step that cannot split fixes one thread, which leaves the tuner idle: no probes, no timing)
+        threads = self.threads if step.can_split else 1
+        with ThreadTuner(self.device, threads, all_cores_first=True, probe_s=0.1) as tuner:
             chars = self.vocab.chars
             source = None if temperature == 0 else GumbelNoise(temperature, length, generator)
             current = logits[0].float().cpu().numpy().copy()  # float32 [V], updated by each block
@@ -656,9 +656,8 @@ class Sampler:
                         noise, used = source.block((len(current),), torch.device("cpu")).numpy(), 0
                     count = min(count, len(noise) - used)
                     rows, used = noise[used : used + count], used + count
-                with tuner.unit(count) if tuner else contextlib.nullcontext():
-                    threads = tuner.threads if tuner else 1
-                    ids = step.generate(current, rows, count, advance_last=done + count < length, threads=threads)
+                with tuner.unit(count):
+                    ids = step.generate(current, rows, count, advance_last=done + count < length, threads=tuner.threads)
                 done += count
                 if not watching:
                     for j in ids.tolist():
