@@ -60,6 +60,7 @@ def test_chat_goes_on_from_the_whole_conversation(tiny_checkpoint: Path, tmp_pat
 def test_ctrl_c_stops_a_reply_and_the_conversation_goes_on(tiny_checkpoint: Path, tmp_path: Path) -> None:
     child = spawn(tiny_checkpoint, "--length", "10000000", cwd=tmp_path)
     child.sendline("The")
+    child.expect_exact("The\r\n")  # the terminal's echo: three letters there are not the reply yet
     child.expect(r"\S{3}")  # it has started writing
     child.sendintr()
     child.expect_exact("(stopped)")

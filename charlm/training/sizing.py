@@ -28,7 +28,7 @@ MANY_PASSES_LR = 1.5  # and, with the weight average smoothing the noise, a larg
 # against 0.01's 2.184, and 0.3 2.130 against 0.1's 2.170 (best at step 1,900 and still improving when
 # time ran out, where 0.1 stopped on patience at 2,100); at 5 minutes 0.3 2.223 against 0.1's 2.224
 # (bench/results/quality-*-wd*-rule-2026-12-03.json). More lost: 0.1 per expected pass up to 1.0
-# (about 0.9 there) scored 2.181 against 0.3's 2.131, training loss 1.24 against 1.04: it underfits
+# (about 0.9 there) scored 2.181 against 0.3's 2.131, training loss 1.80 against 1.50 bits/char: it underfits
 # (quality-20min-1m-wd-per-pass-2026-12-03.json)
 MANY_PASSES_WEIGHT_DECAY = 0.3
 PROBE_STEPS = 2  # timed, after one warm-up step
