@@ -129,6 +129,12 @@ M, T = ModelConfig, TrainConfig
     help="Dropout on embeddings, between layers and before the output.",
 )
 @click.option(
+    "--weight-drop",
+    type=float,
+    default=default(M, "weight_drop"),
+    help="DropConnect on the recurrent weights while training (one mask per step; keeps the fused kernel).",
+)
+@click.option(
     "--init",
     type=click.Choice(choices(Init)),
     default=default(M, "init"),
@@ -269,6 +275,7 @@ def train(
     hidden: int | None,
     embed: int,
     dropout: float,
+    weight_drop: float,
     init: str,
     time_budget: str | None,
     save_every: str,
@@ -307,6 +314,7 @@ def train(
         "hidden_size": hidden or 0,
         "embed_size": embed,
         "dropout": dropout,
+        "weight_drop": weight_drop,
         "init": init,
     }
     train_values = dict(
@@ -956,9 +964,8 @@ def info_cmd(checkpoint_arg: Path | None, checkpoint: Path | None, as_json: bool
 
     m, s, met, corpus = header.model, header.state, header.metrics, header.corpus
     table = Table(title=str(header.path), show_header=False, title_justify="left")
-    table.add_row(
-        "model", f"{m.cell} {m.num_layers}x{m.hidden_size}, embed {m.embed_size}, dropout {m.dropout:g}, init {m.init}"
-    )
+    drops = f"dropout {m.dropout:g}" + (f", weight drop {m.weight_drop:g}" if m.weight_drop else "")
+    table.add_row("model", f"{m.cell} {m.num_layers}x{m.hidden_size}, embed {m.embed_size}, {drops}, init {m.init}")
     table.add_row("parameters", f"{m.num_params():,}")
     table.add_row("vocab", _vocab_cell(header.vocab.chars))
     if corpus:

@@ -37,6 +37,9 @@ class ModelConfig:
     num_layers: int = 2
     embed_size: int = 64
     dropout: float = 0.0
+    # DropConnect on the recurrent (hidden-to-hidden) weights while training (model.CharRNN._recur);
+    # out of the defaults' rule: see training/sizing.py for what it measured
+    weight_drop: float = 0.0
     init: Init = "orthogonal"
 
     def __post_init__(self) -> None:
@@ -49,6 +52,8 @@ class ModelConfig:
         _check_int("--embed", self.embed_size, 1, 65536)
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if not isinstance(self.weight_drop, (int, float)) or not 0.0 <= self.weight_drop < 1.0:
+            raise ConfigError(f"--weight-drop must be in [0, 1) (got {self.weight_drop})")
         if self.num_params() > MAX_PARAMS:
             raise ConfigError(f"the model would have {self.num_params():,} parameters", "choose a smaller model")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .config import MAX_PARAMS, MAX_VOCAB, Cell, Init, ModelConfig  # noqa: F401 - re-exported
 from .errors import ConfigError
@@ -83,6 +84,20 @@ class CharRNN(nn.Module):
         """ids [B, T] -> logits [B, T, V] and the state after the last step."""
         x = self.drop(self.embed(ids))  # [B, T, E]
         hidden = None if state is None else (state if self.config.cell == "lstm" else state[0])
-        out, new = self.rnn(x, hidden)  # [B, T, H]
+        out, new = self._recur(x, hidden)  # [B, T, H]
         logits = self.head(self.drop(out))  # [B, T, V]
         return logits, (new if isinstance(new, tuple) else (new,))
+
+    def _recur(self, x: torch.Tensor, hidden: torch.Tensor | State | None) -> tuple[torch.Tensor, object]:
+        """The recurrent layers, with DropConnect on their hidden-to-hidden weights while training
+        (`weight_drop`, Merity et al. 2017's weight-dropped LSTM): one mask per step on the weight
+        matrices, the same for every time step and sequence, which regularises the recurrence without
+        leaving the library's fused kernel. Scoring and sampling use the weights as they are."""
+        p = self.config.weight_drop
+        if not (self.training and p > 0):
+            return self.rnn(x, hidden)
+        weights = {
+            name: F.dropout(w, p, training=True) if name.startswith("weight_hh") else w
+            for name, w in self.rnn.named_parameters()
+        }
+        return torch.func.functional_call(self.rnn, weights, (x, hidden))

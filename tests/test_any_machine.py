@@ -236,6 +236,7 @@ def test_the_cli_reads_its_defaults_from_the_library_config() -> None:
         "layers": (ModelConfig, "num_layers"),
         "embed": (ModelConfig, "embed_size"),
         "dropout": (ModelConfig, "dropout"),
+        "weight_drop": (ModelConfig, "weight_drop"),
         "init": (ModelConfig, "init"),
         "seq_len": (TrainConfig, "seq_len"),
         "batch_size": (TrainConfig, "batch_size"),

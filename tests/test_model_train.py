@@ -51,9 +51,30 @@ def test_initialisations(init: str) -> None:
         assert torch.all(model.rnn.bias_ih_l0[32:64] == 1.0)  # LSTM forget gate open
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "rnn-relu"])
+def test_weight_drop_masks_the_recurrent_weights_only_while_training(cell: str) -> None:
+    """DropConnect: a training step sees recurrent weights with whole entries zeroed (so its output
+    differs and the weights still get their gradients); scoring sees the weights as they are, the
+    same as a model without weight drop."""
+    torch.manual_seed(0)
+    dropped = CharRNN(ModelConfig(vocab_size=20, cell=cell, weight_drop=0.5, **TINY))  # type: ignore[arg-type]
+    plain = CharRNN(ModelConfig(vocab_size=20, cell=cell, **TINY))  # type: ignore[arg-type]
+    plain.load_state_dict(dropped.state_dict())
+    ids = torch.randint(0, 20, (3, 24))
+    torch.testing.assert_close(dropped.eval()(ids)[0], plain.eval()(ids)[0], rtol=0, atol=0)
+    logits, state = dropped.train()(ids)
+    assert not torch.allclose(logits, plain.train()(ids)[0])
+    assert [s.shape for s in state] == [s.shape for s in plain(ids)[1]]
+    logits.logsumexp(-1).sum().backward()
+    for name, p in dropped.rnn.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
 def test_bad_model_options() -> None:
     with pytest.raises(ConfigError, match=r"--dropout must be in \[0, 1\) \(got 1.5\)"):
         ModelConfig(vocab_size=5, dropout=1.5)
+    with pytest.raises(ConfigError, match=r"--weight-drop must be in \[0, 1\) \(got -0.1\)"):
+        ModelConfig(vocab_size=5, weight_drop=-0.1)
     with pytest.raises(ConfigError, match="--hidden must be a whole number from 1 to 65536"):
         ModelConfig(vocab_size=5, hidden_size=-3)
 
@@ -104,18 +125,20 @@ def test_same_seed_gives_identical_weights(text_file: Path, tmp_path: Path) -> N
     for name in ("a", "b"):
         r = train(
             text_file,
-            model=ModelConfig(vocab_size=1, cell="lstm", dropout=0.1, **TINY),
+            model=ModelConfig(vocab_size=1, cell="lstm", dropout=0.1, weight_drop=0.2, **TINY),
             config=tiny_config(steps=25),
             out=tmp_path / f"{name}.safetensors",
         )
-        runs.append(ckpt.read_tensors(ckpt.read_header(r.last_checkpoint)))
+        header = ckpt.read_header(r.last_checkpoint)
+        assert header.model.weight_drop == 0.2  # the checkpoint describes the model it trained
+        runs.append(ckpt.read_tensors(header))
     assert runs[0].keys() == runs[1].keys()
     for key in runs[0]:
         assert torch.equal(runs[0][key], runs[1][key]), key
 
 
 def test_interrupted_and_resumed_run_ends_bit_identical(text_file: Path, tmp_path: Path) -> None:
-    model = ModelConfig(vocab_size=1, cell="lstm", dropout=0.1, **TINY)
+    model = ModelConfig(vocab_size=1, cell="lstm", dropout=0.1, weight_drop=0.2, **TINY)
     config = tiny_config(steps=50, eval_every=15)
     whole = train(text_file, model=model, config=config, out=tmp_path / "whole.safetensors")
 

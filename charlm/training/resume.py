@@ -26,6 +26,7 @@ MODEL_FLAGS = {
     "num_layers": "--layers",
     "embed_size": "--embed",
     "dropout": "--dropout",
+    "weight_drop": "--weight-drop",
     "init": "--init",
 }
 

@@ -31,6 +31,11 @@ MANY_PASSES_LR = 1.5  # and, with the weight average smoothing the noise, a larg
 # (about 0.9 there) scored 2.181 against 0.3's 2.131, training loss 1.80 against 1.50 bits/char: it underfits
 # (quality-20min-1m-wd-per-pass-2026-12-03.json)
 MANY_PASSES_WEIGHT_DECAY = 0.3
+# DropConnect on the recurrent weights (--weight-drop, model.CharRNN._recur) stays out of the rule. On an
+# AVX2-only 2-core EPYC (fp32): the 1.1M-character plays at 20 minutes (11.6 passes) 0.25 scored 2.118
+# bits/char against 2.131 without (another run, so within run-to-run noise); at 5 minutes (4.5 passes),
+# same run, 2.263 against 2.190: 3.3% worse, as it slows the steps 6% and underfits a text seen 4-5 times
+# (quality-20min-1m-weight-drop-0.25-2026-12-03.json, quality-5min-weight-drop-rule-2026-12-03.json)
 PROBE_STEPS = 2  # timed, after one warm-up step
 TRAINING_SHARE = 0.9  # of a time budget: validation takes about a tenth (schedule.auto_eval_every)
 
