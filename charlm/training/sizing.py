@@ -36,6 +36,10 @@ MANY_PASSES_WEIGHT_DECAY = 0.3
 # bits/char against 2.131 without (another run, so within run-to-run noise); at 5 minutes (4.5 passes),
 # same run, 2.263 against 2.190: 3.3% worse, as it slows the steps 6% and underfits a text seen 4-5 times
 # (quality-20min-1m-weight-drop-0.25-2026-12-03.json, quality-5min-weight-drop-rule-2026-12-03.json)
+# Also screened for many passes and left out (the first 300k characters of the 1.1M cut, 5 minutes at
+# --hidden 384, about ten passes, AVX2 EPYC; proxy-screen-1m-20min-2026-12-04.json): dropout 0.25 on the
+# last layer's output 2.255 and with 0.1 on the embedding 2.245 against the defaults' 2.238; weight
+# decay 0.5 2.237; LSTM 2.241; GRU 3x320 2.225 against 2.235 (noise is about 0.01).
 PROBE_STEPS = 2  # timed, after one warm-up step
 TRAINING_SHARE = 0.9  # of a time budget: validation takes about a tenth (schedule.auto_eval_every)
 
