@@ -39,7 +39,8 @@ MANY_PASSES_WEIGHT_DECAY = 0.3
 # Also screened for many passes and left out (the first 300k characters of the 1.1M cut, 5 minutes at
 # --hidden 384, about ten passes, AVX2 EPYC; proxy-screen-1m-20min-2026-12-04.json): dropout 0.25 on the
 # last layer's output 2.255 and with 0.1 on the embedding 2.245 against the defaults' 2.238; weight
-# decay 0.5 2.237; LSTM 2.241; GRU 3x320 2.225 against 2.235 (noise is about 0.01).
+# decay 0.5 2.237; LSTM 2.241; seq 256 2.271 against 2.239; GRU 3x320 2.225 against 2.235 and 2.239 (two
+# screens; noise is about 0.01, and 3x320 is 22% slower): not yet measured at 20 minutes.
 PROBE_STEPS = 2  # timed, after one warm-up step
 TRAINING_SHARE = 0.9  # of a time budget: validation takes about a tenth (schedule.auto_eval_every)
 
