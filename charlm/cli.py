@@ -25,6 +25,10 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .config import (
+    DEEP_HIDDEN,
+    DEEP_LAYERS,
+    DEEP_PASSES,
+    DEFAULT_LAYERS,
     Cell,
     Init,
     ModelConfig,
@@ -112,7 +116,13 @@ M, T = ModelConfig, TrainConfig
     default=default(M, "cell"),
     help="Recurrent cell: LSTM, GRU, or Elman RNN with tanh (rnn) or ReLU (rnn-relu).",
 )
-@click.option("--layers", type=int, default=default(M, "num_layers"), help="Stacked recurrent layers.")
+@click.option(
+    "--layers",
+    type=int,
+    default=None,
+    help=f"Stacked recurrent layers.  [default: {DEFAULT_LAYERS}; {DEEP_LAYERS} (with --hidden {DEEP_HIDDEN}) "
+    f"for a --time over 6m up to 30m that will see its text {DEEP_PASSES:g} times or more]",
+)
 @click.option(
     "--hidden",
     type=int,
@@ -271,7 +281,7 @@ def train(
     corpus: tuple[str, ...],
     pattern: str,
     cell: str,
-    layers: int,
+    layers: int | None,
     hidden: int | None,
     embed: int,
     dropout: float,
@@ -310,7 +320,7 @@ def train(
         )
     model_values = {
         "cell": cell,
-        "num_layers": layers,
+        "num_layers": layers or 0,
         "hidden_size": hidden or 0,
         "embed_size": embed,
         "dropout": dropout,

@@ -34,7 +34,7 @@ class ModelConfig:
     vocab_size: int = 0  # 0: filled in from the training text by train()
     cell: Cell = "gru"  # the recurrent cell (`--model` on the command line)
     hidden_size: int = 0  # 0: chosen from the time budget by train() (budget_hidden_size)
-    num_layers: int = 2
+    num_layers: int = 0  # 0: 2, or 3 for a text a 6-30 minute run sees many times; filled in by train() (fill_model)
     embed_size: int = 64
     dropout: float = 0.0
     # DropConnect on the recurrent (hidden-to-hidden) weights while training (model.CharRNN._recur);
@@ -48,7 +48,8 @@ class ModelConfig:
         _check_choice("--init", self.init, Init)
         if self.hidden_size != 0:  # 0 is "from the budget", filled in by train()
             _check_int("--hidden", self.hidden_size, 1, 65536)
-        _check_int("--layers", self.num_layers, 1, 64)
+        if self.num_layers != 0:  # 0 is "from the budget and the passes", filled in by train()
+            _check_int("--layers", self.num_layers, 1, 64)
         _check_int("--embed", self.embed_size, 1, 65536)
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1) (got {self.dropout})")
@@ -90,9 +91,10 @@ class ModelConfig:
             )
         try:
             config = cls(**data)
-            if config.hidden_size == 0 or config.vocab_size == 0:
+            if config.hidden_size == 0 or config.num_layers == 0 or config.vocab_size == 0:
                 raise ConfigError(
-                    f"--hidden and the vocab size must be at least 1 (got {config.hidden_size} and {config.vocab_size})"
+                    "--hidden, --layers and the vocab size must be at least 1 "
+                    f"(got {config.hidden_size}, {config.num_layers} and {config.vocab_size})"
                 )
             return config
         except ConfigError as e:
@@ -111,6 +113,14 @@ def _check_choice(what: str, value: object, choices: object) -> None:
         raise ConfigError(f"{what} must be one of {', '.join(get_args(choices))} (got {value!r})")
 
 
+SHORT_BUDGET_S = 360  # up to 6 minutes: 256 units
+LONG_BUDGET_S = 1800  # up to 30 minutes: 384 (or 3x320 for many passes, training/sizing.py); longer 512
+DEFAULT_LAYERS = 2
+DEEP_PASSES = 6.0  # from this many expected passes, a 6-30 minute run trains DEEP_LAYERS x DEEP_HIDDEN
+DEEP_LAYERS = 3  # (measured: training/sizing.py)
+DEEP_HIDDEN = 320
+
+
 def budget_hidden_size(time_s: float | None) -> int:
     """Hidden units when none are given, from the time budget.
 
@@ -118,8 +128,8 @@ def budget_hidden_size(time_s: float | None) -> int:
     sees several times more text than a large one and ends lower; the larger model only pays off
     when the budget lets it see enough text. GRU beat LSTM of the same width at every budget tried.
     """
-    minutes = time_s / 60 if time_s else math.inf
-    return 256 if minutes <= 6 else 384 if minutes <= 30 else 512
+    seconds = time_s or math.inf
+    return 256 if seconds <= SHORT_BUDGET_S else 384 if seconds <= LONG_BUDGET_S else 512
 
 
 DEFAULT_BATCH = 64  # streams per step unless the run will see its text many times

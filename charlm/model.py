@@ -21,6 +21,11 @@ class CharRNN(nn.Module):
         super().__init__()
         if config.vocab_size < 1:
             raise ConfigError("ModelConfig.vocab_size is 0", "train() fills it in; set it to build a model directly")
+        if config.hidden_size < 1 or config.num_layers < 1:
+            raise ConfigError(
+                f"ModelConfig has {config.num_layers} layers of {config.hidden_size} units (0: from the budget)",
+                "train() fills them in; set hidden_size and num_layers to build a model directly",
+            )
         self.config = config
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.embed_size)

@@ -46,9 +46,11 @@ from .training.setup import (
     plan_devices,
     plan_origin,
     plan_passes,
+    plan_shape,
     restore_state,
     run_header,
 )
+from .training.sizing import Passes
 
 __all__ = [
     "Evaluated",
@@ -76,9 +78,12 @@ __all__ = [
 ]
 
 
-def default_model(config: TrainConfig) -> ModelConfig:
-    """The architecture for a run when none is given: ModelConfig's defaults, sized by the budget."""
-    return fill_model(ModelConfig(), config)
+def default_model(config: TrainConfig, passes: float | None = None) -> ModelConfig:
+    """The architecture for a run when none is given: ModelConfig's defaults, sized by the budget,
+    and for a 6-30 minute run by the passes it will make over its text (train() measures them:
+    README "How charlm picks its defaults"); without `passes`, the plain 2-layer shape."""
+    expected = Passes(passes, 0.0, 0, 0.0) if passes is not None else None
+    return fill_model(ModelConfig(), config, expected)
 
 
 def train(
@@ -114,8 +119,9 @@ def train(
     `model=None` and `config=None` for a new run mean the defaults of ModelConfig and TrainConfig
     (the same as `charlm train`'s), and what they leave open is chosen by the same rule as on the
     command line (README: "How charlm picks its defaults"): a GRU 2x256 for budgets up to 6 minutes,
-    2x384 up to 30, else 2x512; batch 32 and 1.5x the rate when the run will see its text 3 times or
-    more; rare characters folded when the vocabulary would make the output layer the costliest part.
+    2x384 up to 30 (3x320 when the run will see its text 6 times or more), else 2x512; batch 32
+    and 1.5x the rate when the run will see its text 3 times or more; rare characters folded when
+    the vocabulary would make the output layer the costliest part.
     The Started event lists each choice with its reason; the checkpoint stores them resolved.
     """
     last = last_checkpoint(corpus, out, resume) if resume else None
@@ -159,8 +165,9 @@ def _train(
     if devices.dist.is_main:
         check_writable(origin.best_path.parent)
     saved_tensors = ckpt.read_tensors(origin.resumed) if origin.resumed is not None else {}
-    learner, config = build_learner(origin, data, asked_model, config, devices, saved_tensors)
-    config, data, passes = plan_passes(config, asked, data, learner, devices)
+    planned, shape_probe = plan_shape(asked_model, config, data, origin, devices)
+    learner, config = build_learner(origin, data, planned, config, devices, saved_tensors)
+    config, data, passes = plan_passes(config, asked, data, learner, devices, shape_probe)
     state, hidden = restore_state(learner, origin, data, config, devices, saved_tensors)
     eval_every = auto_eval_every(len(data.val_ids), config)
     resume_step = state.step if origin.resumed is not None else None
@@ -192,7 +199,7 @@ def _train(
             new_chars=data.new_chars,
             defaults=[]
             if origin.resumed is not None or origin.init is not None
-            else explain_defaults(asked_model, asked, learner.net.config, config, data, passes),
+            else explain_defaults(asked_model, asked, learner.net.config, config, data, passes, shape_probe),
         )
     )
     log = MetricsLog(origin.metrics_path, resume_step=resume_step) if devices.dist.is_main else None

@@ -233,7 +233,6 @@ def test_the_cli_reads_its_defaults_from_the_library_config() -> None:
     options = {p.name: p for p in cli.commands["train"].params}
     for flag, (cls, field) in {
         "cell": (ModelConfig, "cell"),
-        "layers": (ModelConfig, "num_layers"),
         "embed": (ModelConfig, "embed_size"),
         "dropout": (ModelConfig, "dropout"),
         "weight_drop": (ModelConfig, "weight_drop"),
@@ -247,6 +246,8 @@ def test_the_cli_reads_its_defaults_from_the_library_config() -> None:
         "max_val_chars": (TrainConfig, "max_val_chars"),
     }.items():
         assert options[flag].default == default(cls, field), flag
+    for flag, field in {"layers": "num_layers", "hidden": "hidden_size"}.items():  # chosen by the rule
+        assert (options[flag].default, default(ModelConfig, field)) == (None, 0), flag
     assert isinstance(options["cell"].type, click.Choice)
     assert list(options["cell"].type.choices) == ["lstm", "gru", "rnn", "rnn-relu"]
 

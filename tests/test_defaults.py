@@ -78,11 +78,13 @@ def test_big_vocabularies_fold_their_rarest_characters(in_tmp: Path) -> None:
 def test_small_vocabularies_are_never_folded(hidden: int, expected: int) -> None:
     english = Counter("The quick brown fox jumps over the lazy dog. 0123456789\n" * 100)
     counts = {ord(c): n for c, n in english.items()}
-    assert auto_min_count(counts, ModelConfig(vocab_size=len(counts), hidden_size=hidden)) == expected
+    assert auto_min_count(counts, ModelConfig(vocab_size=len(counts), hidden_size=hidden, num_layers=2)) == expected
 
 
 def test_folding_stops_at_two_percent_of_the_text() -> None:
-    model = ModelConfig(vocab_size=6000, hidden_size=256)  # GRU 2x256: output layer up to 2,496 characters
+    model = ModelConfig(
+        vocab_size=6000, hidden_size=256, num_layers=2
+    )  # GRU 2x256: output layer up to 2,496 characters
     common = {0x4E00 + i: 100 for i in range(2400)}
     rare = {0x8000 + i: 1 for i in range(3600)}  # 1.5% of the text
     assert auto_min_count({**common, **rare}, model) == 2
@@ -110,6 +112,44 @@ def test_a_text_seen_many_times_trains_with_more_smaller_steps(in_tmp: Path) -> 
         assert [g["weight_decay"] for g in last.state["optim_groups"]] == [decay, 0.0]  # what AdamW used
 
 
+def test_a_longer_run_over_a_text_seen_many_times_goes_deeper() -> None:
+    from charlm.config import TrainConfig
+    from charlm.training.setup import fill_model
+    from charlm.training.sizing import Passes
+
+    def shape(model: ModelConfig, minutes: float, passes: float) -> tuple[int, int]:
+        filled = fill_model(model, TrainConfig(time=minutes * 60), Passes(passes, 1.0, 1, 1.0))
+        return filled.num_layers, filled.hidden_size
+
+    assert shape(ModelConfig(), 20, 11.0) == (3, 320)
+    assert shape(ModelConfig(), 20, 4.0) == (2, 384)  # seen a few times: the faster, shallower model
+    assert shape(ModelConfig(), 5, 11.0) == (2, 256)  # the budgets where depth was not measured keep 2
+    assert shape(ModelConfig(), 60, 11.0) == (2, 512)
+    # explicit options win, and a half-given shape is completed plainly
+    assert shape(ModelConfig(num_layers=2), 20, 11.0) == (2, 384)
+    assert shape(ModelConfig(num_layers=4), 20, 11.0) == (4, 384)
+    assert shape(ModelConfig(hidden_size=512), 20, 11.0) == (2, 512)
+
+
+def test_the_deeper_model_is_built_printed_and_stored(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import make_text, run_cli
+
+    Path("small.txt").write_text(make_text(20_000), encoding="utf-8")
+    # 7 minutes over 18,000 training characters: hundreds of passes; --steps 2 ends it at once
+    quick = ["--time", "7m", "--steps", "2", "--seq-len", "16", "--embed", "8"]
+    code, _, err = run_cli(["train", "small.txt", *quick], capsys)
+    assert code == 0, err
+    assert re.search(r"default --layers 3 --hidden 320: ~[\d,.]+ passes expected at 2x384 for a 7m budget", err)
+    assert "default --batch-size 32" in err
+    model = read_header("checkpoints/small.safetensors").model
+    assert (model.num_layers, model.hidden_size) == (3, 320)
+    code, _, err = run_cli(["train", "small.txt", *quick, "--layers", "2", "--overwrite"], capsys)
+    assert code == 0, err
+    assert "default --layers" not in err and "default --hidden 384 for a 7m budget" in err
+    model = read_header("checkpoints/small.safetensors").model
+    assert (model.num_layers, model.hidden_size) == (2, 384)
+
+
 def test_the_chosen_defaults_are_printed_at_the_start(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from conftest import make_text, run_cli
 
@@ -120,7 +160,9 @@ def test_the_chosen_defaults_are_printed_at_the_start(in_tmp: Path, capsys: pyte
     assert re.search(r"default --batch-size (32|64): ~[\d.]+ passes over [\d,]+ training characters at a measured", err)
     assert "default --lr 0.004" in err
     assert re.search(r"default --weight-decay (0.3 for many passes|0.01\n)", err)
-    explicit = ["--time", "2s", "--hidden", "16", "--batch-size", "8", "--lr", "0.01", "--weight-decay", "0.01"]
+    assert "default --layers 2\n" in err
+    explicit = ["--time", "2s", "--hidden", "16", "--layers", "2", "--batch-size", "8", "--lr", "0.01"]
+    explicit += ["--weight-decay", "0.01"]
     explicit.append("--overwrite")
     code, _, err = run_cli(["train", "small.txt", *explicit], capsys)
     assert code == 0 and "default --" not in err

@@ -253,9 +253,9 @@ def test_narrow_weights_follow_the_float_model_and_only_big_models_take_two_core
         outs, _ = run(fixed.FixedModel.from_model(net, narrow=narrow), ids, 30)
         errors.append(np.abs(np.stack([fixed.to_float(o) for o in outs], 1) - logits).max())
     assert errors[0] < errors[1] < 0.3, errors
-    assert not fixed.split_pays(ModelConfig(vocab_size=99))  # the default GRU 2x256: 0.6 MB in int8
-    assert fixed.split_pays(ModelConfig(vocab_size=99, hidden_size=384))  # 1.3 MB
-    assert fixed.split_pays(ModelConfig(vocab_size=99, cell="lstm", hidden_size=512))  # 3.1 MB
+    assert not fixed.split_pays(ModelConfig(vocab_size=99, num_layers=2))  # the default GRU 2x256: 0.6 MB in int8
+    assert fixed.split_pays(ModelConfig(vocab_size=99, num_layers=2, hidden_size=384))  # 1.3 MB
+    assert fixed.split_pays(ModelConfig(vocab_size=99, num_layers=2, cell="lstm", hidden_size=512))  # 3.1 MB
     step = FixedStep(random_model("gru"))
     assert step.fixed.w_hh.dtype == np.int8 and not step.can_split
 

@@ -281,6 +281,8 @@ def test_malformed_tensor_entries(
         ({"embed_size": -3}, "--embed must be a whole number from 1 to 65536 (got -3)"),
         ({"hidden_size": "48"}, "--hidden must be a whole number from 1 to 65536 (got '48')"),
         ({"num_layers": True}, "--layers must be a whole number from 1 to 64 (got True)"),
+        ({"num_layers": 0}, "--hidden, --layers and the vocab size must be at least 1 (got 48, 0 and"),
+        ({"hidden_size": 0}, "--hidden, --layers and the vocab size must be at least 1 (got 0, "),
         ({"cell": "transformer"}, "--model must be one of lstm, gru, rnn, rnn-relu (got 'transformer')"),
         ({"dropout": "0.1"}, "--dropout must be in [0, 1) (got 0.1)"),
         ({"hidden_size": 65536, "num_layers": 64}, "the model would have"),

@@ -174,7 +174,8 @@ def check_resume_model(asked: ModelConfig, saved: ModelConfig) -> None:
     diffs = [
         f"{flag} {getattr(asked, key)!r} (was {getattr(saved, key)!r})"
         for key, flag in MODEL_FLAGS.items()
-        if getattr(asked, key) != getattr(saved, key) and not (key == "hidden_size" and not asked.hidden_size)
+        if getattr(asked, key) != getattr(saved, key)
+        and not (key in ("hidden_size", "num_layers") and not getattr(asked, key))  # 0: open, the run's own
     ]
     if diffs:
         raise CheckpointError(

@@ -19,7 +19,11 @@ import torch
 from .. import checkpoint as ckpt
 from .. import distributed
 from ..config import (
+    DEEP_HIDDEN,
+    DEEP_LAYERS,
+    DEEP_PASSES,
     DEFAULT_BATCH,
+    DEFAULT_LAYERS,
     DEFAULT_WEIGHT_DECAY,
     ModelConfig,
     TrainConfig,
@@ -60,7 +64,9 @@ from .sizing import (
     SMALL_BATCH,
     TRAINING_SHARE,
     Passes,
+    deepening_budget,
     expected_passes,
+    goes_deep,
     measure_speed,
 )
 
@@ -314,16 +320,53 @@ def build_learner(
     return Learner(net=net, forward=forward, opt=make_optimizer(net, config, devices.device), average=average), config
 
 
+def plan_shape(
+    asked_model: ModelConfig | None, config: TrainConfig, data: RunData, origin: Origin, devices: DevicePlan
+) -> tuple[ModelConfig | None, Passes | None]:
+    """The model a new run builds, and the passes expected at the plain shape when they chose it.
+
+    Only a new, timed, single-process run with both --layers and --hidden open, in the budgets where
+    depth was measured (sizing.goes_deep), is probed: the plain 2-layer model's speed on this device
+    gives the passes, and a text seen DEEP_PASSES times or more gets the deeper, narrower model."""
+    model = asked_model or ModelConfig()
+    time = config.time
+    if (
+        origin.resumed is not None
+        or origin.init is not None
+        or devices.dist.active
+        or model.hidden_size
+        or model.num_layers
+        or not deepening_budget(time)
+    ):
+        return asked_model, None
+    plain = replace(fill_model(model, config), vocab_size=len(data.corpus.vocab))
+    with torch.random.fork_rng(devices=[]):  # a throwaway: the run's weights still depend on the seed alone
+        net = CharRNN(plain).to(devices.device)
+    batch = config.batch_size or DEFAULT_BATCH
+    adaptive = config.threads is None
+    speed = measure_speed(net, devices.device, devices.precision, batch, config.seq_len, adaptive=adaptive)
+    passes = expected_passes(speed, TRAINING_SHARE * time, len(data.train_ids))  # type: ignore[operator] - timed
+    return fill_model(model, config, passes), passes
+
+
 def plan_passes(
-    config: TrainConfig, asked: TrainConfig, data: RunData, learner: Learner, devices: DevicePlan
+    config: TrainConfig,
+    asked: TrainConfig,
+    data: RunData,
+    learner: Learner,
+    devices: DevicePlan,
+    probed: Passes | None = None,
 ) -> tuple[TrainConfig, RunData, Passes | None]:
     """`config` with the batch size (and, when not given, a learning rate) for the passes the run
     will make (sizing.py's rule), the data cut for that batch, and the expectation behind it. A
-    torchrun job, or a run without a time or epoch budget, takes the plain defaults."""
+    torchrun job, or a run without a time or epoch budget, takes the plain defaults. `probed`: what
+    plan_shape measured, reused when the model built is the one it timed (not deepened)."""
     if config.batch_size is not None:
         return config, data, None
     passes = None
-    if not devices.dist.active and config.time is not None:
+    if probed is not None and not goes_deep(probed, config.time):
+        passes = probed
+    elif not devices.dist.active and config.time is not None:
         adaptive = config.threads is None
         net, device = learner.net, devices.device
         speed = measure_speed(net, device, devices.precision, DEFAULT_BATCH, config.seq_len, adaptive=adaptive)
@@ -356,17 +399,33 @@ def explain_defaults(
     config: TrainConfig,
     data: RunData,
     passes: Passes | None,
+    shape_probe: Passes | None = None,
 ) -> list[str]:
     """One line per setting the rule chose because the caller left it open (README: "How charlm
-    picks its defaults"); explicit options are never second-guessed, so they are not listed."""
+    picks its defaults"); explicit options are never second-guessed, so they are not listed.
+    `shape_probe`: the passes plan_shape expected at the plain shape, when it was probed."""
     lines = []
     many = passes is not None and passes.many
-    if not (asked_model or ModelConfig()).hidden_size:
-        budget = f"a {fmt_budget(config.time)} budget" if config.time else "no time budget"
+    open_shape = asked_model or ModelConfig()
+    budget = f"a {fmt_budget(config.time)} budget" if config.time else "no time budget"
+    if goes_deep(shape_probe, config.time):
         lines.append(
-            f"--hidden {model.hidden_size} for {budget} (256 units up to 6m, 384 up to 30m, else 512: a "
-            "smaller model sees more text in a short run)"
+            f"--layers {model.num_layers} --hidden {model.hidden_size}: ~{shape_probe.passes:.1f} passes "  # type: ignore[union-attr]
+            f"expected at {DEFAULT_LAYERS}x{budget_hidden_size(config.time)} for {budget} (from {DEEP_PASSES:g} "
+            "passes in a 6m-30m run: a text seen that often has time to use a third layer)"
         )
+    else:
+        if not open_shape.hidden_size:
+            lines.append(
+                f"--hidden {model.hidden_size} for {budget} (256 units up to 6m, 384 up to 30m, else 512: a "
+                "smaller model sees more text in a short run)"
+            )
+        if not open_shape.num_layers:
+            seen = f" (~{shape_probe.passes:.1f} passes expected" if shape_probe is not None else ""
+            lines.append(
+                f"--layers {model.num_layers}"
+                + (f"{seen}; {DEEP_LAYERS}x{DEEP_HIDDEN} from {DEEP_PASSES:g})" if seen else "")
+            )
     if asked.batch_size is None:
         if passes is None:
             lines.append(f"--batch-size {config.batch_size}")
@@ -408,11 +467,19 @@ def fmt_budget(seconds: float) -> str:
     return f"{minutes:g}m" if minutes >= 1 and minutes == round(minutes) else f"{seconds:g}s"
 
 
-def fill_model(model: ModelConfig, config: TrainConfig) -> ModelConfig:
-    """`model` with a hidden size of 0 ("from the budget") filled in."""
-    if model.hidden_size:
+def fill_model(model: ModelConfig, config: TrainConfig, passes: Passes | None = None) -> ModelConfig:
+    """`model` with what it leaves open (0) filled in: DEEP_LAYERS x DEEP_HIDDEN when both are open
+    and the run will see its text many times (sizing.goes_deep), else 2 layers of
+    budget_hidden_size. A shape half given is completed plainly: the deep rule is for the pair."""
+    if model.hidden_size and model.num_layers:
         return model
-    return replace(model, hidden_size=budget_hidden_size(config.time))
+    if not model.hidden_size and not model.num_layers and goes_deep(passes, config.time):
+        return replace(model, hidden_size=DEEP_HIDDEN, num_layers=DEEP_LAYERS)
+    return replace(
+        model,
+        hidden_size=model.hidden_size or budget_hidden_size(config.time),
+        num_layers=model.num_layers or DEFAULT_LAYERS,
+    )
 
 
 def restore_state(

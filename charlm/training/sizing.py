@@ -1,4 +1,4 @@
-"""How many times a run will see its text, and the batch size and learning rate that follow from it.
+"""How many times a run will see its text, and the depth, batch size and learning rate that follow from it.
 
 The rule (README: "How charlm picks its defaults"): expected passes = time budget x measured
 characters per second / training characters. A text seen many times over learns more from more,
@@ -6,7 +6,8 @@ smaller, larger steps than from fewer large batches (a 550k-character text, 2.5 
 EPYC: batch 32 1.983 bits/char against batch 64's 1.998 though 64 streams run 25% faster; batch
 32 at 1.5x the learning rate 1.963); a text seen once or twice wants the characters per second of
 the larger batch. The speed is measured, not assumed: a few steps of the model to be trained, on
-this device, before the run starts (about a second on two CPU cores).
+this device, before the run starts (about a second on two CPU cores); for a 6-30 minute run with its
+shape open, of the plain 2-layer model first, whose passes choose the depth (goes_deep).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import DEEP_PASSES, LONG_BUDGET_S, SHORT_BUDGET_S
 from ..device import autocast
 from ..model import CharRNN
 
@@ -40,7 +42,18 @@ MANY_PASSES_WEIGHT_DECAY = 0.3
 # --hidden 384, about ten passes, AVX2 EPYC; proxy-screen-1m-20min-2026-12-04.json): dropout 0.25 on the
 # last layer's output 2.255 and with 0.1 on the embedding 2.245 against the defaults' 2.238; weight
 # decay 0.5 2.237; LSTM 2.241; seq 256 2.271 against 2.239; GRU 3x320 2.225 against 2.235 and 2.239 (two
-# screens; noise is about 0.01, and 3x320 is 22% slower): not yet measured at 20 minutes.
+# screens; noise is about 0.01, and 3x320 is 22% slower), which led to the deep rule below.
+# A 6-30 minute run that will see its text DEEP_PASSES times or more (at the plain 2x384, as probed)
+# trains a GRU 3x320 instead: a third layer adds capacity where the text is seen often enough to use it,
+# and the narrower layers keep most of the speed (3x320 trains ~22% fewer characters per second).
+# At 20 minutes on the 1.1M cut (AVX2 EPYC, fp32, 8-9 passes, one run with the textbook loop;
+# quality-20min-1m-3x320-2026-12-04.json): 3x320 2.115 bits/char against 2x384's 2.126 (0.5%) and the
+# textbook loop's 2.269 (6.8% better, against 6.3%); on the Chinese fortunes (5.6 passes at 2x384 there,
+# just under the threshold on that machine, more on a faster one) 5.511 against 5.532
+# (quality-20min-chinese-3x320-2026-12-04.json). Both gains are near run-to-run noise, but the four
+# measurements all point the same way; it does not reach the 8% the 1.1M cut aims for at 20 minutes.
+# The figures, DEEP_PASSES/LAYERS/HIDDEN, live in config.py beside the budget's hidden sizes, so the
+# command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
 TRAINING_SHARE = 0.9  # of a time budget: validation takes about a tenth (schedule.auto_eval_every)
 
@@ -118,3 +131,14 @@ def expected_passes(chars_per_sec: float, budget_s: float, train_chars: int) -> 
         train_chars=train_chars,
         budget_s=budget_s,
     )
+
+
+def deepening_budget(time_s: float | None) -> bool:
+    """A budget where the deep rule applies: 6-30 minutes, the 2x384 regime (the only one measured)."""
+    return time_s is not None and SHORT_BUDGET_S < time_s <= LONG_BUDGET_S
+
+
+def goes_deep(passes: Passes | None, time_s: float | None) -> bool:
+    """Whether a run whose shape is open trains DEEP_LAYERS x DEEP_HIDDEN: a deepening budget that
+    will see its text DEEP_PASSES times or more."""
+    return passes is not None and passes.passes >= DEEP_PASSES and deepening_budget(time_s)
