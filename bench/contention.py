@@ -10,7 +10,7 @@
 Every figure is the chars/s a `charlm ... --json` subprocess reports, for each command x policy x
 neighbour:
 
-  train       GRU 2x256, batch 64 x 128, 30 steps (or 90 s if sooner) of ~1 MB of prose; its
+  train       GRU 2x256 (or --train-model), batch 64 x 128, 30 steps (or 90 s if sooner) of ~1 MB of prose; its
               training throughput (validation and saving excluded)
   perplexity  scoring ~600 KB with a small checkpoint trained once at the start
   sample      one stream of 1,500 characters (the CPU default precision)
@@ -62,7 +62,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -397,12 +397,18 @@ def make_texts(work: Path, sizes: Sizes) -> dict[str, Path]:
 
 
 def command_argv(
-    command: str, policy: Policy, texts: dict[str, Path], model: Path, work: Path, sizes: Sizes
+    command: str,
+    policy: Policy,
+    texts: dict[str, Path],
+    model: Path,
+    work: Path,
+    sizes: Sizes,
+    train_model: Sequence[str] = ("--hidden", "256"),
 ) -> list[str]:
     if command == "train":
         out = tempfile.mkdtemp(dir=work / "runs")  # a fresh --out each run: never a resume or overwrite question
         batch, seq = sizes.train_shape
-        args = ["train", str(texts["train"]), "--hidden", "256", "--steps", str(sizes.train_steps), "--time"]
+        args = ["train", str(texts["train"]), *train_model, "--steps", str(sizes.train_steps), "--time"]
         args += [f"{sizes.train_seconds}s", "--batch-size", str(batch), "--seq-len", str(seq)]
         # the run's closing validation is not in its chars/s but is in its wall time: a 500-char tail keeps
         # it short even when collapsed (scoring costs per time step, and a text under 4096 chars is one stream)
@@ -532,6 +538,11 @@ def main() -> None:
     )
     parser.add_argument("--budget-seconds", type=int, default=60, help="the --time of --budget-check")
     parser.add_argument(
+        "--train-model",
+        default="--hidden 256",
+        help="the model options of the timed `train` (e.g. '--layers 3 --hidden 320') [default: '--hidden 256']",
+    )
+    parser.add_argument(
         "--name", default=None, help="results file name [default: <date>-<cpu>-contention, -quick added with --quick]"
     )
     parser.add_argument(
@@ -623,7 +634,7 @@ def main() -> None:
                     neighbour.start()
                 for command in commands:
                     for policy in policies:
-                        argv = command_argv(command, policy, texts, model, work, sizes)
+                        argv = command_argv(command, policy, texts, model, work, sizes, args.train_model.split())
                         chars = work_chars(command, texts, sizes)
                         results.setdefault("argv", {}).setdefault(f"{command} {policy.label}", argv[1:])
                         r = measure(argv, {**env, **policy.env}, sizes, neighbour, work, settle_s, retries, chars)
