@@ -1358,6 +1358,7 @@ def chat(
     from .errors import CharlmError
     from .lm import CharLM
     from .session import Session
+    from .training.stop import graceful_stop
 
     try:
         import readline  # noqa: F401 - line editing and history (arrow keys) for input(), where there is one
@@ -1395,15 +1396,21 @@ def chat(
             continue
         text = line[:-1] if line.endswith("\\") else line + "\n"
         written = ""
-        try:  # Ctrl-C anywhere in a turn (reading your line or writing) ends the turn, not the chat
-            skipped = session.say(text)
-            if skipped:
-                info(f"({skipped} character{'s' * (skipped != 1)} the model does not know left out)")
-            for piece in session.reply():
-                out.write(piece)
-                out.flush()
-                written += piece
-        except KeyboardInterrupt:
+        try:  # Ctrl-C while it writes ends the turn at the next character, not the chat
+            with graceful_stop((signal.SIGINT,)) as stop:
+                skipped = session.say(text)
+                if skipped:
+                    info(f"({skipped} character{'s' * (skipped != 1)} the model does not know left out)")
+                for piece in session.reply():
+                    out.write(piece)
+                    out.flush()
+                    written += piece
+                    if stop.is_set():
+                        break
+            stopped = stop.is_set()
+        except KeyboardInterrupt:  # a second Ctrl-C: at once
+            stopped = True
+        if stopped:
             written += "\n"
             out.write("\n")
             info("(stopped)")

@@ -327,7 +327,10 @@ def plan_shape(
 
     Only a new, timed, single-process run with both --layers and --hidden open, in the budgets where
     depth was measured (sizing.goes_deep), is probed: the plain 2-layer model's speed on this device
-    gives the passes, and a text seen DEEP_PASSES times or more gets the deeper, narrower model."""
+    gives the passes, and a text seen DEEP_PASSES times or more gets the deeper, narrower model.
+    The vocab (--min-count) was settled before, for the plain shape: the probe needs the output
+    layer's size, and the deeper model's recurrent cost is close to 2x384's (1.6M against 1.4M
+    multiply-adds per character), so it would fold about the same characters."""
     model = asked_model or ModelConfig()
     time = config.time
     if (

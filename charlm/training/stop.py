@@ -1,4 +1,5 @@
-"""Ctrl-C and SIGTERM during training: stop at the next step boundary, so the resume checkpoint is whole."""
+"""Ctrl-C and SIGTERM during training: stop at the next step boundary, so the resume checkpoint is whole.
+`charlm chat` stops a reply the same way, on Ctrl-C alone, so the conversation's state stays whole."""
 
 from __future__ import annotations
 
@@ -21,9 +22,14 @@ class StopRequest:
 
 
 @contextlib.contextmanager
-def graceful_stop() -> Iterator[StopRequest]:
+def graceful_stop(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[StopRequest]:
     """First Ctrl-C (or SIGTERM) asks the loop to stop at the next step boundary; a second one
-    interrupts at once. Outside the main thread nothing is installed."""
+    interrupts at once. Outside the main thread nothing is installed.
+
+    A flag rather than Python's KeyboardInterrupt: that exception is raised wherever the main thread
+    happens to be, and one raised inside a finaliser is printed and dropped, so a Ctrl-C could be
+    lost (a chat reply once ran on for a minute after it in CI), or land between two updates of
+    the state."""
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield stop
@@ -34,7 +40,7 @@ def graceful_stop() -> Iterator[StopRequest]:
             raise KeyboardInterrupt
         stop.signal = signum
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, handler) for s in signals}
     try:
         yield stop
     finally:
