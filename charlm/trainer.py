@@ -50,7 +50,6 @@ from .training.setup import (
     restore_state,
     run_header,
 )
-from .training.sizing import Passes
 
 __all__ = [
     "Evaluated",
@@ -82,8 +81,7 @@ def default_model(config: TrainConfig, passes: float | None = None) -> ModelConf
     """The architecture for a run when none is given: ModelConfig's defaults, sized by the budget,
     and for a 6-30 minute run by the passes it will make over its text (train() measures them:
     README "How charlm picks its defaults"); without `passes`, the plain 2-layer shape."""
-    expected = Passes(passes, 0.0, 0, 0.0) if passes is not None else None
-    return fill_model(ModelConfig(), config, expected)
+    return fill_model(ModelConfig(), config, passes)
 
 
 def train(

@@ -82,9 +82,8 @@ def test_small_vocabularies_are_never_folded(hidden: int, expected: int) -> None
 
 
 def test_folding_stops_at_two_percent_of_the_text() -> None:
-    model = ModelConfig(
-        vocab_size=6000, hidden_size=256, num_layers=2
-    )  # GRU 2x256: output layer up to 2,496 characters
+    # GRU 2x256: output layer up to 2,496 characters
+    model = ModelConfig(vocab_size=6000, hidden_size=256, num_layers=2)
     common = {0x4E00 + i: 100 for i in range(2400)}
     rare = {0x8000 + i: 1 for i in range(3600)}  # 1.5% of the text
     assert auto_min_count({**common, **rare}, model) == 2
@@ -115,10 +114,9 @@ def test_a_text_seen_many_times_trains_with_more_smaller_steps(in_tmp: Path) -> 
 def test_a_longer_run_over_a_text_seen_many_times_goes_deeper() -> None:
     from charlm.config import TrainConfig
     from charlm.training.setup import fill_model
-    from charlm.training.sizing import Passes
 
     def shape(model: ModelConfig, minutes: float, passes: float) -> tuple[int, int]:
-        filled = fill_model(model, TrainConfig(time=minutes * 60), Passes(passes, 1.0, 1, 1.0))
+        filled = fill_model(model, TrainConfig(time=minutes * 60), passes)
         return filled.num_layers, filled.hidden_size
 
     assert shape(ModelConfig(), 20, 11.0) == (3, 320)

@@ -349,7 +349,7 @@ def plan_shape(
     adaptive = config.threads is None
     speed = measure_speed(net, devices.device, devices.precision, batch, config.seq_len, adaptive=adaptive)
     passes = expected_passes(speed, TRAINING_SHARE * time, len(data.train_ids))  # type: ignore[operator] - timed
-    return fill_model(model, config, passes), passes
+    return fill_model(model, config, passes.passes), passes
 
 
 def plan_passes(
@@ -367,7 +367,7 @@ def plan_passes(
     if config.batch_size is not None:
         return config, data, None
     passes = None
-    if probed is not None and not goes_deep(probed, config.time):
+    if probed is not None and not goes_deep(probed.passes, config.time):
         passes = probed
     elif not devices.dist.active and config.time is not None:
         adaptive = config.threads is None
@@ -411,9 +411,9 @@ def explain_defaults(
     many = passes is not None and passes.many
     open_shape = asked_model or ModelConfig()
     budget = f"a {fmt_budget(config.time)} budget" if config.time else "no time budget"
-    if goes_deep(shape_probe, config.time):
+    if shape_probe is not None and goes_deep(shape_probe.passes, config.time):
         lines.append(
-            f"--layers {model.num_layers} --hidden {model.hidden_size}: ~{shape_probe.passes:.1f} passes "  # type: ignore[union-attr]
+            f"--layers {model.num_layers} --hidden {model.hidden_size}: ~{shape_probe.passes:.1f} passes "
             f"expected at {DEFAULT_LAYERS}x{budget_hidden_size(config.time)} for {budget} (from {DEEP_PASSES:g} "
             "passes in a 6m-30m run: a text seen that often has time to use a third layer)"
         )
@@ -470,7 +470,7 @@ def fmt_budget(seconds: float) -> str:
     return f"{minutes:g}m" if minutes >= 1 and minutes == round(minutes) else f"{seconds:g}s"
 
 
-def fill_model(model: ModelConfig, config: TrainConfig, passes: Passes | None = None) -> ModelConfig:
+def fill_model(model: ModelConfig, config: TrainConfig, passes: float | None = None) -> ModelConfig:
     """`model` with what it leaves open (0) filled in: DEEP_LAYERS x DEEP_HIDDEN when both are open
     and the run will see its text many times (sizing.goes_deep), else 2 layers of
     budget_hidden_size. A shape half given is completed plainly: the deep rule is for the pair."""

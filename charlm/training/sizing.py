@@ -138,7 +138,7 @@ def deepening_budget(time_s: float | None) -> bool:
     return time_s is not None and SHORT_BUDGET_S < time_s <= LONG_BUDGET_S
 
 
-def goes_deep(passes: Passes | None, time_s: float | None) -> bool:
+def goes_deep(passes: float | None, time_s: float | None) -> bool:
     """Whether a run whose shape is open trains DEEP_LAYERS x DEEP_HIDDEN: a deepening budget that
-    will see its text DEEP_PASSES times or more."""
-    return passes is not None and passes.passes >= DEEP_PASSES and deepening_budget(time_s)
+    will see its text DEEP_PASSES times or more (`passes` expected at the plain shape)."""
+    return passes is not None and passes >= DEEP_PASSES and deepening_budget(time_s)
