@@ -28,7 +28,13 @@ from .config import (
     DEEP_HIDDEN,
     DEEP_LAYERS,
     DEEP_PASSES,
+    DEFAULT_BATCH,
     DEFAULT_LAYERS,
+    DEFAULT_WEIGHT_DECAY,
+    MANY_PASSES,
+    MANY_PASSES_LR,
+    MANY_PASSES_WEIGHT_DECAY,
+    SMALL_BATCH,
     Cell,
     Init,
     ModelConfig,
@@ -157,14 +163,22 @@ M, T = ModelConfig, TrainConfig
     "--batch-size",
     type=int,
     default=default(T, "batch_size"),
-    help="Parallel text streams per step.  [default: 64, or 32 when the run will see its text 3 times or more]",
+    help=f"Parallel text streams per step.  [default: {DEFAULT_BATCH}, or {SMALL_BATCH} when the run will see its text "
+    f"{MANY_PASSES:g} times or more]",
 )
-@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW).  [default: 2e-3 x 512 / --hidden]")
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help=f"Peak learning rate (AdamW).  [default: 2e-3 x 512 / --hidden, x {MANY_PASSES_LR:g} when the run will see "
+    f"its text {MANY_PASSES:g} times or more]",
+)
 @click.option(
     "--weight-decay",
     type=float,
     default=None,
-    help="AdamW weight decay on weight matrices.  [default: 0.01, or 0.1 when the run will see its text many times]",
+    help=f"AdamW weight decay on weight matrices.  [default: {DEFAULT_WEIGHT_DECAY:g}, or {MANY_PASSES_WEIGHT_DECAY:g} "
+    f"when the run will see its text {MANY_PASSES:g} times or more]",
 )
 @click.option("--clip", type=float, default=default(T, "clip"), help="Clip the global gradient norm to this (0 = off).")
 @click.option(

@@ -133,7 +133,14 @@ def budget_hidden_size(time_s: float | None) -> int:
 
 
 DEFAULT_BATCH = 64  # streams per step unless the run will see its text many times
-DEFAULT_WEIGHT_DECAY = 0.01  # or sizing.MANY_PASSES_WEIGHT_DECAY for a text seen many times
+DEFAULT_WEIGHT_DECAY = 0.01
+# A run that will see its text MANY_PASSES times or more takes SMALL_BATCH streams, the learning rate
+# x MANY_PASSES_LR and weight decay MANY_PASSES_WEIGHT_DECAY (measured: training/sizing.py); the
+# numbers live here so the command line's help can name them without importing torch.
+MANY_PASSES = 3.0
+SMALL_BATCH = 32
+MANY_PASSES_LR = 1.5
+MANY_PASSES_WEIGHT_DECAY = 0.3
 MAX_FOLDED_SHARE = 0.02  # auto --min-count never folds more than this share of the text
 
 
@@ -170,7 +177,7 @@ class TrainConfig:
     seq_len: int = 128
     batch_size: int | None = None  # None: 64, or 32 for a run that will see its text many times (training/sizing.py)
     lr: float | None = None  # None: default_lr(hidden size)
-    weight_decay: float | None = None  # None: 0.01, or 0.1 for a run that will see its text many times (sizing.py)
+    weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY, or MANY_PASSES_WEIGHT_DECAY (sizing.py)
     clip: float = 1.0
     average: float = 0.99  # decay of the weights' moving average that validation scores and saves; 0: off
     schedule: Schedule = "auto"

@@ -302,6 +302,22 @@ def test_every_command_has_quiet_verbose_and_shows_defaults(name: str) -> None:
             assert "[default: " in param.get_help_record(ctx)[1], f"{name} --{param.name}"
 
 
+def test_help_of_options_the_rule_fills_names_the_rules_numbers() -> None:
+    """The many-pass weight decay once read 0.1 in --help while runs used 0.3: the help now takes its
+    numbers from the constants the rule uses."""
+    from charlm import config
+
+    command = cli.commands["train"]
+    ctx = click.Context(command, info_name="train")
+    helps = {p.name: " ".join(p.get_help_record(ctx)[1].split()) for p in command.params if isinstance(p, click.Option)}
+    many = f"{config.MANY_PASSES:g} times or more"
+    assert f"{config.DEFAULT_WEIGHT_DECAY:g}, or {config.MANY_PASSES_WEIGHT_DECAY:g} when" in helps["weight_decay"]
+    assert f"{config.DEFAULT_BATCH}, or {config.SMALL_BATCH} when" in helps["batch_size"]
+    assert f"x {config.MANY_PASSES_LR:g} when" in helps["lr"]
+    assert all(many in helps[name] for name in ("weight_decay", "batch_size", "lr"))
+    assert f"{config.DEEP_LAYERS} (with --hidden {config.DEEP_HIDDEN})" in helps["layers"]
+
+
 def test_json_outputs_parse_and_carry_no_escape_codes(
     trained, run_copy: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -25,6 +25,10 @@ from ..config import (
     DEFAULT_BATCH,
     DEFAULT_LAYERS,
     DEFAULT_WEIGHT_DECAY,
+    MANY_PASSES,
+    MANY_PASSES_LR,
+    MANY_PASSES_WEIGHT_DECAY,
+    SMALL_BATCH,
     ModelConfig,
     TrainConfig,
     auto_min_count,
@@ -58,10 +62,6 @@ from .optim import load_optimizer, make_optimizer
 from .paths import best_path_of, default_paths, new_run_path
 from .resume import check_resume, check_resume_files, check_resume_model, opened
 from .sizing import (
-    MANY_PASSES,
-    MANY_PASSES_LR,
-    MANY_PASSES_WEIGHT_DECAY,
-    SMALL_BATCH,
     TRAINING_SHARE,
     Passes,
     deepening_budget,
@@ -442,7 +442,7 @@ def explain_defaults(
             lines.append(
                 f"--batch-size {config.batch_size}: {seen} "
                 f"({'many: more, smaller, larger steps' if passes.many else 'few: the faster, larger batch'}; "
-                f"32 from {MANY_PASSES:g} passes)"
+                f"{SMALL_BATCH} from {MANY_PASSES:g} passes)"
             )
     if asked.lr is None:
         larger = f" x {MANY_PASSES_LR:g} for many passes" if many else ""

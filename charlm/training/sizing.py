@@ -18,21 +18,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DEEP_PASSES, LONG_BUDGET_S, SHORT_BUDGET_S
+from ..config import DEEP_PASSES, LONG_BUDGET_S, MANY_PASSES, SHORT_BUDGET_S
 from ..device import autocast
 from ..model import CharRNN
 
-MANY_PASSES = 3.0  # expected passes from which the smaller batch wins
-SMALL_BATCH = 32
-MANY_PASSES_LR = 1.5  # and, with the weight average smoothing the noise, a larger step
-# and weight decay 30x the default: on the 1.1M-character plays at 20 minutes (8.7 passes) training
+# From MANY_PASSES expected passes (config.py) the smaller batch wins, and, with the weight average
+# smoothing the noise, a larger step (MANY_PASSES_LR); and weight decay 30x the default
+# (MANY_PASSES_WEIGHT_DECAY): on the 1.1M-character plays at 20 minutes (8.7 passes) training
 # falls to 1.46 bits/char while held-out text stops near 2.18. In one run each: 0.1 scored 2.170
 # against 0.01's 2.184, and 0.3 2.130 against 0.1's 2.170 (best at step 1,900 and still improving when
 # time ran out, where 0.1 stopped on patience at 2,100); at 5 minutes 0.3 2.223 against 0.1's 2.224
 # (bench/results/quality-*-wd*-rule-2026-12-03.json). More lost: 0.1 per expected pass up to 1.0
 # (about 0.9 there) scored 2.181 against 0.3's 2.131, training loss 1.80 against 1.50 bits/char: it underfits
 # (quality-20min-1m-wd-per-pass-2026-12-03.json)
-MANY_PASSES_WEIGHT_DECAY = 0.3
 # DropConnect on the recurrent weights (--weight-drop, model.CharRNN._recur) stays out of the rule. On an
 # AVX2-only 2-core EPYC (fp32): the 1.1M-character plays at 20 minutes (11.6 passes) 0.25 scored 2.118
 # bits/char against 2.131 without (another run, so within run-to-run noise); at 5 minutes (4.5 passes),
@@ -52,8 +50,8 @@ MANY_PASSES_WEIGHT_DECAY = 0.3
 # just under the threshold on that machine, more on a faster one) 5.511 against 5.532
 # (quality-20min-chinese-3x320-2026-12-04.json). Both gains are near run-to-run noise, but the four
 # measurements all point the same way; it does not reach the 8% the 1.1M cut aims for at 20 minutes.
-# The figures, DEEP_PASSES/LAYERS/HIDDEN, live in config.py beside the budget's hidden sizes, so the
-# command line's help can name them without importing torch.
+# The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN) live in config.py beside the
+# budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
 TRAINING_SHARE = 0.9  # of a time budget: validation takes about a tenth (schedule.auto_eval_every)
 
