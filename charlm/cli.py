@@ -28,6 +28,7 @@ from .config import (
     DEEP_HIDDEN,
     DEEP_LAYERS,
     DEEP_PASSES,
+    DEEP_PASSES_SHORT,
     DEFAULT_BATCH,
     DEFAULT_LAYERS,
     DEFAULT_WEIGHT_DECAY,
@@ -127,7 +128,8 @@ M, T = ModelConfig, TrainConfig
     type=int,
     default=None,
     help=f"Stacked recurrent layers.  [default: {DEFAULT_LAYERS}; {DEEP_LAYERS} (with --hidden {DEEP_HIDDEN}) "
-    f"for a --time over 6m up to 30m that will see its text {DEEP_PASSES:g} times or more]",
+    f"for a --time up to 30m whose plain model will see its text often: {DEEP_PASSES_SHORT:g} times or more at "
+    f"2x256 up to 6m, {DEEP_PASSES:g} at 2x384 over 6m]",
 )
 @click.option(
     "--hidden",

@@ -34,7 +34,7 @@ class ModelConfig:
     vocab_size: int = 0  # 0: filled in from the training text by train()
     cell: Cell = "gru"  # the recurrent cell (`--model` on the command line)
     hidden_size: int = 0  # 0: chosen from the time budget by train() (budget_hidden_size)
-    num_layers: int = 0  # 0: 2, or 3 for a text a 6-30 minute run sees many times; filled in by train() (fill_model)
+    num_layers: int = 0  # 0: 2, or 3 for a text a run of up to 30 minutes sees often; filled in by train() (fill_model)
     embed_size: int = 64
     dropout: float = 0.0
     # DropConnect on the recurrent (hidden-to-hidden) weights while training (model.CharRNN._recur);
@@ -114,11 +114,20 @@ def _check_choice(what: str, value: object, choices: object) -> None:
 
 
 SHORT_BUDGET_S = 360  # up to 6 minutes: 256 units
-LONG_BUDGET_S = 1800  # up to 30 minutes: 384 (or 3x320 for many passes, training/sizing.py); longer 512
+LONG_BUDGET_S = 1800  # up to 30 minutes: 384; longer 512 (either way up to here 3x320 for many passes)
 DEFAULT_LAYERS = 2
-DEEP_PASSES = 6.0  # from this many expected passes, a 6-30 minute run trains DEEP_LAYERS x DEEP_HIDDEN
+# A run of up to 30 minutes trains DEEP_LAYERS x DEEP_HIDDEN when its plain model would see the text
+# this many times or more (measured: training/sizing.py): DEEP_PASSES at 2x384 (over 6 minutes),
+# DEEP_PASSES_SHORT at 2x256, which trains twice as many characters per second as the deeper model
+DEEP_PASSES = 6.0
+DEEP_PASSES_SHORT = 16.0
 DEEP_LAYERS = 3  # (measured: training/sizing.py)
 DEEP_HIDDEN = 320
+
+
+def deep_passes(time_s: float) -> float:
+    """The passes of the plain model from which a budget of `time_s` goes deep (DEEP_PASSES*)."""
+    return DEEP_PASSES_SHORT if time_s <= SHORT_BUDGET_S else DEEP_PASSES
 
 
 def budget_hidden_size(time_s: float | None) -> int:

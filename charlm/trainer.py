@@ -79,8 +79,8 @@ __all__ = [
 
 def default_model(config: TrainConfig, passes: float | None = None) -> ModelConfig:
     """The architecture for a run when none is given: ModelConfig's defaults, sized by the budget,
-    and for a 6-30 minute run by the passes it will make over its text (train() measures them:
-    README "How charlm picks its defaults"); without `passes`, the plain 2-layer shape."""
+    and for a run of up to 30 minutes by the passes its plain model will make over its text (train()
+    measures them: README "How charlm picks its defaults"); without `passes`, the plain 2-layer shape."""
     return fill_model(ModelConfig(), config, passes)
 
 

@@ -115,14 +115,16 @@ def test_a_longer_run_over_a_text_seen_many_times_goes_deeper() -> None:
     from charlm.config import TrainConfig
     from charlm.training.setup import fill_model
 
-    def shape(model: ModelConfig, minutes: float, passes: float) -> tuple[int, int]:
+    def shape(model: ModelConfig, minutes: float, passes: float | None) -> tuple[int, int]:
         filled = fill_model(model, TrainConfig(time=minutes * 60), passes)
         return filled.num_layers, filled.hidden_size
 
-    assert shape(ModelConfig(), 20, 11.0) == (3, 320)
+    assert shape(ModelConfig(), 20, 8.0) == (3, 320)  # `passes`: those of the plain 2x384
     assert shape(ModelConfig(), 20, 4.0) == (2, 384)  # seen a few times: the faster, shallower model
-    assert shape(ModelConfig(), 5, 11.0) == (2, 256)  # the budgets where depth was not measured keep 2
-    assert shape(ModelConfig(), 60, 11.0) == (2, 512)
+    assert shape(ModelConfig(), 5, 20.0) == (3, 320)  # a small text in a short run
+    assert shape(ModelConfig(), 5, 8.0) == (2, 256)  # 2x256 is twice as fast: it needs more passes
+    assert shape(ModelConfig(), 60, 20.0) == (2, 512)  # beyond 30 minutes depth was not measured
+    assert shape(ModelConfig(), 20, None) == (2, 384)  # not probed (an epoch or step budget)
     # explicit options win, and a half-given shape is completed plainly
     assert shape(ModelConfig(num_layers=2), 20, 11.0) == (2, 384)
     assert shape(ModelConfig(num_layers=4), 20, 11.0) == (4, 384)
@@ -148,6 +150,52 @@ def test_the_deeper_model_is_built_printed_and_stored(in_tmp: Path, capsys: pyte
     assert (model.num_layers, model.hidden_size) == (2, 384)
 
 
+@pytest.mark.parametrize(
+    ("minutes", "plain", "deep", "probed", "shape", "batch", "line"),
+    [
+        (5, 100.0, 0.0, [256], (2, 256), 64, "--layers 2 (~1.5 passes expected; 3x320 from 16 at 2x256)"),
+        (5, 800.0, 0.0, [256], (2, 256), 32, "--layers 2 (~12.0 passes expected; 3x320 from 16 at 2x256)"),
+        (5, 1200.0, 600.0, [256, 320], (3, 320), 32, "--layers 3 --hidden 320: ~18.0 passes expected at 2x256"),
+        (10, 1200.0, 50.0, [384, 320], (3, 320), 64, "--layers 3 --hidden 320: ~36.0 passes expected at 2x384"),
+    ],
+)
+def test_a_short_run_goes_deep_from_more_passes_and_times_the_model_it_builds(
+    in_tmp: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    minutes: int,
+    plain: float,
+    deep: float,
+    probed: list[int],
+    shape: tuple[int, int],
+    batch: int,
+    line: str,
+) -> None:
+    """The plain model's passes choose the shape; the deeper model, when chosen, is timed again for the
+    batch size (its own passes), and a run that stays plain reuses the first probe."""
+    from conftest import make_text, run_cli
+
+    from charlm.training import setup
+
+    timed: list[int] = []
+
+    def speed(net, *args, **kwargs) -> float:  # noqa: ANN001, ANN002, ANN003 - measure_speed's signature
+        timed.append(net.config.hidden_size)
+        return {256: plain, 384: plain, 320: deep}[net.config.hidden_size]
+
+    monkeypatch.setattr(setup, "measure_speed", speed)
+    Path("small.txt").write_text(make_text(20_000), encoding="utf-8")  # 18,000 training characters
+    # passes = 0.9 x budget x chars/s / 18,000; --steps 2 ends the run at once
+    quick = ["--time", f"{minutes}m", "--steps", "2", "--seq-len", "16", "--embed", "8"]
+    code, _, err = run_cli(["train", "small.txt", *quick], capsys)
+    assert code == 0, err
+    assert timed == probed
+    assert f"default {line}" in err
+    assert f"default --batch-size {batch}:" in err  # the built model's passes: 3 or more are many
+    model = read_header("checkpoints/small.safetensors").model
+    assert (model.num_layers, model.hidden_size) == shape
+
+
 def test_the_chosen_defaults_are_printed_at_the_start(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from conftest import make_text, run_cli
 
@@ -158,7 +206,7 @@ def test_the_chosen_defaults_are_printed_at_the_start(in_tmp: Path, capsys: pyte
     assert re.search(r"default --batch-size (32|64): ~[\d.]+ passes over [\d,]+ training characters at a measured", err)
     assert "default --lr 0.004" in err
     assert re.search(r"default --weight-decay (0.3 for many passes|0.01\n)", err)
-    assert "default --layers 2\n" in err
+    assert re.search(r"default --layers 2 \(~[\d.]+ passes expected; 3x320 from 16 at 2x256\)\n", err)
     explicit = ["--time", "2s", "--hidden", "16", "--layers", "2", "--batch-size", "8", "--lr", "0.01"]
     explicit += ["--weight-decay", "0.01"]
     explicit.append("--overwrite")

@@ -21,18 +21,19 @@ from .. import distributed
 from ..config import (
     DEEP_HIDDEN,
     DEEP_LAYERS,
-    DEEP_PASSES,
     DEFAULT_BATCH,
     DEFAULT_LAYERS,
     DEFAULT_WEIGHT_DECAY,
     MANY_PASSES,
     MANY_PASSES_LR,
     MANY_PASSES_WEIGHT_DECAY,
+    SHORT_BUDGET_S,
     SMALL_BATCH,
     ModelConfig,
     TrainConfig,
     auto_min_count,
     budget_hidden_size,
+    deep_passes,
     default_lr,
 )
 from ..data import (
@@ -327,7 +328,7 @@ def plan_shape(
 
     Only a new, timed, single-process run with both --layers and --hidden open, in the budgets where
     depth was measured (sizing.goes_deep), is probed: the plain 2-layer model's speed on this device
-    gives the passes, and a text seen DEEP_PASSES times or more gets the deeper, narrower model.
+    gives the passes, and a text seen often enough (config.deep_passes) gets the deeper, narrower model.
     The vocab (--min-count) was settled before, for the plain shape: the probe needs the output
     layer's size, and the deeper model's recurrent cost is close to 2x384's (1.6M against 1.4M
     multiply-adds per character), so it would fold about the same characters."""
@@ -411,11 +412,14 @@ def explain_defaults(
     many = passes is not None and passes.many
     open_shape = asked_model or ModelConfig()
     budget = f"a {fmt_budget(config.time)} budget" if config.time else "no time budget"
+    time = config.time or 0.0
+    plain = f"{DEFAULT_LAYERS}x{budget_hidden_size(config.time)}"
     if shape_probe is not None and goes_deep(shape_probe.passes, config.time):
+        regime = "up to 6m" if time <= SHORT_BUDGET_S else "over 6m"
         lines.append(
-            f"--layers {model.num_layers} --hidden {model.hidden_size}: ~{shape_probe.passes:.1f} passes "
-            f"expected at {DEFAULT_LAYERS}x{budget_hidden_size(config.time)} for {budget} (from {DEEP_PASSES:g} "
-            "passes in a 6m-30m run: a text seen that often has time to use a third layer)"
+            f"--layers {model.num_layers} --hidden {model.hidden_size}: ~{shape_probe.passes:.1f} passes expected "
+            f"at {plain} for {budget} (from {deep_passes(time):g} at {plain} in a run {regime}: a text seen that "
+            "often has time to use a third layer)"
         )
     else:
         if not open_shape.hidden_size:
@@ -424,11 +428,13 @@ def explain_defaults(
                 "smaller model sees more text in a short run)"
             )
         if not open_shape.num_layers:
-            seen = f" (~{shape_probe.passes:.1f} passes expected" if shape_probe is not None else ""
-            lines.append(
-                f"--layers {model.num_layers}"
-                + (f"{seen}; {DEEP_LAYERS}x{DEEP_HIDDEN} from {DEEP_PASSES:g})" if seen else "")
-            )
+            seen = ""
+            if shape_probe is not None:
+                seen = (
+                    f" (~{shape_probe.passes:.1f} passes expected; {DEEP_LAYERS}x{DEEP_HIDDEN} from "
+                    f"{deep_passes(time):g} at {plain})"
+                )
+            lines.append(f"--layers {model.num_layers}{seen}")
     if asked.batch_size is None:
         if passes is None:
             lines.append(f"--batch-size {config.batch_size}")

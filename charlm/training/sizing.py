@@ -6,8 +6,8 @@ smaller, larger steps than from fewer large batches (a 550k-character text, 2.5 
 EPYC: batch 32 1.983 bits/char against batch 64's 1.998 though 64 streams run 25% faster; batch
 32 at 1.5x the learning rate 1.963); a text seen once or twice wants the characters per second of
 the larger batch. The speed is measured, not assumed: a few steps of the model to be trained, on
-this device, before the run starts (about a second on two CPU cores); for a 6-30 minute run with its
-shape open, of the plain 2-layer model first, whose passes choose the depth (goes_deep).
+this device, before the run starts (about a second on two CPU cores); for a run of up to 30 minutes
+with its shape open, of the plain 2-layer model first, whose passes choose the depth (goes_deep).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DEEP_PASSES, LONG_BUDGET_S, MANY_PASSES, SHORT_BUDGET_S
+from ..config import LONG_BUDGET_S, MANY_PASSES, deep_passes
 from ..device import autocast
 from ..model import CharRNN
 
@@ -41,15 +41,22 @@ from ..model import CharRNN
 # last layer's output 2.255 and with 0.1 on the embedding 2.245 against the defaults' 2.238; weight
 # decay 0.5 2.237; LSTM 2.241; seq 256 2.271 against 2.239; GRU 3x320 2.225 against 2.235 and 2.239 (two
 # screens; noise is about 0.01, and 3x320 is 22% slower), which led to the deep rule below.
-# A 6-30 minute run that will see its text DEEP_PASSES times or more (at the plain 2x384, as probed)
-# trains a GRU 3x320 instead: a third layer adds capacity where the text is seen often enough to use it,
-# and the narrower layers keep most of the speed (3x320 trains ~22% fewer characters per second).
+# A run of up to 30 minutes whose plain model will see its text often (config.deep_passes: 16 passes at
+# 2x256 up to 6 minutes, 6 at 2x384 over 6, as probed) trains a GRU 3x320 instead: a third layer adds
+# capacity where the text is seen often enough to use it, and the narrower layers keep most of 2x384's
+# speed (3x320 trains ~22% fewer characters per second).
 # At 20 minutes on the 1.1M cut (AVX2 EPYC, fp32, 8-9 passes, one run with the textbook loop;
 # quality-20min-1m-3x320-2026-12-04.json): 3x320 2.115 bits/char against 2x384's 2.126 (0.5%) and the
 # textbook loop's 2.269 (6.8% better, against 6.3%); on the Chinese fortunes (5.6 passes at 2x384 there,
 # just under the threshold on that machine, more on a faster one) 5.511 against 5.532
 # (quality-20min-chinese-3x320-2026-12-04.json). Both gains are near run-to-run noise, but the four
 # measurements all point the same way; it does not reach the 8% the 1.1M cut aims for at 20 minutes.
+# In 5 minutes 2x256 trains twice 3x320's characters per second, so 3x320 needs a text seen more often:
+# on cuts of the 1.1M text (AVX2 EPYC, fp32, one run each; proxy-screen-5min-deep-2026-12-04.json) it
+# scored 2.217 against 2x256's 2.245 at 21.9 expected passes (300k characters), but lost at 12.3 (400k:
+# 2.063 against 2.044), 9.4 (550k: 1.959 against 1.928) and 4.9 (1.1M: 2.328 against 2.210); break-even
+# about 16. Screened at 3x320 on the 300k cut (about 8.5 passes; proxy-screen-3x320-2026-12-04.json),
+# --weight-drop 0.25 2.227, --dropout 0.1 2.234, 1x the lr 2.231 and --average 0.995 2.214 against 2.217.
 # The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN) live in config.py beside the
 # budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
@@ -132,11 +139,14 @@ def expected_passes(chars_per_sec: float, budget_s: float, train_chars: int) -> 
 
 
 def deepening_budget(time_s: float | None) -> bool:
-    """A budget where the deep rule applies: 6-30 minutes, the 2x384 regime (the only one measured)."""
-    return time_s is not None and SHORT_BUDGET_S < time_s <= LONG_BUDGET_S
+    """A budget where the deep rule applies: up to 30 minutes (the 256- and 384-unit regimes, where it
+    was measured; beyond, the plain model is 512 units wide)."""
+    return time_s is not None and 0 < time_s <= LONG_BUDGET_S
 
 
 def goes_deep(passes: float | None, time_s: float | None) -> bool:
-    """Whether a run whose shape is open trains DEEP_LAYERS x DEEP_HIDDEN: a deepening budget that
-    will see its text DEEP_PASSES times or more (`passes` expected at the plain shape)."""
-    return passes is not None and passes >= DEEP_PASSES and deepening_budget(time_s)
+    """Whether a run whose shape is open trains DEEP_LAYERS x DEEP_HIDDEN: a deepening budget whose
+    plain model would see its text often (`passes` expected at the plain shape; config.deep_passes)."""
+    if passes is None or time_s is None or not deepening_budget(time_s):
+        return False
+    return passes >= deep_passes(time_s)
