@@ -114,7 +114,7 @@ def _check_choice(what: str, value: object, choices: object) -> None:
 
 
 SHORT_BUDGET_S = 360  # up to 6 minutes: 256 units
-LONG_BUDGET_S = 1800  # up to 30 minutes: 384; longer 512 (either way up to here 3x320 for many passes)
+LONG_BUDGET_S = 1800  # up to 30 minutes: 384; longer: 512. Up to here a text seen often trains 3x320 (deep_passes)
 DEFAULT_LAYERS = 2
 # A run of up to 30 minutes trains DEEP_LAYERS x DEEP_HIDDEN when its plain model would see the text
 # this many times or more (measured: training/sizing.py): DEEP_PASSES at 2x384 (over 6 minutes),

@@ -415,7 +415,7 @@ def explain_defaults(
     time = config.time or 0.0
     plain = f"{DEFAULT_LAYERS}x{budget_hidden_size(config.time)}"
     if shape_probe is not None and goes_deep(shape_probe.passes, config.time):
-        regime = "up to 6m" if time <= SHORT_BUDGET_S else "over 6m"
+        regime = f"{'up to' if time <= SHORT_BUDGET_S else 'over'} {fmt_budget(SHORT_BUDGET_S)}"
         lines.append(
             f"--layers {model.num_layers} --hidden {model.hidden_size}: ~{shape_probe.passes:.1f} passes expected "
             f"at {plain} for {budget} (from {deep_passes(time):g} at {plain} in a run {regime}: a text seen that "
