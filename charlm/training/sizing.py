@@ -55,8 +55,9 @@ from ..model import CharRNN
 # on cuts of the 1.1M text (AVX2 EPYC, fp32, one run each; proxy-screen-5min-deep-2026-12-04.json) it
 # scored 2.217 against 2x256's 2.245 at 21.9 expected passes (300k characters), but lost at 12.3 (400k:
 # 2.063 against 2.044), 9.4 (550k: 1.959 against 1.928) and 4.9 (1.1M: 2.328 against 2.210); break-even
-# about 16. Checked on 250k characters of Python source (23.3 passes): 1.602 against 1.624. Screened at 3x320 on the 300k cut (about 8.5 passes; proxy-screen-3x320-2026-12-04.json),
-# --weight-drop 0.25 2.227, --dropout 0.1 2.234, 1x the lr 2.231 and --average 0.995 2.214 against 2.217.
+# about 16. Checked on 250k characters of Python source (23.3 passes): 1.602 against 1.624.
+# Screened at 3x320 on the 300k cut (about 8.5 passes; proxy-screen-3x320-2026-12-04.json): --weight-drop
+# 0.25 2.227, --dropout 0.1 2.234, 1x the lr 2.231 and --average 0.995 2.214 against 2.217.
 # The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN) live in config.py beside the
 # budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
