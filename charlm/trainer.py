@@ -117,9 +117,10 @@ def train(
     `model=None` and `config=None` for a new run mean the defaults of ModelConfig and TrainConfig
     (the same as `charlm train`'s), and what they leave open is chosen by the same rule as on the
     command line (README: "How charlm picks its defaults"): a GRU 2x256 for budgets up to 6 minutes,
-    2x384 up to 30 (3x320 when the run will see its text 6 times or more), else 2x512; batch 32
-    and 1.5x the rate when the run will see its text 3 times or more; rare characters folded when
-    the vocabulary would make the output layer the costliest part.
+    2x384 up to 30, else 2x512, and 3x320 up to 30 minutes when the plain model will see its text
+    often (16 times or more at 2x256, 6 at 2x384); batch 32 and 1.5x the rate when the run will see
+    its text 3 times or more; rare characters folded when the vocabulary would make the output layer
+    the costliest part.
     The Started event lists each choice with its reason; the checkpoint stores them resolved.
     """
     last = last_checkpoint(corpus, out, resume) if resume else None

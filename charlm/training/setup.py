@@ -340,17 +340,26 @@ def plan_shape(
         or devices.dist.active
         or model.hidden_size
         or model.num_layers
+        or time is None
         or not deepening_budget(time)
     ):
         return asked_model, None
     plain = replace(fill_model(model, config), vocab_size=len(data.corpus.vocab))
     with torch.random.fork_rng(devices=[]):  # a throwaway: the run's weights still depend on the seed alone
         net = CharRNN(plain).to(devices.device)
-    batch = config.batch_size or DEFAULT_BATCH
+    passes = probe_passes(net, config.batch_size or DEFAULT_BATCH, time, config, data, devices)
+    return fill_model(model, config, passes.passes), passes
+
+
+def probe_passes(
+    net: CharRNN, batch: int, time: float, config: TrainConfig, data: RunData, devices: DevicePlan
+) -> Passes:
+    """The passes `net` would make over the training text in the training share of `time`, from its
+    speed measured here at `batch` streams (both one thread and all cores when --threads is open,
+    as device.ThreadTuner will keep the faster)."""
     adaptive = config.threads is None
     speed = measure_speed(net, devices.device, devices.precision, batch, config.seq_len, adaptive=adaptive)
-    passes = expected_passes(speed, TRAINING_SHARE * time, len(data.train_ids))  # type: ignore[operator] - timed
-    return fill_model(model, config, passes.passes), passes
+    return expected_passes(speed, TRAINING_SHARE * time, len(data.train_ids))
 
 
 def plan_passes(
@@ -371,10 +380,7 @@ def plan_passes(
     if probed is not None and not goes_deep(probed.passes, config.time):
         passes = probed
     elif not devices.dist.active and config.time is not None:
-        adaptive = config.threads is None
-        net, device = learner.net, devices.device
-        speed = measure_speed(net, device, devices.precision, DEFAULT_BATCH, config.seq_len, adaptive=adaptive)
-        passes = expected_passes(speed, TRAINING_SHARE * config.time, len(data.train_ids))
+        passes = probe_passes(learner.net, DEFAULT_BATCH, config.time, config, data, devices)
     elif not devices.dist.active and config.epochs is not None:
         passes = Passes(passes=config.epochs, chars_per_sec=0.0, train_chars=len(data.train_ids), budget_s=0.0)
     many = passes is not None and passes.many
@@ -478,7 +484,7 @@ def fmt_budget(seconds: float) -> str:
 
 def fill_model(model: ModelConfig, config: TrainConfig, passes: float | None = None) -> ModelConfig:
     """`model` with what it leaves open (0) filled in: DEEP_LAYERS x DEEP_HIDDEN when both are open
-    and the run will see its text many times (sizing.goes_deep), else 2 layers of
+    and the plain model would see its text `passes` times, often enough (sizing.goes_deep), else 2 layers of
     budget_hidden_size. A shape half given is completed plainly: the deep rule is for the pair."""
     if model.hidden_size and model.num_layers:
         return model
