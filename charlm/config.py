@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any, Literal, get_args
 
 from .errors import CheckpointError, ConfigError
@@ -36,7 +36,9 @@ class ModelConfig:
     hidden_size: int = 0  # 0: chosen from the time budget by train() (budget_hidden_size)
     num_layers: int = 0  # 0: 2, or 3 for a text a run of up to 30 minutes sees often; filled in by train() (fill_model)
     embed_size: int = 64
-    dropout: float = 0.0
+    # None: from the passes the run will make, filled in by train() (0, or DROPOUT for a text seen
+    # DROPOUT_PASSES times or more); a model built directly treats None as 0
+    dropout: float | None = None
     # DropConnect on the recurrent (hidden-to-hidden) weights while training (model.CharRNN._recur);
     # out of the defaults' rule: see training/sizing.py for what it measured
     weight_drop: float = 0.0
@@ -51,7 +53,7 @@ class ModelConfig:
         if self.num_layers != 0:  # 0 is "from the budget and the passes", filled in by train()
             _check_int("--layers", self.num_layers, 1, 64)
         _check_int("--embed", self.embed_size, 1, 65536)
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+        if self.dropout is not None and (not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"--dropout must be in [0, 1) (got {self.dropout})")
         if not isinstance(self.weight_drop, (int, float)) or not 0.0 <= self.weight_drop < 1.0:
             raise ConfigError(f"--weight-drop must be in [0, 1) (got {self.weight_drop})")
@@ -91,6 +93,8 @@ class ModelConfig:
             )
         try:
             config = cls(**data)
+            if config.dropout is None:  # a checkpoint's model is resolved: open means none
+                config = replace(config, dropout=0.0)
             if config.hidden_size == 0 or config.num_layers == 0 or config.vocab_size == 0:
                 raise ConfigError(
                     "--hidden, --layers and the vocab size must be at least 1 "
@@ -150,6 +154,10 @@ MANY_PASSES = 3.0
 SMALL_BATCH = 32
 MANY_PASSES_LR = 1.5
 MANY_PASSES_WEIGHT_DECAY = 0.3
+# A run that will see its text DROPOUT_PASSES times or more (at the model it trains, as the batch
+# size's passes) takes --dropout DROPOUT when it is open (measured: training/sizing.py)
+DROPOUT_PASSES = 10.0
+DROPOUT = 0.1
 MAX_FOLDED_SHARE = 0.02  # auto --min-count never folds more than this share of the text
 
 

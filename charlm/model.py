@@ -6,6 +6,8 @@ State is explicit: forward(ids, state) -> (logits, state), so callers carry it a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -26,6 +28,8 @@ class CharRNN(nn.Module):
                 f"ModelConfig has {config.num_layers} layers of {config.hidden_size} units (0: from the budget)",
                 "train() fills them in; set hidden_size and num_layers to build a model directly",
             )
+        if config.dropout is None:  # open: train() sets it from the passes (set_dropout); built directly, none
+            config = replace(config, dropout=0.0)
         self.config = config
         c = config
         self.embed = nn.Embedding(c.vocab_size, c.embed_size)
@@ -67,6 +71,14 @@ class CharRNN(nn.Module):
                     nn.init.xavier_uniform_(block)
         nn.init.xavier_uniform_(self.head.weight)
         nn.init.zeros_(self.head.bias)
+
+    def set_dropout(self, p: float) -> None:
+        """Change the dropout of a built model (its weights do not depend on it): train() settles an
+        open --dropout only once it has timed the model it built (training/setup.plan_passes)."""
+        self.config = replace(self.config, dropout=p)
+        if self.config.num_layers > 1:
+            self.rnn.dropout = p
+        self.drop.p = p
 
     def start_at_unigram(self, counts: torch.Tensor) -> None:
         """Make the untrained model predict the characters' frequencies: bias = log frequency, head

@@ -119,8 +119,8 @@ def train(
     command line (README: "How charlm picks its defaults"): a GRU 2x256 for budgets up to 6 minutes,
     2x384 up to 30, else 2x512, and 3x320 up to 30 minutes when the plain model will see its text
     often (16 times or more at 2x256, 6 at 2x384); batch 32 and 1.5x the rate when the run will see
-    its text 3 times or more; rare characters folded when the vocabulary would make the output layer
-    the costliest part.
+    its text 3 times or more, and dropout 0.1 from 10 times; rare characters folded when the
+    vocabulary would make the output layer the costliest part.
     The Started event lists each choice with its reason; the checkpoint stores them resolved.
     """
     last = last_checkpoint(corpus, out, resume) if resume else None
@@ -166,7 +166,9 @@ def _train(
     saved_tensors = ckpt.read_tensors(origin.resumed) if origin.resumed is not None else {}
     planned, shape_probe = plan_shape(asked_model, config, data, origin, devices)
     learner, config = build_learner(origin, data, planned, config, devices, saved_tensors)
-    config, data, passes = plan_passes(config, asked, data, learner, devices, shape_probe)
+    new_model = origin.resumed is None and origin.init is None  # a fine-tune keeps its base's dropout
+    dropout_open = new_model and (asked_model or ModelConfig()).dropout is None
+    config, data, passes = plan_passes(config, asked, data, learner, devices, shape_probe, dropout_open)
     state, hidden = restore_state(learner, origin, data, config, devices, saved_tensors)
     eval_every = auto_eval_every(len(data.val_ids), config)
     resume_step = state.step if origin.resumed is not None else None

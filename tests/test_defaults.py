@@ -109,6 +109,26 @@ def test_a_text_seen_many_times_trains_with_more_smaller_steps(in_tmp: Path) -> 
         assert (header.train["batch_size"], header.train["weight_decay"]) == (batch, decay)
         last = read_header(result.last_checkpoint)
         assert [g["weight_decay"] for g in last.state["optim_groups"]] == [decay, 0.0]  # what AdamW used
+        assert header.model.dropout == last.model.dropout == 0.0  # 3 passes: too few for dropout
+
+
+def test_a_text_seen_ten_times_or_more_trains_with_dropout(in_tmp: Path) -> None:
+    """From 10 expected passes an open --dropout becomes 0.1, in the model trained and in both
+    checkpoints; a dropout given, 0 included, is kept."""
+    from conftest import make_text
+
+    Path("small.txt").write_text(make_text(20_000), encoding="utf-8")
+    tiny = {"hidden_size": 16, "embed_size": 8}
+    quick = {"epochs": 12, "steps": 2, "seq_len": 16}  # 12 passes planned; 2 steps end the run
+    started: list = []
+    often = train("small.txt", model=tiny, config=quick, out="often.safetensors", on_event=started.append)
+    given = train("small.txt", model={**tiny, "dropout": 0.0}, config=quick, out="given.safetensors")
+    fewer = train("small.txt", model=tiny, config={**quick, "epochs": 9}, out="fewer.safetensors")
+    for result, dropout in ((often, 0.1), (given, 0.0), (fewer, 0.0)):
+        for path in (result.checkpoint, result.last_checkpoint):
+            assert read_header(path).model.dropout == dropout, path
+    defaults = next(event.defaults for event in started if hasattr(event, "defaults"))
+    assert "--dropout 0.1: ~12.0 passes (0.1 from 10: a text seen that often is learned by heart" in "".join(defaults)
 
 
 def test_a_longer_run_over_a_text_seen_many_times_goes_deeper() -> None:
@@ -151,12 +171,13 @@ def test_the_deeper_model_is_built_printed_and_stored(in_tmp: Path, capsys: pyte
 
 
 @pytest.mark.parametrize(
-    ("minutes", "plain", "deep", "probed", "shape", "batch", "line"),
+    ("minutes", "plain", "deep", "probed", "shape", "batch", "dropout", "line"),
     [
-        (5, 100.0, 0.0, [256], (2, 256), 64, "--layers 2 (~1.5 passes expected; 3x320 from 16 at 2x256)"),
-        (5, 800.0, 0.0, [256], (2, 256), 32, "--layers 2 (~12.0 passes expected; 3x320 from 16 at 2x256)"),
-        (5, 1200.0, 600.0, [256, 320], (3, 320), 32, "--layers 3 --hidden 320: ~18.0 passes expected at 2x256"),
-        (10, 1200.0, 50.0, [384, 320], (3, 320), 64, "--layers 3 --hidden 320: ~36.0 passes expected at 2x384"),
+        (5, 100.0, 0.0, [256], (2, 256), 64, 0.0, "--layers 2 (~1.5 passes expected; 3x320 from 16 at 2x256)"),
+        (5, 800.0, 0.0, [256], (2, 256), 32, 0.1, "--layers 2 (~12.0 passes expected; 3x320 from 16 at 2x256)"),
+        (5, 1200.0, 600.0, [256, 320], (3, 320), 32, 0.0, "--layers 3 --hidden 320: ~18.0 passes expected at 2x256"),
+        (5, 1200.0, 800.0, [256, 320], (3, 320), 32, 0.1, "--dropout 0.1: ~12.0 passes (0.1 from 10: a text"),
+        (10, 1200.0, 50.0, [384, 320], (3, 320), 64, 0.0, "--layers 3 --hidden 320: ~36.0 passes expected at 2x384"),
     ],
 )
 def test_a_short_run_goes_deep_from_more_passes_and_times_the_model_it_builds(
@@ -169,10 +190,11 @@ def test_a_short_run_goes_deep_from_more_passes_and_times_the_model_it_builds(
     probed: list[int],
     shape: tuple[int, int],
     batch: int,
+    dropout: float,
     line: str,
 ) -> None:
     """The plain model's passes choose the shape; the deeper model, when chosen, is timed again for the
-    batch size (its own passes), and a run that stays plain reuses the first probe."""
+    batch size and the dropout (its own passes), and a run that stays plain reuses the first probe."""
     from conftest import make_text, run_cli
 
     from charlm.training import setup
@@ -193,7 +215,8 @@ def test_a_short_run_goes_deep_from_more_passes_and_times_the_model_it_builds(
     assert f"default {line}" in err
     assert f"default --batch-size {batch}:" in err  # the built model's passes: 3 or more are many
     model = read_header("checkpoints/small.safetensors").model
-    assert (model.num_layers, model.hidden_size) == shape
+    assert (model.num_layers, model.hidden_size, model.dropout) == (*shape, dropout)
+    assert ("default --dropout" in err) == bool(dropout)
 
 
 def test_the_chosen_defaults_are_printed_at_the_start(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -208,7 +231,7 @@ def test_the_chosen_defaults_are_printed_at_the_start(in_tmp: Path, capsys: pyte
     assert re.search(r"default --weight-decay (0.3 for many passes|0.01\n)", err)
     assert re.search(r"default --layers 2 \(~[\d.]+ passes expected; 3x320 from 16 at 2x256\)\n", err)
     explicit = ["--time", "2s", "--hidden", "16", "--layers", "2", "--batch-size", "8", "--lr", "0.01"]
-    explicit += ["--weight-decay", "0.01"]
+    explicit += ["--weight-decay", "0.01", "--dropout", "0"]
     explicit.append("--overwrite")
     code, _, err = run_cli(["train", "small.txt", *explicit], capsys)
     assert code == 0 and "default --" not in err

@@ -176,6 +176,7 @@ def check_resume_model(asked: ModelConfig, saved: ModelConfig) -> None:
         for key, flag in MODEL_FLAGS.items()
         if getattr(asked, key) != getattr(saved, key)
         and not (key in ("hidden_size", "num_layers") and not getattr(asked, key))  # 0: open, the run's own
+        and not (key == "dropout" and getattr(asked, key) is None)  # None: open, the run's own
     ]
     if diffs:
         raise CheckpointError(

@@ -24,6 +24,8 @@ from ..config import (
     DEFAULT_BATCH,
     DEFAULT_LAYERS,
     DEFAULT_WEIGHT_DECAY,
+    DROPOUT,
+    DROPOUT_PASSES,
     MANY_PASSES,
     MANY_PASSES_LR,
     MANY_PASSES_WEIGHT_DECAY,
@@ -369,11 +371,14 @@ def plan_passes(
     learner: Learner,
     devices: DevicePlan,
     probed: Passes | None = None,
+    dropout_open: bool = False,
 ) -> tuple[TrainConfig, RunData, Passes | None]:
     """`config` with the batch size (and, when not given, a learning rate) for the passes the run
-    will make (sizing.py's rule), the data cut for that batch, and the expectation behind it. A
-    torchrun job, or a run without a time or epoch budget, takes the plain defaults. `probed`: what
-    plan_shape measured, reused when the model built is the one it timed (not deepened)."""
+    will make (sizing.py's rule), the data cut for that batch, and the expectation behind it; a new
+    model whose --dropout is open (`dropout_open`) takes DROPOUT when the run will see its text
+    DROPOUT_PASSES times or more. A torchrun job, or a run without a time or epoch budget, takes
+    the plain defaults. `probed`: what plan_shape measured, reused when the model built is the one
+    it timed (not deepened)."""
     if config.batch_size is not None:
         return config, data, None
     passes = None
@@ -392,6 +397,9 @@ def plan_passes(
         for group in learner.opt.param_groups:
             if group["weight_decay"]:  # the matrices' group (optim.make_optimizer)
                 group["weight_decay"] = MANY_PASSES_WEIGHT_DECAY
+    if dropout_open and passes is not None and passes.passes >= DROPOUT_PASSES:
+        for net in {id(m): m for m in (learner.net, learner.scored)}.values():
+            net.set_dropout(DROPOUT)
     batch = config.batch_size
     if batch != data.batches.batch_size // devices.dist.world:
         data = replace(
@@ -465,6 +473,11 @@ def explain_defaults(
         lines.append(
             f"--weight-decay {config.weight_decay:g}"
             + (" for many passes (a text seen many times is learned by heart without it)" if many else "")
+        )
+    if open_shape.dropout is None and passes is not None and passes.passes >= DROPOUT_PASSES:
+        lines.append(
+            f"--dropout {model.dropout:g}: ~{passes.passes:.1f} passes ({DROPOUT:g} from {DROPOUT_PASSES:g}: "
+            "a text seen that often is learned by heart sooner than the budget ends)"
         )
     vocab = data.corpus.vocab
     if asked.min_count is None and vocab.folded:

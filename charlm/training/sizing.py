@@ -58,8 +58,21 @@ from ..model import CharRNN
 # about 16. Checked on 250k characters of Python source (23.3 passes): 1.602 against 1.624.
 # Screened at 3x320 on the 300k cut (about 8.5 passes; proxy-screen-3x320-2026-12-04.json): --weight-drop
 # 0.25 2.227, --dropout 0.1 2.234, 1x the lr 2.231 and --average 0.995 2.214 against 2.217.
-# The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN) live in config.py beside the
-# budget's hidden sizes, so the command line's help can name them without importing torch.
+# Dropout, from DROPOUT_PASSES expected passes at the model trained (config.py; the batch size's
+# passes). On an AMD EPYC with AVX512-BF16 (bf16 autocast) the same 300k cut sees 12.2 passes at
+# 3x320 in 5 minutes, and there the model overfits: best at step 400 of 740, training 1.43 bits/char
+# against 2.22 held out. --dropout 0.1 scored 2.205 against 2.223 (best at step 700 of 796) and
+# --weight-drop 0.25 2.211; wider layers did not help (3x384 2.222, 3x448 2.213, 3x512 2.229), nor
+# 3x448 with dropout 0.15 at 7.8 passes (2.225) (proxy-screen-3x320-bf16-2026-12-04.json). Below ten
+# passes dropout lost every time: 2.234 against 2.217 above (AVX2, 8.4 passes), 2.138 against 2.131 at
+# 20 minutes on the 1.1M cut (AMX, about 8.6), 2.085 against 2.025 on a 550k cut seen 7 times. At 20
+# minutes on the 1.1M cut on the AVX512-BF16 EPYC (18.4 passes expected, 11-12 made): 2.084 with 0.1,
+# still improving at its last step, against 2.108 without (stopped on patience, best at step 2,100 of
+# 2,700) and the textbook loop's 2.284 (quality-20min-1m-avx512bf16-*2026-12-04.json). Near the
+# threshold it ties: a 750k cut at 5 minutes, 2x256, 12.9 passes expected (8.7-10.2 made), 2.236 with
+# 0.1 against 2.230 without, 15% fewer characters per second (proxy-screen-dropout-750k-bf16-2026-12-04.json).
+# The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN, DROPOUT*) live in config.py beside
+# the budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
 TRAINING_SHARE = 0.9  # of a time budget: validation takes about a tenth (schedule.auto_eval_every)
 
