@@ -226,9 +226,11 @@ def test_the_chosen_defaults_are_printed_at_the_start(in_tmp: Path, capsys: pyte
     code, _, err = run_cli(["train", "small.txt", "--time", "2s", "--seq-len", "16", "--embed", "8"], capsys)
     assert code == 0
     assert "default --hidden 256 for a 2s budget" in err
-    assert re.search(r"default --batch-size (32|64): ~[\d.]+ passes over [\d,]+ training characters at a measured", err)
-    assert "default --lr 0.004" in err
-    assert re.search(r"default --weight-decay (0.3 for many passes|0.01\n)", err)
+    batch = re.search(r"default --batch-size (32|64): ~[\d.]+ passes over [\d,]+ training characters at a", err)
+    assert batch is not None
+    many = batch[1] == "32"  # how many passes 2 seconds make depends on the machine; the rule follows them
+    assert f"default --lr {0.006 if many else 0.004:g} " in err
+    assert ("default --weight-decay 0.3 for many passes" if many else "default --weight-decay 0.01\n") in err
     assert re.search(r"default --layers 2 \(~[\d.]+ passes expected; 3x320 from 16 at 2x256\)\n", err)
     explicit = ["--time", "2s", "--hidden", "16", "--layers", "2", "--batch-size", "8", "--lr", "0.01"]
     explicit += ["--weight-decay", "0.01", "--dropout", "0"]
