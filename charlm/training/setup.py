@@ -398,8 +398,9 @@ def plan_passes(
             if group["weight_decay"]:  # the matrices' group (optim.make_optimizer)
                 group["weight_decay"] = MANY_PASSES_WEIGHT_DECAY
     if dropout_open and passes is not None and passes.passes >= DROPOUT_PASSES:
-        for net in {id(m): m for m in (learner.net, learner.scored)}.values():
-            net.set_dropout(DROPOUT)
+        learner.net.set_dropout(DROPOUT)
+        if learner.average is not None:  # its copy is what the best checkpoint stores
+            learner.average.model.set_dropout(DROPOUT)
     batch = config.batch_size
     if batch != data.batches.batch_size // devices.dist.world:
         data = replace(
@@ -474,7 +475,7 @@ def explain_defaults(
             f"--weight-decay {config.weight_decay:g}"
             + (" for many passes (a text seen many times is learned by heart without it)" if many else "")
         )
-    if open_shape.dropout is None and passes is not None and passes.passes >= DROPOUT_PASSES:
+    if open_shape.dropout is None and model.dropout and passes is not None:  # set by plan_passes
         lines.append(
             f"--dropout {model.dropout:g}: ~{passes.passes:.1f} passes ({DROPOUT:g} from {DROPOUT_PASSES:g}: "
             "a text seen that often is learned by heart sooner than the budget ends)"
