@@ -37,16 +37,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-@functools.cache
 def cpu_has_fast_bf16() -> bool:
-    """True on CPUs with native bf16 matmul (AMX or AVX512-BF16), where bf16 autocast pays off."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    words = set(flags.split())
-    return bool(words & {"amx_bf16", "avx512_bf16"})
+    """True on x86 CPUs with native bf16 matmul (AMX or AVX512-BF16), where bf16 autocast pays off.
+    A dispatch capped below AVX-512 (ATEN_CPU_CAPABILITY=avx2, as when testing for an AVX2-only
+    machine) counts as without: its kernels would emulate bf16, so a capped run trains in fp32 the way
+    an AVX2-only machine does, as the int8 sampling check below decides for VNNI."""
+    return (
+        platform.machine().lower() in ("x86_64", "amd64")
+        and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+        and bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
+    )
 
 
 def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16"]:

@@ -381,3 +381,30 @@ def test_train_leaves_the_callers_thread_count_and_denormal_mode_as_it_found_the
     finally:
         torch.set_num_threads(before)
         torch.set_flush_denormal(flush)
+
+
+def test_bf16_is_chosen_only_where_the_cpu_and_its_dispatch_both_have_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """'auto' trains in bf16 on AMX or AVX512-BF16, and in fp32 on an AVX2-only CPU, or when the
+    dispatch is capped to AVX2 (how the suite stands in for such a CPU): there bf16 would be emulated."""
+    import platform
+
+    from charlm import device as dev
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    for flags, capability, expected in (
+        ({"avx2", "avx512f", "avx512_bf16"}, "AVX512", "bf16"),
+        ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "AVX512", "bf16"),
+        ({"avx2", "avx512f", "avx512_bf16"}, "AVX2", "fp32"),
+        ({"avx2", "avx512f"}, "AVX512", "fp32"),
+        ({"avx2"}, "AVX2", "fp32"),
+    ):
+        monkeypatch.setattr(dev, "_cpu_flags", lambda flags=flags: frozenset(flags))
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda capability=capability: capability)
+        assert dev.resolve_precision("auto", cpu) == expected, (flags, capability)
+        assert dev.resolve_precision("fp32", cpu) == "fp32"
+        assert dev.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(dev, "_cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert dev.resolve_precision("auto", cpu) == "fp32"
