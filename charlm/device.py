@@ -42,11 +42,13 @@ def cpu_has_fast_bf16() -> bool:
     A dispatch capped below AVX-512 (ATEN_CPU_CAPABILITY=avx2, as when testing for an AVX2-only
     machine) counts as without: its kernels would emulate bf16, so a capped run trains in fp32 the way
     an AVX2-only machine does, as the int8 sampling check below decides for VNNI."""
-    return (
-        platform.machine().lower() in ("x86_64", "amd64")
-        and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
-        and bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
-    )
+    return _avx512_dispatch() and bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def _avx512_dispatch() -> bool:
+    """An x86 CPU whose torch kernels run at AVX-512 or above: not capped (ATEN_CPU_CAPABILITY)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return x86 and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
 
 
 def resolve_precision(precision: str, device: torch.device) -> Literal["fp32", "bf16"]:
@@ -102,8 +104,7 @@ def cpu_has_fast_int8() -> bool:
     oneDNN's AVX2 kernels are not even exact (int8_matmul_exact), so 'auto' keeps to fp32 there."""
     return (
         torch.backends.mkldnn.is_available()
-        and platform.machine().lower() in ("x86_64", "amd64")
-        and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+        and _avx512_dispatch()
         and "avx512_vnni" in _cpu_flags()
         and int8_matmul_exact()
     )
