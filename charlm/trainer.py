@@ -166,7 +166,8 @@ def _train(
     saved_tensors = ckpt.read_tensors(origin.resumed) if origin.resumed is not None else {}
     planned, shape_probe = plan_shape(asked_model, config, data, origin, devices)
     learner, config = build_learner(origin, data, planned, config, devices, saved_tensors)
-    new_model = origin.resumed is None and origin.init is None  # a fine-tune keeps its base's dropout
+    # only a new model's open settings are chosen and explained; a resume or fine-tune keeps its model's
+    new_model = origin.resumed is None and origin.init is None
     dropout_open = new_model and (asked_model or ModelConfig()).dropout is None
     config, data, passes = plan_passes(config, asked, data, learner, devices, shape_probe, dropout_open)
     state, hidden = restore_state(learner, origin, data, config, devices, saved_tensors)
@@ -198,9 +199,9 @@ def _train(
             resumed_step=resume_step,
             init_from=str(init_from) if init_from is not None else None,
             new_chars=data.new_chars,
-            defaults=[]
-            if origin.resumed is not None or origin.init is not None
-            else explain_defaults(asked_model, asked, learner.net.config, config, data, passes, shape_probe),
+            defaults=explain_defaults(asked_model, asked, learner.net.config, config, data, passes, shape_probe)
+            if new_model
+            else [],
         )
     )
     log = MetricsLog(origin.metrics_path, resume_step=resume_step) if devices.dist.is_main else None
