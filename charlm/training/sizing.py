@@ -71,6 +71,9 @@ from ..model import CharRNN
 # 2,700) and the textbook loop's 2.284 (quality-20min-1m-avx512bf16-*2026-12-04.json). Near the
 # threshold it ties: a 750k cut at 5 minutes, 2x256, 12.9 passes expected (8.7-10.2 made), 2.236 with
 # 0.1 against 2.230 without, 15% fewer characters per second (proxy-screen-dropout-750k-bf16-2026-12-04.json).
+# Left out too (300k cut, 5 minutes, 3x320 and dropout 0.1 by the rule, 12-13 passes, AVX512-BF16 EPYC;
+# proxy-screen-late-growth-bf16-2026-12-05.json): doubling the chunk (128 -> 256) or the batch (32 -> 64)
+# half-way through, 2.202 and 2.204 against the defaults' 2.202 and 2.205; label smoothing 0.05, 2.222.
 # The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN, DROPOUT*) live in config.py beside
 # the budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
