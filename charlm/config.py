@@ -34,10 +34,12 @@ class ModelConfig:
     vocab_size: int = 0  # 0: filled in from the training text by train()
     cell: Cell = "gru"  # the recurrent cell (`--model` on the command line)
     hidden_size: int = 0  # 0: chosen from the time budget by train() (budget_hidden_size)
-    num_layers: int = 0  # 0: 2, or 3 for a text a run of up to 30 minutes sees often; filled in by train() (fill_model)
+    # 0: 2, or 3 for a text of a small alphabet (LARGE_VOCAB) that a run of up to 30 minutes sees often;
+    # filled in by train() (fill_model)
+    num_layers: int = 0
     embed_size: int = 64
     # None: from the passes the run will make, filled in by train() (0, or DROPOUT for a text seen
-    # DROPOUT_PASSES times or more); a model built directly treats None as 0
+    # DROPOUT_PASSES times or more, of at most LARGE_VOCAB symbols); a model built directly treats None as 0
     dropout: float | None = None
     # DropConnect on the recurrent (hidden-to-hidden) weights while training (model.CharRNN._recur);
     # out of the defaults' rule: see training/sizing.py for what it measured
@@ -158,6 +160,11 @@ MANY_PASSES_WEIGHT_DECAY = 0.3
 # size's passes) takes --dropout DROPOUT when it is open (measured: training/sizing.py)
 DROPOUT_PASSES = 10.0
 DROPOUT = 0.1
+# A text whose modelled vocabulary (after --min-count) has more than LARGE_VOCAB symbols, as a logographic
+# script does (Chinese, Japanese), keeps the plain 2-layer shape and takes no dropout however often it is
+# seen: both rules were measured on alphabets and code (73 to 166 symbols) and did not carry over to 3,605
+# symbols of Chinese (measured: training/sizing.py); 1,000 lies between, where no text was measured.
+LARGE_VOCAB = 1000
 MAX_FOLDED_SHARE = 0.02  # auto --min-count never folds more than this share of the text
 
 

@@ -26,6 +26,7 @@ from ..config import (
     DEFAULT_WEIGHT_DECAY,
     DROPOUT,
     DROPOUT_PASSES,
+    LARGE_VOCAB,
     MANY_PASSES,
     MANY_PASSES_LR,
     MANY_PASSES_WEIGHT_DECAY,
@@ -71,6 +72,7 @@ from .sizing import (
     expected_passes,
     goes_deep,
     measure_speed,
+    takes_dropout,
 )
 
 
@@ -350,7 +352,7 @@ def plan_shape(
     with torch.random.fork_rng(devices=[]):  # a throwaway: the run's weights still depend on the seed alone
         net = CharRNN(plain).to(devices.device)
     passes = probe_passes(net, config.batch_size or DEFAULT_BATCH, time, config, data, devices)
-    return fill_model(model, config, passes.passes), passes
+    return fill_model(model, config, passes.passes, vocab=len(data.corpus.vocab)), passes
 
 
 def probe_passes(
@@ -376,13 +378,14 @@ def plan_passes(
     """`config` with the batch size (and, when not given, a learning rate) for the passes the run
     will make (sizing.py's rule), the data cut for that batch, and the expectation behind it; a new
     model whose --dropout is open (`dropout_open`) takes DROPOUT when the run will see its text
-    DROPOUT_PASSES times or more. A torchrun job, or a run without a time or epoch budget, takes
+    DROPOUT_PASSES times or more (sizing.takes_dropout). A torchrun job, or a run without a time or epoch budget, takes
     the plain defaults. `probed`: what plan_shape measured, reused when the model built is the one
     it timed (not deepened)."""
     if config.batch_size is not None:
         return config, data, None
     passes = None
-    if probed is not None and not goes_deep(probed.passes, config.time):
+    vocab = len(data.corpus.vocab)
+    if probed is not None and not goes_deep(probed.passes, config.time, vocab):
         passes = probed
     elif not devices.dist.active and config.time is not None:
         passes = probe_passes(learner.net, DEFAULT_BATCH, config.time, config, data, devices)
@@ -397,7 +400,7 @@ def plan_passes(
         for group in learner.opt.param_groups:
             if group["weight_decay"]:  # the matrices' group (optim.make_optimizer)
                 group["weight_decay"] = MANY_PASSES_WEIGHT_DECAY
-    if dropout_open and passes is not None and passes.passes >= DROPOUT_PASSES:
+    if dropout_open and takes_dropout(None if passes is None else passes.passes, vocab):
         learner.net.set_dropout(DROPOUT)
         if learner.average is not None:  # its copy is what the best checkpoint stores
             learner.average.model.set_dropout(DROPOUT)
@@ -429,7 +432,9 @@ def explain_defaults(
     budget = f"a {fmt_budget(config.time)} budget" if config.time else "no time budget"
     time = config.time or 0.0
     plain = f"{DEFAULT_LAYERS}x{budget_hidden_size(config.time)}"
-    if shape_probe is not None and goes_deep(shape_probe.passes, config.time):
+    vocab = data.corpus.vocab
+    large = len(vocab) > LARGE_VOCAB
+    if shape_probe is not None and goes_deep(shape_probe.passes, config.time, len(vocab)):
         regime = f"{'up to' if time <= SHORT_BUDGET_S else 'over'} {fmt_budget(SHORT_BUDGET_S)}"
         lines.append(
             f"--layers {model.num_layers} --hidden {model.hidden_size}: ~{shape_probe.passes:.1f} passes expected "
@@ -447,7 +452,8 @@ def explain_defaults(
             if shape_probe is not None:
                 seen = (
                     f" (~{shape_probe.passes:.1f} passes expected; {DEEP_LAYERS}x{DEEP_HIDDEN} from "
-                    f"{deep_passes(time):g} at {plain})"
+                    f"{deep_passes(time):g} at {plain}"
+                    + (f", for up to {LARGE_VOCAB:,} symbols: this text has {len(vocab):,})" if large else ")")
                 )
             lines.append(f"--layers {model.num_layers}{seen}")
     if asked.batch_size is None:
@@ -480,7 +486,11 @@ def explain_defaults(
             f"--dropout {model.dropout:g}: ~{passes.passes:.1f} passes ({DROPOUT:g} from {DROPOUT_PASSES:g}: "
             "a text seen that often is learned by heart sooner than the budget ends)"
         )
-    vocab = data.corpus.vocab
+    elif open_shape.dropout is None and large and passes is not None and passes.passes >= DROPOUT_PASSES:
+        lines.append(
+            f"--dropout 0: ~{passes.passes:.1f} passes, but {len(vocab):,} symbols ({DROPOUT:g} from "
+            f"{DROPOUT_PASSES:g} passes for up to {LARGE_VOCAB:,} symbols: it did not help a large vocabulary)"
+        )
     if asked.min_count is None and vocab.folded:
         share = float(np.count_nonzero(data.corpus.ids == vocab.unk_id)) / max(1, len(data.corpus.ids))
         lines.append(
@@ -496,13 +506,14 @@ def fmt_budget(seconds: float) -> str:
     return f"{minutes:g}m" if minutes >= 1 and minutes == round(minutes) else f"{seconds:g}s"
 
 
-def fill_model(model: ModelConfig, config: TrainConfig, passes: float | None = None) -> ModelConfig:
-    """`model` with what it leaves open (0) filled in: DEEP_LAYERS x DEEP_HIDDEN when both are open
-    and the plain model would see its text `passes` times, often enough (sizing.goes_deep), else 2 layers of
+def fill_model(model: ModelConfig, config: TrainConfig, passes: float | None = None, vocab: int = 0) -> ModelConfig:
+    """`model` with what it leaves open (0) filled in: DEEP_LAYERS x DEEP_HIDDEN when both are open,
+    the text has at most LARGE_VOCAB modelled symbols (`vocab`; 0: not known, taken as small) and the
+    plain model would see it `passes` times, often enough (sizing.goes_deep), else 2 layers of
     budget_hidden_size. A shape half given is completed plainly: the deep rule is for the pair."""
     if model.hidden_size and model.num_layers:
         return model
-    if not model.hidden_size and not model.num_layers and goes_deep(passes, config.time):
+    if not model.hidden_size and not model.num_layers and goes_deep(passes, config.time, vocab):
         return replace(model, hidden_size=DEEP_HIDDEN, num_layers=DEEP_LAYERS)
     return replace(
         model,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import LONG_BUDGET_S, MANY_PASSES, deep_passes
+from ..config import DROPOUT_PASSES, LARGE_VOCAB, LONG_BUDGET_S, MANY_PASSES, deep_passes
 from ..device import autocast
 from ..model import CharRNN
 
@@ -74,6 +74,16 @@ from ..model import CharRNN
 # Left out too (300k cut, 5 minutes, 3x320 and dropout 0.1 by the rule, 12-13 passes, AVX512-BF16 EPYC;
 # proxy-screen-late-growth-bf16-2026-12-05.json): doubling the chunk (128 -> 256) or the batch (32 -> 64)
 # half-way through, 2.202 and 2.204 against the defaults' 2.202 and 2.205; label smoothing 0.05, 2.222.
+# Neither the deep rule nor dropout carried over to a large vocabulary. On the Chinese fortunes at 20
+# minutes (1.1M characters, 3,605 symbols after folding, AVX512-BF16 EPYC, bf16; one run each,
+# quality-20min-chinese-*-2026-12-05.json), the rule then chose 3x320 with dropout 0.1 and scored 5.563
+# bits/char (best at step 2,000 of 2,154) against charlm a48d734's 5.516 in the same run (2x384, batch
+# 64, no folding, best at step 700); 3x320 without dropout 5.559 (best at 1,500, stopped on patience);
+# 2x384 without dropout, with the many-passes batch, rate and decay and the same folding, 5.507 (best at
+# step 1,000, about four passes). On the AVX2 EPYC (fp32, 5.6 passes) 3x320 had scored 5.511 against
+# 2x384's 5.532 (above): the two CPUs disagree by about as much as runs differ, and neither shows a gain
+# from depth or dropout that would pay for the risk. Hence LARGE_VOCAB (config.py): past 1,000 modelled
+# symbols the run keeps 2 layers and no dropout.
 # The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN, DROPOUT*) live in config.py beside
 # the budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
@@ -161,9 +171,16 @@ def deepening_budget(time_s: float | None) -> bool:
     return time_s is not None and 0 < time_s <= LONG_BUDGET_S
 
 
-def goes_deep(passes: float | None, time_s: float | None) -> bool:
+def goes_deep(passes: float | None, time_s: float | None, vocab: int = 0) -> bool:
     """Whether a run whose shape is open trains DEEP_LAYERS x DEEP_HIDDEN: a deepening budget whose
-    plain model would see its text often (`passes` expected at the plain shape; config.deep_passes)."""
-    if passes is None or time_s is None or not deepening_budget(time_s):
+    plain model would see its text often (`passes` expected at the plain shape; config.deep_passes),
+    a text of at most LARGE_VOCAB modelled symbols (`vocab`; 0: not known yet, taken as small)."""
+    if passes is None or time_s is None or not deepening_budget(time_s) or vocab > LARGE_VOCAB:
         return False
     return passes >= deep_passes(time_s)
+
+
+def takes_dropout(passes: float | None, vocab: int) -> bool:
+    """Whether a new model whose --dropout is open takes DROPOUT: a text of at most LARGE_VOCAB
+    modelled symbols the run will see DROPOUT_PASSES times or more (`passes`, at the model trained)."""
+    return passes is not None and passes >= DROPOUT_PASSES and vocab <= LARGE_VOCAB
