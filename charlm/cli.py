@@ -34,6 +34,7 @@ from .config import (
     DEFAULT_WEIGHT_DECAY,
     DROPOUT,
     DROPOUT_PASSES,
+    LARGE_VOCAB,
     MANY_PASSES,
     MANY_PASSES_LR,
     MANY_PASSES_WEIGHT_DECAY,
@@ -131,7 +132,7 @@ M, T = ModelConfig, TrainConfig
     default=None,
     help=f"Stacked recurrent layers.  [default: {DEFAULT_LAYERS}; {DEEP_LAYERS} (with --hidden {DEEP_HIDDEN}) "
     f"for a --time up to 30m whose plain model will see its text often: {DEEP_PASSES_SHORT:g} times or more at "
-    f"2x256 up to 6m, {DEEP_PASSES:g} at 2x384 over 6m]",
+    f"2x256 up to 6m, {DEEP_PASSES:g} at 2x384 over 6m, for up to {LARGE_VOCAB:,} distinct symbols]",
 )
 @click.option(
     "--hidden",
@@ -147,7 +148,8 @@ M, T = ModelConfig, TrainConfig
     type=float,
     default=default(M, "dropout"),
     help="Dropout on embeddings, between layers and before the output.  [default: 0, or "
-    f"{DROPOUT:g} when the run will see its text {DROPOUT_PASSES:g} times or more]",
+    f"{DROPOUT:g} when the run will see its text {DROPOUT_PASSES:g} times or more, of up to {LARGE_VOCAB:,} "
+    "distinct symbols]",
 )
 @click.option(
     "--weight-drop",

@@ -316,6 +316,8 @@ def test_help_of_options_the_rule_fills_names_the_rules_numbers() -> None:
     assert f"x {config.MANY_PASSES_LR:g} when" in helps["lr"]
     assert all(many in helps[name] for name in ("weight_decay", "batch_size", "lr"))
     assert f"{config.DEEP_LAYERS} (with --hidden {config.DEEP_HIDDEN})" in helps["layers"]
+    symbols = f"up to {config.LARGE_VOCAB:,} distinct symbols]"
+    assert helps["layers"].endswith(symbols) and helps["dropout"].endswith(symbols)
 
 
 def test_json_outputs_parse_and_carry_no_escape_codes(

@@ -135,8 +135,8 @@ def test_a_longer_run_over_a_text_seen_many_times_goes_deeper() -> None:
     from charlm.config import TrainConfig
     from charlm.training.setup import fill_model
 
-    def shape(model: ModelConfig, minutes: float, passes: float | None) -> tuple[int, int]:
-        filled = fill_model(model, TrainConfig(time=minutes * 60), passes)
+    def shape(model: ModelConfig, minutes: float, passes: float | None, vocab: int = 0) -> tuple[int, int]:
+        filled = fill_model(model, TrainConfig(time=minutes * 60), passes, vocab)
         return filled.num_layers, filled.hidden_size
 
     assert shape(ModelConfig(), 20, 8.0) == (3, 320)  # `passes`: those of the plain 2x384
@@ -145,6 +145,8 @@ def test_a_longer_run_over_a_text_seen_many_times_goes_deeper() -> None:
     assert shape(ModelConfig(), 5, 8.0) == (2, 256)  # 2x256 is twice as fast: it needs more passes
     assert shape(ModelConfig(), 60, 20.0) == (2, 512)  # beyond 30 minutes depth was not measured
     assert shape(ModelConfig(), 20, None) == (2, 384)  # not probed (an epoch or step budget)
+    assert shape(ModelConfig(), 20, 8.0, vocab=1000) == (3, 320)  # an alphabet, code, a few hundred emoji
+    assert shape(ModelConfig(), 20, 8.0, vocab=1001) == (2, 384)  # a logographic script stays plain
     # explicit options win, and a half-given shape is completed plainly
     assert shape(ModelConfig(num_layers=2), 20, 11.0) == (2, 384)
     assert shape(ModelConfig(num_layers=4), 20, 11.0) == (4, 384)
@@ -168,6 +170,44 @@ def test_the_deeper_model_is_built_printed_and_stored(in_tmp: Path, capsys: pyte
     assert "default --layers" not in err and "default --hidden 384 for a 7m budget" in err
     model = read_header("checkpoints/small.safetensors").model
     assert (model.num_layers, model.hidden_size) == (2, 384)
+
+
+def test_a_large_vocabulary_stays_plain_and_takes_no_dropout(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past LARGE_VOCAB modelled symbols a text seen very often keeps 2 layers and no dropout (both
+    lost on 3,605 symbols of Chinese), the start-of-run lines say so, and explicit options still win."""
+    from conftest import run_cli
+
+    from charlm.training import setup
+
+    timed: list[int] = []
+
+    def speed(net, *args, **kwargs) -> float:  # noqa: ANN001, ANN002, ANN003 - measure_speed's signature
+        timed.append(net.config.hidden_size)
+        return 1000.0  # 0.9 x 600 s x 1,000 chars/s / 18,000 characters: 30 passes
+
+    monkeypatch.setattr(setup, "measure_speed", speed)
+    text = zipf_text(20_000)
+    Path("han.txt").write_text(text, encoding="utf-8")
+    symbols = len(set(text))
+    assert symbols > 1000
+    quick = ["--time", "10m", "--steps", "2", "--seq-len", "16", "--embed", "8", "--min-count", "1"]
+    code, _, err = run_cli(["train", "han.txt", *quick], capsys)
+    assert code == 0, err
+    assert timed == [384]  # the plain model's probe is reused: no deeper model to time
+    err = " ".join(err.split())
+    assert "default --layers 2 (~30.0 passes expected; 3x320 from 6 at 2x384, for up to 1,000 symbols: " in err
+    assert f"this text has {symbols:,})" in err
+    assert f"default --dropout 0: ~30.0 passes, but {symbols:,} symbols (0.1 from 10 passes for up to 1,000" in err
+    model = read_header("checkpoints/han.safetensors").model
+    assert (model.num_layers, model.hidden_size, model.dropout) == (2, 384, 0.0)
+    given = ["--layers", "3", "--hidden", "320", "--dropout", "0.1", "--overwrite"]
+    code, _, err = run_cli(["train", "han.txt", *quick, *given], capsys)
+    assert code == 0, err
+    assert "default --layers" not in err and "default --dropout" not in err
+    model = read_header("checkpoints/han.safetensors").model
+    assert (model.num_layers, model.hidden_size, model.dropout) == (3, 320, 0.1)
 
 
 @pytest.mark.parametrize(
