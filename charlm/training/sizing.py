@@ -85,7 +85,10 @@ from ..model import CharRNN
 # from depth or dropout that would pay for the risk. Hence LARGE_VOCAB (config.py): past 1,000 modelled
 # symbols the run keeps 2 layers and no dropout. Run again through that rule (the same 2x384 chosen by
 # itself), 5.555 against a48d734's 5.530 in the same run: one 20-minute run on this text moves by about
-# 0.05 bits/char, and the rule is not shown to close the gap to a48d734, only not to widen it.
+# 0.05 bits/char, and the rule is not shown to close the gap to a48d734, only not to widen it. Folding is
+# not the cost: with --min-count 1 (5,965 symbols) the rule scored 5.580 against a48d734's 5.519 in one run
+# (quality-20min-chinese-min-count-1-vs-a48d734-2026-12-05.json); the many-passes batch, rate and decay are
+# what is left to measure on a large vocabulary.
 # The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN, DROPOUT*) live in config.py beside
 # the budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
