@@ -77,11 +77,12 @@ __all__ = [
 ]
 
 
-def default_model(config: TrainConfig, passes: float | None = None) -> ModelConfig:
+def default_model(config: TrainConfig, passes: float | None = None, vocab: int = 0) -> ModelConfig:
     """The architecture for a run when none is given: ModelConfig's defaults, sized by the budget,
-    and for a run of up to 30 minutes by the passes its plain model will make over its text (train()
-    measures them: README "How charlm picks its defaults"); without `passes`, the plain 2-layer shape."""
-    return fill_model(ModelConfig(), config, passes)
+    and for a run of up to 30 minutes by the passes its plain model will make over its text and the
+    number of symbols it models (train() measures both: README "How charlm picks its defaults");
+    without `passes`, the plain 2-layer shape; without `vocab`, the text is taken as a small alphabet."""
+    return fill_model(ModelConfig(), config, passes, vocab)
 
 
 def train(

@@ -147,6 +147,12 @@ def test_a_longer_run_over_a_text_seen_many_times_goes_deeper() -> None:
     assert shape(ModelConfig(), 20, None) == (2, 384)  # not probed (an epoch or step budget)
     assert shape(ModelConfig(), 20, 8.0, vocab=1000) == (3, 320)  # an alphabet, code, a few hundred emoji
     assert shape(ModelConfig(), 20, 8.0, vocab=1001) == (2, 384)  # a logographic script stays plain
+    from charlm.trainer import default_model  # the Python API's rule is the same
+
+    assert (
+        default_model(TrainConfig(time=1200), 8.0, 3605).num_layers,
+        default_model(TrainConfig(time=1200), 8.0).num_layers,
+    ) == (2, 3)
     # explicit options win, and a half-given shape is completed plainly
     assert shape(ModelConfig(num_layers=2), 20, 11.0) == (2, 384)
     assert shape(ModelConfig(num_layers=4), 20, 11.0) == (4, 384)

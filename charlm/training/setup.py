@@ -379,8 +379,8 @@ def plan_passes(
     will make (sizing.py's rule), the data cut for that batch, and the expectation behind it; a new
     model whose --dropout is open (`dropout_open`) takes DROPOUT when the run will see its text
     DROPOUT_PASSES times or more (sizing.takes_dropout). A torchrun job, or a run without a time or
-    epoch budget, takes the plain defaults. `probed`: what plan_shape measured, reused when the model built is the one
-    it timed (not deepened)."""
+    epoch budget, takes the plain defaults. `probed`: what plan_shape measured, reused when the model
+    built is the one it timed (not deepened)."""
     if config.batch_size is not None:
         return config, data, None
     passes = None
