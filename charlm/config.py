@@ -165,6 +165,11 @@ DROPOUT = 0.1
 # seen: both rules were measured on alphabets and code (73 to 166 symbols) and did not carry over to 3,605
 # symbols of Chinese (measured: training/sizing.py); 1,000 lies between, where no text was measured.
 LARGE_VOCAB = 1000
+# A new model starts at the training text's unigram distribution (model.start_at_unigram), so that a handful
+# of steps already scores what counting gives. Past LARGE_VOCAB symbols the first PRIOR_FADE_STEPS steps take
+# those log frequencies back out of the output bias (training/setup.Learner.fade_prior): a model that keeps
+# thousands of them there learns its training text faster and held-out text worse (measured: model.py)
+PRIOR_FADE_STEPS = 100
 MAX_FOLDED_SHARE = 0.02  # auto --min-count never folds more than this share of the text
 
 

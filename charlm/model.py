@@ -86,9 +86,8 @@ class CharRNN(nn.Module):
         counting, even after a handful of steps; with thousands of characters the random start
         costs more than a minute of training to unlearn. `counts` [V] are training-text counts; a
         character never seen there (validation only) gets half a count."""
-        freq = counts.double().clamp(min=0.5)
         with torch.no_grad():
-            self.head.bias.copy_((freq / freq.sum()).log().float())
+            self.head.bias.copy_(unigram_logits(counts))
             self.head.weight.zero_()
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> State:
@@ -118,3 +117,10 @@ class CharRNN(nn.Module):
             for name, w in self.rnn.named_parameters()
         }
         return torch.func.functional_call(self.rnn, weights, (x, hidden))
+
+
+def unigram_logits(counts: torch.Tensor) -> torch.Tensor:
+    """Log frequencies [V] from training-text counts; a character never seen there (validation
+    only) gets half a count."""
+    freq = counts.double().clamp(min=0.5)
+    return (freq / freq.sum()).log().float()

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from charlm import train
-from charlm.checkpoint import read_header
+from charlm import config, train
+from charlm.checkpoint import build_model, read_header, read_tensors
 from charlm.config import ModelConfig, auto_min_count
 
 HAN = [chr(0x4E00 + i) for i in range(3000)]
@@ -51,6 +51,38 @@ def test_a_few_steps_score_no_worse_than_counting_characters(in_tmp: Path) -> No
     unigram = held_out_unigram_bits(text)
     assert unigram > 8  # Zipf over 3,000 characters; a random start scores log2(3000) = 11.6 or worse
     assert result.val_bpc <= unigram * 1.002
+
+
+@pytest.mark.parametrize("chars, fades", [(3000, True), (60, False)])
+def test_the_unigram_start_fades_out_of_a_large_vocabularys_output_bias(
+    in_tmp: Path, chars: int, fades: bool
+) -> None:
+    """The start holds the log frequencies in the output bias; past LARGE_VOCAB symbols the first
+    PRIOR_FADE_STEPS steps take them back out, so they must live in the weights. A rate too small to
+    move the bias by itself shows what the fade did."""
+    text = zipf_text(20_000)
+    if chars < 3000:
+        text = "".join(HAN[HAN.index(c) % chars] if c != "\n" else c for c in text)
+    Path("zipf.txt").write_text(text, encoding="utf-8")
+    result = train(
+        "zipf.txt",
+        model={"hidden_size": 16},
+        config={
+            "steps": config.PRIOR_FADE_STEPS,
+            "batch_size": 4,
+            "seq_len": 16,
+            "min_count": 1,
+            "lr": 1e-7,
+            "average": 0,
+            "threads": 1,
+        },
+    )
+    header = read_header(result.last_checkpoint)  # the weights after the last step
+    net = build_model(header, read_tensors(header))
+    bias = net.head.bias.detach()
+    spread = float(bias.max() - bias.min())  # the log frequencies span several nats
+    assert len(header.vocab) > config.LARGE_VOCAB if fades else len(header.vocab) <= config.LARGE_VOCAB
+    assert (spread < 1e-3) if fades else (spread > 2.0)
 
 
 def test_big_vocabularies_fold_their_rarest_characters(in_tmp: Path) -> None:

@@ -153,6 +153,7 @@ class Loop:
             opt.step()
         elif not bool(bad):
             opt.step()
+        self.learner.fade_prior(st.step)
         if self.learner.average is not None:
             self.learner.average.update()  # a skipped step leaves the weights, so averaging them again is harmless
         self.hidden = tuple(

@@ -30,6 +30,7 @@ from ..config import (
     MANY_PASSES,
     MANY_PASSES_LR,
     MANY_PASSES_WEIGHT_DECAY,
+    PRIOR_FADE_STEPS,
     SHORT_BUDGET_S,
     SMALL_BATCH,
     ModelConfig,
@@ -55,7 +56,7 @@ from ..data import (
 from ..device import resolve_device, resolve_precision, seed_everything, set_rng_state
 from ..distributed import Dist
 from ..errors import CheckpointError, CorpusError
-from ..model import CharRNN, State
+from ..model import CharRNN, State, unigram_logits
 from ..run_state import RunState
 from ..streams import Batches
 from ..vocab import Vocab
@@ -274,6 +275,14 @@ class Learner:
     forward: torch.nn.Module  # what a step calls: the model, or its DistributedDataParallel wrapper
     opt: torch.optim.AdamW
     average: WeightAverage | None = None  # the weights' moving average (--average)
+    prior: torch.Tensor | None = None  # the unigram start's bias, faded out of the head (fade_prior)
+
+    def fade_prior(self, step: int) -> None:
+        """After optimizer step `step` (from 0): take 1/PRIOR_FADE_STEPS of the unigram start back out of
+        the output bias, so that by then the frequencies live in the weights that learned them."""
+        if self.prior is not None and step < PRIOR_FADE_STEPS:
+            with torch.no_grad():
+                self.net.head.bias.sub_(self.prior / PRIOR_FADE_STEPS)
 
     @property
     def scored(self) -> CharRNN:
@@ -307,8 +316,7 @@ def build_learner(
     else:
         net = CharRNN(replace(fill_model(model or ModelConfig(), config), vocab_size=len(data.corpus.vocab)))
         if net.config.init != "pytorch":
-            counts = np.bincount(data.train_ids.astype(np.int64), minlength=net.config.vocab_size)
-            net.start_at_unigram(torch.from_numpy(counts))
+            net.start_at_unigram(train_counts(data, net.config.vocab_size))
     if config.lr is None:
         config = replace(config, lr=default_lr(net.config.hidden_size))
     if config.weight_decay is None:  # plan_passes raises it for a run that will see its text many times
@@ -322,7 +330,15 @@ def build_learner(
         device_ids = [devices.device] if devices.device.type == "cuda" else None
         forward = DistributedDataParallel(net, device_ids=device_ids)
     average = WeightAverage(net, config.average) if config.average else None
-    return Learner(net=net, forward=forward, opt=make_optimizer(net, config, devices.device), average=average), config
+    prior = None
+    if origin.init is None and net.config.init != "pytorch" and len(data.corpus.vocab) > LARGE_VOCAB:
+        prior = unigram_logits(train_counts(data, net.config.vocab_size)).to(devices.device)
+    opt = make_optimizer(net, config, devices.device)
+    return Learner(net=net, forward=forward, opt=opt, average=average, prior=prior), config
+
+
+def train_counts(data: RunData, vocab_size: int) -> torch.Tensor:
+    return torch.from_numpy(np.bincount(data.train_ids.astype(np.int64), minlength=vocab_size))
 
 
 def plan_shape(
