@@ -200,7 +200,16 @@ def _train(
             resumed_step=resume_step,
             init_from=str(init_from) if init_from is not None else None,
             new_chars=data.new_chars,
-            defaults=explain_defaults(asked_model, asked, learner.net.config, config, data, passes, shape_probe)
+            defaults=explain_defaults(
+                asked_model,
+                asked,
+                learner.net.config,
+                config,
+                data,
+                passes,
+                shape_probe,
+                prior_fades=new_model and learner.prior is not None,
+            )
             if new_model
             else [],
         )

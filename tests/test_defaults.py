@@ -238,6 +238,8 @@ def test_a_large_vocabulary_stays_plain_and_takes_no_dropout(
     assert "default --layers 2 (~30.0 passes expected; 3x320 from 6 at 2x384, for up to 1,000 symbols: " in err
     assert f"this text has {symbols:,})" in err
     assert f"default --dropout 0: ~30.0 passes, but {symbols:,} symbols (0.1 from 10 passes for up to 1,000" in err
+    fade = "default output layer: starts at the character frequencies and takes them back out of its bias over the first"
+    assert f"{fade} 100 steps ({symbols:,} symbols, over 1,000: " in err
     model = read_header("checkpoints/han.safetensors").model
     assert (model.num_layers, model.hidden_size, model.dropout) == (2, 384, 0.0)
     given = ["--layers", "3", "--hidden", "320", "--dropout", "0.1", "--overwrite"]
@@ -310,6 +312,7 @@ def test_the_chosen_defaults_are_printed_at_the_start(in_tmp: Path, capsys: pyte
     assert f"default --lr {0.006 if many else 0.004:g} " in err
     assert ("default --weight-decay 0.3 for many passes" if many else "default --weight-decay 0.01\n") in err
     assert re.search(r"default --layers 2 \(~[\d.]+ passes expected; 3x320 from 16 at 2x256\)\n", err)
+    assert "default output layer" not in err  # an alphabet keeps the unigram start in its bias
     explicit = ["--time", "2s", "--hidden", "16", "--layers", "2", "--batch-size", "8", "--lr", "0.01"]
     explicit += ["--weight-decay", "0.01", "--dropout", "0"]
     explicit.append("--overwrite")
