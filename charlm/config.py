@@ -168,7 +168,7 @@ LARGE_VOCAB = 1000
 # A new model starts at the training text's unigram distribution (model.start_at_unigram), so that a handful
 # of steps already scores what counting gives. Past LARGE_VOCAB symbols the first PRIOR_FADE_STEPS steps take
 # those log frequencies back out of the output bias (training/setup.Learner.fade_prior): a model that keeps
-# thousands of them there learns its training text faster and held-out text worse (measured: model.py)
+# thousands of them there learns its training text faster and held-out text worse (measured: training/setup.py)
 PRIOR_FADE_STEPS = 100
 MAX_FOLDED_SHARE = 0.02  # auto --min-count never folds more than this share of the text
 
