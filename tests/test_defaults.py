@@ -54,9 +54,7 @@ def test_a_few_steps_score_no_worse_than_counting_characters(in_tmp: Path) -> No
 
 
 @pytest.mark.parametrize("chars, fades", [(3000, True), (60, False)])
-def test_the_unigram_start_fades_out_of_a_large_vocabularys_output_bias(
-    in_tmp: Path, chars: int, fades: bool
-) -> None:
+def test_the_unigram_start_fades_out_of_a_large_vocabularys_output_bias(in_tmp: Path, chars: int, fades: bool) -> None:
     """The start holds the log frequencies in the output bias; past LARGE_VOCAB symbols the first
     PRIOR_FADE_STEPS steps take them back out, so they must live in the weights. A rate too small to
     move the bias by itself shows what the fade did."""
@@ -238,8 +236,8 @@ def test_a_large_vocabulary_stays_plain_and_takes_no_dropout(
     assert "default --layers 2 (~30.0 passes expected; 3x320 from 6 at 2x384, for up to 1,000 symbols: " in err
     assert f"this text has {symbols:,})" in err
     assert f"default --dropout 0: ~30.0 passes, but {symbols:,} symbols (0.1 from 10 passes for up to 1,000" in err
-    fade = "default output layer: starts at the character frequencies and takes them back out of its bias over the first"
-    assert f"{fade} 100 steps ({symbols:,} symbols, over 1,000: " in err
+    fade = "default output layer: starts at the character frequencies and takes them back out of its bias"
+    assert f"{fade} over the first 100 steps ({symbols:,} symbols, over 1,000: " in err
     model = read_header("checkpoints/han.safetensors").model
     assert (model.num_layers, model.hidden_size, model.dropout) == (2, 384, 0.0)
     given = ["--layers", "3", "--hidden", "320", "--dropout", "0.1", "--overwrite"]
