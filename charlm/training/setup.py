@@ -317,6 +317,8 @@ def build_learner(
     """The model (the resumed run's, the fine-tuned one grown to the vocab, or a new one) and its
     optimizer; and `config` with the learning rate filled in from the model's width when not given."""
     seed_everything(config.rng_seed)
+    # the training text's character counts: a new model starts from them, and a large vocabulary fades them out
+    counts = train_counts(data, len(data.corpus.vocab)) if origin.init is None else None
     if origin.resumed is not None:
         net = ckpt.build_model(origin.resumed, saved_tensors)
         if model is not None:
@@ -328,7 +330,7 @@ def build_learner(
     else:
         net = CharRNN(replace(fill_model(model or ModelConfig(), config), vocab_size=len(data.corpus.vocab)))
         if net.config.init != "pytorch":
-            net.start_at_unigram(train_counts(data, net.config.vocab_size))
+            net.start_at_unigram(counts)
     if config.lr is None:
         config = replace(config, lr=default_lr(net.config.hidden_size))
     if config.weight_decay is None:  # plan_passes raises it for a run that will see its text many times
@@ -343,8 +345,8 @@ def build_learner(
         forward = DistributedDataParallel(net, device_ids=device_ids)
     average = WeightAverage(net, config.average) if config.average else None
     prior = None
-    if origin.init is None and net.config.init != "pytorch" and len(data.corpus.vocab) > LARGE_VOCAB:
-        prior = unigram_logits(train_counts(data, net.config.vocab_size)).to(devices.device)
+    if counts is not None and net.config.init != "pytorch" and len(data.corpus.vocab) > LARGE_VOCAB:
+        prior = unigram_logits(counts).to(devices.device)
     opt = make_optimizer(net, config, devices.device)
     return Learner(net=net, forward=forward, opt=opt, average=average, prior=prior), config
 
