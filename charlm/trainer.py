@@ -208,7 +208,7 @@ def _train(
                 data,
                 passes,
                 shape_probe,
-                prior_fades=new_model and learner.prior is not None,
+                prior_fades=learner.prior is not None,
             )
             if new_model
             else [],
