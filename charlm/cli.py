@@ -31,8 +31,10 @@ from .config import (
     DEEP_PASSES_SHORT,
     DEFAULT_BATCH,
     DEFAULT_LAYERS,
+    DEFAULT_MIN_LR_RATIO,
     DEFAULT_WEIGHT_DECAY,
     DROPOUT,
+    DROPOUT_MIN_LR_RATIO,
     DROPOUT_PASSES,
     LARGE_VOCAB,
     MANY_PASSES,
@@ -204,8 +206,10 @@ M, T = ModelConfig, TrainConfig
 @click.option(
     "--min-lr-ratio",
     type=float,
-    default=default(T, "min_lr_ratio"),
-    help="Floor of every decay, as a fraction of --lr.",
+    default=None,
+    help=f"Floor of every decay, as a fraction of --lr.  [default: {DEFAULT_MIN_LR_RATIO:g}, or "
+    f"{DROPOUT_MIN_LR_RATIO:g} when the run will see its text {DROPOUT_PASSES:g} times or more, of up to "
+    f"{LARGE_VOCAB:,} distinct symbols]",
 )
 @click.option("--lr-decay", type=float, default=default(T, "lr_decay"), help="Exponential schedule: factor per epoch.")
 @click.option("--steps", type=int, default=None, help="Stop after this many steps.")

@@ -160,6 +160,12 @@ MANY_PASSES_WEIGHT_DECAY = 0.3
 # size's passes) takes --dropout DROPOUT when it is open (measured: training/sizing.py)
 DROPOUT_PASSES = 10.0
 DROPOUT = 0.1
+# Every decay's floor, as a fraction of the peak rate (--min-lr-ratio): DEFAULT_MIN_LR_RATIO, or
+# DROPOUT_MIN_LR_RATIO for a run in dropout's regime (the same passes and vocabulary, whatever --dropout
+# says): there the late steps stay larger, the weight average smooths their noise, and the model learns its
+# text less by heart: training ends higher and held-out text lower (measured: training/sizing.py)
+DEFAULT_MIN_LR_RATIO = 0.1
+DROPOUT_MIN_LR_RATIO = 0.3
 # A text whose modelled vocabulary (after --min-count) has more than LARGE_VOCAB symbols, as a logographic
 # script does (Chinese, Japanese), keeps the plain 2-layer shape and takes no dropout however often it is
 # seen: both rules were measured on alphabets and code (73 to 166 symbols) and did not carry over to 3,605
@@ -211,7 +217,7 @@ class TrainConfig:
     average: float = 0.99  # decay of the weights' moving average that validation scores and saves; 0: off
     schedule: Schedule = "auto"
     warmup: int = 30
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float | None = None  # None: DEFAULT_MIN_LR_RATIO, or DROPOUT_MIN_LR_RATIO (sizing.py)
     lr_decay: float = 0.95
     plateau_factor: float = 0.5
     plateau_patience: int = 1
@@ -252,6 +258,8 @@ class TrainConfig:
         _check_choice("--schedule", self.schedule, Schedule)
         _check_choice("--precision", self.precision, TrainPrecision)
         for name in ("min_lr_ratio", "lr_decay", "plateau_factor"):
+            if name == "min_lr_ratio" and self.min_lr_ratio is None:
+                continue
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ConfigError(f"{_flag(name)} must be in (0, 1] (got {getattr(self, name)!r})")
         if not 0.0 < self.val_fraction < 0.5:
@@ -284,6 +292,12 @@ class TrainConfig:
             from .errors import CheckpointError
 
             raise CheckpointError(f"the checkpoint's training config is invalid ({e})") from None
+
+    @property
+    def lr_floor(self) -> float:
+        """--min-lr-ratio as the schedule applies it: a config built directly, not yet through the
+        rule that fills it (training/setup.plan_passes), floors at the default."""
+        return DEFAULT_MIN_LR_RATIO if self.min_lr_ratio is None else self.min_lr_ratio
 
     def effective_schedule(self) -> str:
         if self.schedule != "auto":

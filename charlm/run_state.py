@@ -71,6 +71,6 @@ class RunState:
         else:
             self.plateau_bad += 1
             if self.plateau_bad > config.plateau_patience:
-                self.plateau_scale = max(config.min_lr_ratio, self.plateau_scale * config.plateau_factor)
+                self.plateau_scale = max(config.lr_floor, self.plateau_scale * config.plateau_factor)
                 self.plateau_bad = 0
         return improved

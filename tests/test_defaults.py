@@ -142,9 +142,10 @@ def test_a_text_seen_many_times_trains_with_more_smaller_steps(in_tmp: Path) -> 
         assert header.model.dropout == last.model.dropout == 0.0  # 3 passes: too few for dropout
 
 
-def test_a_text_seen_ten_times_or_more_trains_with_dropout(in_tmp: Path) -> None:
-    """From 10 expected passes an open --dropout becomes 0.1, in the model trained and in both
-    checkpoints; a dropout given, 0 included, is kept."""
+def test_a_text_seen_ten_times_or_more_trains_with_dropout_and_a_higher_rate_floor(in_tmp: Path) -> None:
+    """From 10 expected passes an open --dropout becomes 0.1 and an open --min-lr-ratio 0.3, in the
+    model trained and in both checkpoints; a dropout or floor given, dropout 0 included, is kept, and a
+    resumed run keeps the floor it started with."""
     from conftest import make_text
 
     Path("small.txt").write_text(make_text(20_000), encoding="utf-8")
@@ -152,13 +153,21 @@ def test_a_text_seen_ten_times_or_more_trains_with_dropout(in_tmp: Path) -> None
     quick = {"epochs": 12, "steps": 2, "seq_len": 16}  # 12 passes planned; 2 steps end the run
     started: list = []
     often = train("small.txt", model=tiny, config=quick, out="often.safetensors", on_event=started.append)
-    given = train("small.txt", model={**tiny, "dropout": 0.0}, config=quick, out="given.safetensors")
+    no_dropout = train("small.txt", model={**tiny, "dropout": 0.0}, config=quick, out="no-dropout.safetensors")
+    given = train(
+        "small.txt", model={**tiny, "dropout": 0.2}, config={**quick, "min_lr_ratio": 0.05}, out="given.safetensors"
+    )
     fewer = train("small.txt", model=tiny, config={**quick, "epochs": 9}, out="fewer.safetensors")
-    for result, dropout in ((often, 0.1), (given, 0.0), (fewer, 0.0)):
+    runs = ((often, 0.1, 0.3), (no_dropout, 0.0, 0.3), (given, 0.2, 0.05), (fewer, 0.0, 0.1))
+    for result, dropout, floor in runs:
         for path in (result.checkpoint, result.last_checkpoint):
-            assert read_header(path).model.dropout == dropout, path
-    defaults = next(event.defaults for event in started if hasattr(event, "defaults"))
-    assert "--dropout 0.1: ~12.0 passes (0.1 from 10: a text seen that often is learned by heart" in "".join(defaults)
+            header = read_header(path)
+            assert (header.model.dropout, header.train["min_lr_ratio"]) == (dropout, floor), path
+    defaults = "".join(next(event.defaults for event in started if hasattr(event, "defaults")))
+    assert "--dropout 0.1: ~12.0 passes (0.1 from 10: a text seen that often is learned by heart" in defaults
+    assert "--min-lr-ratio 0.3: ~12.0 passes (0.3 from 10, else 0.1: larger late steps, averaged, learn" in defaults
+    resumed = train("small.txt", config={"steps": 3}, out="often.safetensors", resume=True)
+    assert read_header(resumed.last_checkpoint).train["min_lr_ratio"] == 0.3
 
 
 def test_a_longer_run_over_a_text_seen_many_times_goes_deeper() -> None:

@@ -112,7 +112,7 @@ class Loop:
     def rate_at_floor(self) -> bool:
         """Whether stalling validation can still lower the rate: with a time budget, --patience
         stops a run only once it cannot (the budget is the user's; the best checkpoint is kept)."""
-        return self.state.plateau_scale <= self.config.min_lr_ratio
+        return self.state.plateau_scale <= self.config.lr_floor
 
     def final_eval_near(self) -> bool:
         """A periodic validation this close to the end of the time budget would be repeated by the

@@ -19,10 +19,10 @@ def learning_rate(
     schedule = config.effective_schedule()
     if schedule == "cosine":
         f = min(1.0, max(0.0, fraction or 0.0))
-        decay = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * f))
+        decay = config.lr_floor + (1 - config.lr_floor) * 0.5 * (1 + math.cos(math.pi * f))
         decay *= plateau_scale  # validation turned before the budget ran out: lower the rate and go on
     elif schedule == "exponential":
-        decay = max(config.min_lr_ratio, config.lr_decay**epoch)
+        decay = max(config.lr_floor, config.lr_decay**epoch)
     elif schedule == "plateau":
         decay = plateau_scale
     else:

@@ -23,8 +23,10 @@ from ..config import (
     DEEP_LAYERS,
     DEFAULT_BATCH,
     DEFAULT_LAYERS,
+    DEFAULT_MIN_LR_RATIO,
     DEFAULT_WEIGHT_DECAY,
     DROPOUT,
+    DROPOUT_MIN_LR_RATIO,
     DROPOUT_PASSES,
     LARGE_VOCAB,
     MANY_PASSES,
@@ -72,8 +74,8 @@ from .sizing import (
     deepening_budget,
     expected_passes,
     goes_deep,
+    learns_by_heart,
     measure_speed,
-    takes_dropout,
 )
 
 
@@ -337,6 +339,8 @@ def build_learner(
         config = replace(config, lr=default_lr(net.config.hidden_size))
     if config.weight_decay is None:  # plan_passes raises it for a run that will see its text many times
         config = replace(config, weight_decay=DEFAULT_WEIGHT_DECAY)
+    if config.min_lr_ratio is None:  # plan_passes raises it for a run that will learn its text by heart
+        config = replace(config, min_lr_ratio=DEFAULT_MIN_LR_RATIO)
     net = net.to(devices.device).train()
     forward: torch.nn.Module = net
     if devices.dist.active:
@@ -410,7 +414,8 @@ def plan_passes(
     """`config` with the batch size (and, when not given, a learning rate) for the passes the run
     will make (sizing.py's rule), the data cut for that batch, and the expectation behind it; a new
     model whose --dropout is open (`dropout_open`) takes DROPOUT when the run will see its text
-    DROPOUT_PASSES times or more (sizing.takes_dropout). A torchrun job, or a run without a time or
+    DROPOUT_PASSES times or more (sizing.learns_by_heart), and such a run keeps its rate above
+    DROPOUT_MIN_LR_RATIO when --min-lr-ratio is open. A torchrun job, or a run without a time or
     epoch budget, takes the plain defaults. `probed`: what plan_shape measured, reused when the model
     built is the one it timed (not deepened)."""
     if config.batch_size is not None:
@@ -432,7 +437,10 @@ def plan_passes(
         for group in learner.opt.param_groups:
             if group["weight_decay"]:  # the matrices' group (optim.make_optimizer)
                 group["weight_decay"] = MANY_PASSES_WEIGHT_DECAY
-    if dropout_open and takes_dropout(None if passes is None else passes.passes, vocab):
+    by_heart = learns_by_heart(None if passes is None else passes.passes, vocab)
+    if by_heart and asked.min_lr_ratio is None:
+        config = replace(config, min_lr_ratio=DROPOUT_MIN_LR_RATIO)
+    if dropout_open and by_heart:
         learner.net.set_dropout(DROPOUT)
         if learner.average is not None:  # its copy is what the best checkpoint stores
             learner.average.model.set_dropout(DROPOUT)
@@ -524,6 +532,12 @@ def explain_defaults(
         lines.append(
             f"--dropout 0: ~{passes.passes:.1f} passes, but {len(vocab):,} symbols ({DROPOUT:g} from "
             f"{DROPOUT_PASSES:g} passes for up to {LARGE_VOCAB:,} symbols: it did not help a large vocabulary)"
+        )
+    if asked.min_lr_ratio is None and passes is not None and learns_by_heart(passes.passes, len(vocab)):
+        lines.append(
+            f"--min-lr-ratio {config.min_lr_ratio:g}: ~{passes.passes:.1f} passes ({DROPOUT_MIN_LR_RATIO:g} from "
+            f"{DROPOUT_PASSES:g}, else {DEFAULT_MIN_LR_RATIO:g}: larger late steps, averaged, learn a text seen that "
+            "often less by heart)"
         )
     if prior_fades:
         lines.append(

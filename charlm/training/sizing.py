@@ -92,6 +92,15 @@ from ..model import CharRNN
 # against a48d734's 5.534 in one run (quality-20min-chinese-plain-batch-vs-a48d734-2026-12-05.json), best at
 # step 200 where a48d734 was best at 700. What differed was the unigram start: see setup.py on
 # PRIOR_FADE_STEPS.
+# The rate's floor (--min-lr-ratio), from the same regime as dropout (learns_by_heart). On the 300k proxy in
+# fp32 (AMD EPYC with the dispatch capped to AVX2, 5 minutes, the rule's 3x320 with dropout 0.1, about ten
+# passes; proxy-screen-fp32-rate-floor-2026-12-05.json): 0.3 scored 2.2047 and 2.2008 bits/char against
+# the defaults' 2.2094 (2.2088-2.2115 in two earlier runs), 0.5 2.2029, 0.01 2.2137 and 2.2128
+# (proxy-screen-fp32-floor-fade-2026-12-05.json). The higher floor ends training higher (1.78 against 1.76
+# bits/char) and held-out text lower: the larger late steps, smoothed by the weight average, learn the
+# text less by heart. The peak rate x 2 in place of x 1.5 scored 2.2060 and 2.2029, and together with the
+# floor lost both gains (2.2090, best before its last step), so the rate stays.
+# FLOOR_20MIN
 # The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN, DROPOUT*) live in config.py beside
 # the budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
@@ -188,7 +197,8 @@ def goes_deep(passes: float | None, time_s: float | None, vocab: int = 0) -> boo
     return passes >= deep_passes(time_s)
 
 
-def takes_dropout(passes: float | None, vocab: int) -> bool:
-    """Whether a new model whose --dropout is open takes DROPOUT: a text of at most LARGE_VOCAB
-    modelled symbols the run will see DROPOUT_PASSES times or more (`passes`, at the model trained)."""
+def learns_by_heart(passes: float | None, vocab: int) -> bool:
+    """Whether the run will see a text of at most LARGE_VOCAB modelled symbols DROPOUT_PASSES times or
+    more (`passes`, at the model trained), often enough to learn it by heart: such a run takes DROPOUT
+    when --dropout is open (a new model) and the floor DROPOUT_MIN_LR_RATIO when --min-lr-ratio is."""
     return passes is not None and passes >= DROPOUT_PASSES and vocab <= LARGE_VOCAB
