@@ -103,6 +103,9 @@ from ..model import CharRNN
 # At 20 minutes on the 1.1M cut, with the textbook loop in the same run: fp32 (AVX2-capped) 2.092 bits/char, 7.7%
 # better, where 0.1 had scored 2.094 and 7.4%; bf16 (AVX512-BF16) 2.089 and 9.0%, where 0.1 had scored 2.082
 # and 8.7% on a day the machine ran 4% faster (quality-20min-1m-*-floor03-2026-12-05.json). A tie there.
+# More regularisation lost on that fp32 proxy (proxy-screen-fp32-regularisation-2026-12-05.json): --dropout 0.2
+# 2.238, --weight-drop 0.25 on top of dropout 0.1 2.227; and a longer weight average at 20 minutes
+# (average-window-20min-1m-avx2cap-2026-12-05.json): 0.995 2.1035 and 0.9965 2.1049 against 0.99's 2.1029.
 # The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN, DROPOUT*) live in config.py beside
 # the budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
