@@ -149,7 +149,8 @@ M, T = ModelConfig, TrainConfig
     "--dropout",
     type=float,
     default=default(M, "dropout"),
-    help="Dropout on embeddings, between layers and before the output.  [default: 0, or "
+    help="Dropout on embeddings, between layers and before the output, one mask per sequence (locked).  "
+    "[default: 0, or "
     f"{DROPOUT:g} when the run will see its text {DROPOUT_PASSES:g} times or more, of up to {LARGE_VOCAB:,} "
     "distinct symbols]",
 )

@@ -120,6 +120,40 @@ def test_loss_falls_and_checkpoint_reloads_identically(
     assert lm.perplexity(text_file).cross_entropy > 0
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "rnn-relu"])
+def test_layer_by_layer_training_path_equals_the_fused_kernel(cell: str) -> None:
+    """Dropout between layers runs the stack one layer at a time on the fused module's own weights;
+    with the masks left out it must give the fused kernel's outputs, final state and gradients."""
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=20, cell=cell, hidden_size=16, embed_size=8, num_layers=3)).double()  # type: ignore[arg-type]
+    x = model.embed(torch.randint(0, 20, (4, 9)))
+    state = tuple(s.double().normal_() for s in model.initial_state(4))
+    hidden = state if cell == "lstm" else state[0]
+    fused, fused_final = model.rnn(x, hidden)
+    layered, layered_final = model._layered(x, hidden, dict(model.rnn.named_parameters()))
+    assert torch.equal(fused, layered)
+    finals = (fused_final, layered_final) if cell == "lstm" else ((fused_final,), (layered_final,))
+    for a, b in zip(*finals, strict=True):
+        assert a.shape == (3, 4, 16) and torch.equal(a, b)
+    params = list(model.rnn.parameters())
+    for a, b in zip(torch.autograd.grad(fused.sum(), params), torch.autograd.grad(layered.sum(), params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_keeps_one_mask_per_sequence_and_is_off_when_scoring() -> None:
+    torch.manual_seed(0)
+    model = CharRNN(ModelConfig(vocab_size=20, dropout=0.25, **TINY)).train()
+    ones = torch.ones(6, 50, 32)
+    dropped = model.drop(ones)
+    torch.testing.assert_close(dropped.unique(), torch.tensor([0.0, 1 / 0.75]))  # dropped or scaled up
+    assert torch.equal(dropped, dropped[:, :1].expand_as(dropped))  # the same at every time step
+    assert not torch.equal(dropped[0], dropped[1])  # a mask of its own for each sequence
+    ids = torch.randint(0, 20, (2, 10))
+    assert not torch.equal(model(ids)[0], model(ids)[0])  # training: random
+    model.eval()
+    torch.testing.assert_close(model(ids)[0], model(ids)[0], rtol=0, atol=0)
+
+
 def test_same_seed_gives_identical_weights(text_file: Path, tmp_path: Path) -> None:
     runs = []
     for name in ("a", "b"):
