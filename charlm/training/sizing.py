@@ -106,6 +106,10 @@ from ..model import CharRNN
 # More regularisation lost on that fp32 proxy (proxy-screen-fp32-regularisation-2026-12-05.json): --dropout 0.2
 # 2.238, --weight-drop 0.25 on top of dropout 0.1 2.227; and a longer weight average at 20 minutes
 # (average-window-20min-1m-avx2cap-2026-12-05.json): 0.995 2.1035 and 0.9965 2.1049 against 0.99's 2.1029.
+# Dropout keeps one mask per sequence since 06786a3 (model.LockedDropout): the same quality as a mask per
+# character and ~6% cheaper a step, so the slowdowns quoted above for dropout (8-15%) are mostly gone; the
+# threshold (DROPOUT_PASSES) was not screened again. Skip and residual connections across the stack
+# overfit the 300k proxy (0.03-0.04 worse even with dropout 0.2; proxy-screen-locked-dropout-2026-12-05.json).
 # The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN, DROPOUT*) live in config.py beside
 # the budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
