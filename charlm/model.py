@@ -109,15 +109,16 @@ class CharRNN(nn.Module):
         leaving the library's fused kernel), and dropout between layers. Scoring and sampling run the
         weights as they are, all layers in one fused call."""
         p = self.config.weight_drop
-        if not self.training or (p == 0 and (self.drop.p == 0 or self.config.num_layers == 1)):
+        layered = self.training and self.drop.p > 0 and self.config.num_layers > 1
+        if not layered and not (self.training and p > 0):
             return self.rnn(x, hidden)
         weights = {
             name: F.dropout(w, p, training=True) if p > 0 and name.startswith("weight_hh") else w
             for name, w in self.rnn.named_parameters()
         }
-        if self.drop.p == 0 or self.config.num_layers == 1:
-            return torch.func.functional_call(self.rnn, weights, (x, hidden))
-        return self._layered(x, hidden, weights)
+        if layered:
+            return self._layered(x, hidden, weights)
+        return torch.func.functional_call(self.rnn, weights, (x, hidden))
 
     def _layered(
         self, x: torch.Tensor, hidden: torch.Tensor | State | None, weights: dict[str, torch.Tensor]
