@@ -18,6 +18,7 @@ it). Writes bench/results/<name>.json with the machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import statistics
 import sys
@@ -100,13 +101,11 @@ def main() -> None:
     )
     results: dict = {"machine": machine(), "shape": shape, "threads": torch.get_num_threads(), "runs": {}}
     rows: list[list[object]] = [["load", "way", "ms/step", "chars/s", "vs per-step masks"]]
-    loads = [("quiet", None)] + ([] if args.no_busy else [("beside a 2-thread matmul", matmul_neighbour)])
+    loads = [("quiet", contextlib.nullcontext)]
+    loads += [] if args.no_busy else [("beside a 2-thread matmul", matmul_neighbour)]
     for load, neighbour in loads:
-        if neighbour is None:
+        with neighbour():
             medians = measure()
-        else:
-            with neighbour():
-                medians = measure()
         results["runs"][load] = {
             way: {"ms_per_step": 1000 * s, "speed_vs_per_step": medians["per-step masks"] / s}
             for way, s in medians.items()
