@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .config import (
+    BY_HEART_SEQ_LEN,
     DEEP_HIDDEN,
     DEEP_LAYERS,
     DEEP_PASSES,
@@ -32,6 +33,7 @@ from .config import (
     DEFAULT_BATCH,
     DEFAULT_LAYERS,
     DEFAULT_MIN_LR_RATIO,
+    DEFAULT_SEQ_LEN,
     DEFAULT_WEIGHT_DECAY,
     DROPOUT,
     DROPOUT_MIN_LR_RATIO,
@@ -167,7 +169,11 @@ M, T = ModelConfig, TrainConfig
     help="Weight initialisation (orthogonal = orthogonal recurrent, Xavier input weights).",
 )
 @click.option(
-    "--seq-len", type=int, default=default(T, "seq_len"), help="Characters per chunk: the truncated-BPTT length."
+    "--seq-len",
+    type=int,
+    default=None,
+    help=f"Characters per chunk: the truncated-BPTT length.  [default: {DEFAULT_SEQ_LEN}, or {BY_HEART_SEQ_LEN} when "
+    f"the run will see its text {DROPOUT_PASSES:g} times or more, of up to {LARGE_VOCAB:,} distinct symbols]",
 )
 @click.option(
     "--batch-size",

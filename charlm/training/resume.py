@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoint as ckpt
-from ..config import DEFAULT_MIN_LR_RATIO, DEFAULT_WEIGHT_DECAY, RESUME_FIXED, ModelConfig, TrainConfig
+from ..config import DEFAULT_MIN_LR_RATIO, DEFAULT_SEQ_LEN, DEFAULT_WEIGHT_DECAY, RESUME_FIXED, ModelConfig, TrainConfig
 from ..data import Corpus, as_sources, corpus_name
 from ..errors import CheckpointError
 from .paths import best_path_of, resume_path
@@ -86,7 +86,7 @@ def opened(last: Path, saved: ckpt.Header | None) -> ckpt.Header:
 
 def continued_config(header: ckpt.Header, config: TrainConfig, world: int) -> TrainConfig:
     """`config` as the resumed run uses it: the run's batch per process for this many processes,
-    and the run's learning rate, weight decay and rate floor when none is given."""
+    and the run's learning rate, weight decay, rate floor and chunk length when none is given."""
     config = _rebatch(header, config, world)
     if config.lr is None:
         config = replace(config, lr=header.train.get("lr"))
@@ -94,6 +94,8 @@ def continued_config(header: ckpt.Header, config: TrainConfig, world: int) -> Tr
         config = replace(config, weight_decay=header.train.get("weight_decay", DEFAULT_WEIGHT_DECAY))
     if config.min_lr_ratio is None:  # every run saved before the rule stored its floor
         config = replace(config, min_lr_ratio=header.train.get("min_lr_ratio", DEFAULT_MIN_LR_RATIO))
+    if config.seq_len is None:
+        config = replace(config, seq_len=header.train.get("seq_len", DEFAULT_SEQ_LEN))
     return config
 
 

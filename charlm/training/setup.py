@@ -19,11 +19,13 @@ import torch
 from .. import checkpoint as ckpt
 from .. import distributed
 from ..config import (
+    BY_HEART_SEQ_LEN,
     DEEP_HIDDEN,
     DEEP_LAYERS,
     DEFAULT_BATCH,
     DEFAULT_LAYERS,
     DEFAULT_MIN_LR_RATIO,
+    DEFAULT_SEQ_LEN,
     DEFAULT_WEIGHT_DECAY,
     DROPOUT,
     DROPOUT_MIN_LR_RATIO,
@@ -216,13 +218,15 @@ def load_data(
         data = load_corpus(origin.source, vocab=vocab, name=origin.name)  # type: ignore[arg-type]
     if origin.resumed is not None:
         check_resume(origin.resumed, data, config, dist.world)
-    batch = config.batch_size or DEFAULT_BATCH  # an open batch size is settled by plan_passes, once the model exists
+    # an open batch size and chunk length are settled by plan_passes, once the model exists
+    batch = config.batch_size or DEFAULT_BATCH
+    seq_len = config.seq_len or DEFAULT_SEQ_LEN
     global_batch = batch * dist.world
-    need = math.ceil(Batches.min_chars(global_batch, config.seq_len) / (1 - config.val_fraction)) + 2
+    need = math.ceil(Batches.min_chars(global_batch, seq_len) / (1 - config.val_fraction)) + 2
     if len(data) < need:
         raise CorpusError(
             f"{data.path or data.name} is too short to train on: {len(data)} characters, need at least {need} for "
-            f"--batch-size {global_batch}, --seq-len {config.seq_len} and --val-fraction "
+            f"--batch-size {global_batch}, --seq-len {seq_len} and --val-fraction "
             f"{config.val_fraction}",
             "lower --batch-size or --seq-len, or use a longer text",
         )
@@ -235,11 +239,11 @@ def load_data(
             if n_val
             else f"1 document: validation is its last {len(val_ids):,} characters"
         )
-        if len(train_ids) < Batches.min_chars(global_batch, config.seq_len):
+        if len(train_ids) < Batches.min_chars(global_batch, seq_len):
             raise CorpusError(
                 f"the training documents are too short: {len(train_ids)} characters, need at least "
-                f"{Batches.min_chars(global_batch, config.seq_len)} for --batch-size {global_batch} and "
-                f"--seq-len {config.seq_len}",
+                f"{Batches.min_chars(global_batch, seq_len)} for --batch-size {global_batch} and "
+                f"--seq-len {seq_len}",
                 "lower --batch-size or --seq-len, or give more text",
             )
     else:
@@ -248,7 +252,7 @@ def load_data(
         corpus=data,
         train_ids=train_ids,
         val_ids=val_ids,
-        batches=Batches(train_ids, global_batch, config.seq_len, config.rng_seed),
+        batches=Batches(train_ids, global_batch, seq_len, config.rng_seed),
         rows=slice(dist.rank * batch, (dist.rank + 1) * batch),
         new_chars=new_chars,
         notes=notes,
@@ -398,7 +402,8 @@ def probe_passes(
     speed measured here at `batch` streams (both one thread and all cores when --threads is open,
     as device.ThreadTuner will keep the faster)."""
     adaptive = config.threads is None
-    speed = measure_speed(net, devices.device, devices.precision, batch, config.seq_len, adaptive=adaptive)
+    seq_len = config.seq_len or DEFAULT_SEQ_LEN
+    speed = measure_speed(net, devices.device, devices.precision, batch, seq_len, adaptive=adaptive)
     return expected_passes(speed, TRAINING_SHARE * time, len(data.train_ids))
 
 
@@ -415,11 +420,12 @@ def plan_passes(
     will make (sizing.py's rule), the data cut for that batch, and the expectation behind it; a new
     model whose --dropout is open (`dropout_open`) takes DROPOUT when the run will see its text
     DROPOUT_PASSES times or more (sizing.learns_by_heart), and such a run keeps its rate above
-    DROPOUT_MIN_LR_RATIO when --min-lr-ratio is open. A torchrun job, or a run without a time or
+    DROPOUT_MIN_LR_RATIO when --min-lr-ratio is open, and trains BY_HEART_SEQ_LEN-character chunks
+    when --seq-len is. A torchrun job, or a run without a time or
     epoch budget, takes the plain defaults. `probed`: what plan_shape measured, reused when the model
     built is the one it timed (not deepened)."""
     if config.batch_size is not None:
-        return config, data, None
+        return replace(config, seq_len=config.seq_len or DEFAULT_SEQ_LEN), data, None
     passes = None
     vocab = len(data.corpus.vocab)
     if probed is not None and not goes_deep(probed.passes, config.time, vocab):
@@ -440,12 +446,14 @@ def plan_passes(
     by_heart = learns_by_heart(None if passes is None else passes.passes, vocab)
     if by_heart and asked.min_lr_ratio is None:
         config = replace(config, min_lr_ratio=DROPOUT_MIN_LR_RATIO)
+    if config.seq_len is None:
+        config = replace(config, seq_len=BY_HEART_SEQ_LEN if by_heart else DEFAULT_SEQ_LEN)
     if dropout_open and by_heart:
         learner.net.set_dropout(DROPOUT)
         if learner.average is not None:  # its copy is what the best checkpoint stores
             learner.average.model.set_dropout(DROPOUT)
     batch = config.batch_size
-    if batch != data.batches.batch_size // devices.dist.world:
+    if batch != data.batches.batch_size // devices.dist.world or config.seq_len != data.batches.seq_len:
         data = replace(
             data,
             batches=Batches(data.train_ids, batch * devices.dist.world, config.seq_len, config.rng_seed),
@@ -538,6 +546,11 @@ def explain_defaults(
             f"--min-lr-ratio {config.min_lr_ratio:g}: ~{passes.passes:.1f} passes ({DROPOUT_MIN_LR_RATIO:g} from "
             f"{DROPOUT_PASSES:g}, else {DEFAULT_MIN_LR_RATIO:g}: larger late steps, averaged, learn a text seen that "
             "often less by heart)"
+        )
+    if asked.seq_len is None and passes is not None and learns_by_heart(passes.passes, len(vocab)):
+        lines.append(
+            f"--seq-len {config.seq_len}: ~{passes.passes:.1f} passes ({BY_HEART_SEQ_LEN} from {DROPOUT_PASSES:g}, "
+            f"else {DEFAULT_SEQ_LEN}: twice the steps of shorter chunks teach a text seen that often more)"
         )
     if prior_fades:
         lines.append(
