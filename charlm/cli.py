@@ -42,6 +42,7 @@ from .config import (
     MANY_PASSES,
     MANY_PASSES_LR,
     MANY_PASSES_WEIGHT_DECAY,
+    SHORT_BUDGET_S,
     SMALL_BATCH,
     Cell,
     Init,
@@ -173,7 +174,8 @@ M, T = ModelConfig, TrainConfig
     type=int,
     default=None,
     help=f"Characters per chunk: the truncated-BPTT length.  [default: {DEFAULT_SEQ_LEN}, or {BY_HEART_SEQ_LEN} when "
-    f"the run will see its text {DROPOUT_PASSES:g} times or more, of up to {LARGE_VOCAB:,} distinct symbols]",
+    f"a run of up to {SHORT_BUDGET_S // 60} minutes will see its text {DROPOUT_PASSES:g} times or more, of up to "
+    f"{LARGE_VOCAB:,} distinct symbols]",
 )
 @click.option(
     "--batch-size",

@@ -166,9 +166,10 @@ DROPOUT = 0.1
 # text less by heart: training ends higher and held-out text lower (measured: training/sizing.py)
 DEFAULT_MIN_LR_RATIO = 0.1
 DROPOUT_MIN_LR_RATIO = 0.3
-# Characters per chunk (--seq-len): DEFAULT_SEQ_LEN, or BY_HEART_SEQ_LEN in the same regime: half the chunk
-# makes twice the steps for ~10% fewer characters per second, and a text seen that often gains more from the
-# extra updates than it loses to the shorter backprop window (measured: training/sizing.py)
+# Characters per chunk (--seq-len): DEFAULT_SEQ_LEN, or BY_HEART_SEQ_LEN for a run of up to SHORT_BUDGET_S in
+# the same regime: half the chunk makes twice the steps for 2-15% fewer characters per second, and a short run
+# over a text seen that often gains more from the extra updates than it loses to the shorter backprop window;
+# at 20 minutes it tied, 15% slower (measured: training/sizing.py)
 DEFAULT_SEQ_LEN = 128
 BY_HEART_SEQ_LEN = 64
 # A text whose modelled vocabulary (after --min-count) has more than LARGE_VOCAB symbols, as a logographic
@@ -214,7 +215,7 @@ def default_lr(hidden_size: int) -> float:
 class TrainConfig:
     """How to train. Budgets (steps, epochs, time) may be combined: the first one reached stops."""
 
-    seq_len: int | None = None  # None: DEFAULT_SEQ_LEN, or BY_HEART_SEQ_LEN (training/sizing.py)
+    seq_len: int | None = None  # None: DEFAULT_SEQ_LEN, or BY_HEART_SEQ_LEN (sizing.short_chunks)
     batch_size: int | None = None  # None: 64, or 32 for a run that will see its text many times (training/sizing.py)
     lr: float | None = None  # None: default_lr(hidden size)
     weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY, or MANY_PASSES_WEIGHT_DECAY (sizing.py)

@@ -170,6 +170,31 @@ def test_a_text_seen_ten_times_or_more_trains_with_dropout_and_a_higher_rate_flo
     assert read_header(resumed.last_checkpoint).train["min_lr_ratio"] == 0.3
 
 
+def test_a_short_run_over_a_text_seen_ten_times_or_more_trains_shorter_chunks(in_tmp: Path) -> None:
+    """A run of up to 6 minutes that will see its text 10 times or more turns an open --seq-len into 64;
+    a longer run, a length given, a run whose batch size is given (no passes measured) and a run by
+    epochs keep 128 or what was given; a resumed run keeps the length it started with."""
+    from conftest import make_text
+
+    Path("small.txt").write_text(make_text(20_000), encoding="utf-8")
+    tiny = {"hidden_size": 16, "embed_size": 8}
+    quick = {"time": 300, "steps": 2, "threads": 1}  # hundreds of passes expected; 2 steps end the run
+    started: list = []
+    short = train("small.txt", model=tiny, config=quick, out="short.safetensors", on_event=started.append)
+    longer = train("small.txt", model=tiny, config={**quick, "time": 1200}, out="longer.safetensors")
+    given = train("small.txt", model=tiny, config={**quick, "seq_len": 100}, out="given.safetensors")
+    batch = train("small.txt", model=tiny, config={**quick, "batch_size": 8}, out="batch.safetensors")
+    epochs = train("small.txt", model=tiny, config={"epochs": 12, "steps": 2}, out="epochs.safetensors")
+    for result, seq_len in ((short, 64), (longer, 128), (given, 100), (batch, 128), (epochs, 128)):
+        for path in (result.checkpoint, result.last_checkpoint):
+            assert read_header(path).train["seq_len"] == seq_len, path
+    defaults = "".join(next(event.defaults for event in started if hasattr(event, "defaults")))
+    assert " passes in a 5m budget (64 from 10 in up to 6m, else 128: a short run over a text seen" in defaults
+    resumed = train("small.txt", config={"steps": 3}, out="short.safetensors", resume=True)
+    assert read_header(resumed.last_checkpoint).train["seq_len"] == 64
+    assert resumed.steps == 3
+
+
 def test_a_longer_run_over_a_text_seen_many_times_goes_deeper() -> None:
     from charlm.config import TrainConfig
     from charlm.training.setup import fill_model

@@ -78,6 +78,7 @@ from .sizing import (
     goes_deep,
     learns_by_heart,
     measure_speed,
+    short_chunks,
 )
 
 
@@ -420,8 +421,8 @@ def plan_passes(
     will make (sizing.py's rule), the data cut for that batch, and the expectation behind it; a new
     model whose --dropout is open (`dropout_open`) takes DROPOUT when the run will see its text
     DROPOUT_PASSES times or more (sizing.learns_by_heart), and such a run keeps its rate above
-    DROPOUT_MIN_LR_RATIO when --min-lr-ratio is open, and trains BY_HEART_SEQ_LEN-character chunks
-    when --seq-len is. A torchrun job, or a run without a time or
+    DROPOUT_MIN_LR_RATIO when --min-lr-ratio is open; a short one trains BY_HEART_SEQ_LEN-character
+    chunks when --seq-len is (sizing.short_chunks). A torchrun job, or a run without a time or
     epoch budget, takes the plain defaults. `probed`: what plan_shape measured, reused when the model
     built is the one it timed (not deepened)."""
     if config.batch_size is not None:
@@ -447,7 +448,8 @@ def plan_passes(
     if by_heart and asked.min_lr_ratio is None:
         config = replace(config, min_lr_ratio=DROPOUT_MIN_LR_RATIO)
     if config.seq_len is None:
-        config = replace(config, seq_len=BY_HEART_SEQ_LEN if by_heart else DEFAULT_SEQ_LEN)
+        short = short_chunks(None if passes is None else passes.passes, vocab, config.time)
+        config = replace(config, seq_len=BY_HEART_SEQ_LEN if short else DEFAULT_SEQ_LEN)
     if dropout_open and by_heart:
         learner.net.set_dropout(DROPOUT)
         if learner.average is not None:  # its copy is what the best checkpoint stores
@@ -547,10 +549,11 @@ def explain_defaults(
             f"{DROPOUT_PASSES:g}, else {DEFAULT_MIN_LR_RATIO:g}: larger late steps, averaged, learn a text seen that "
             "often less by heart)"
         )
-    if asked.seq_len is None and passes is not None and learns_by_heart(passes.passes, len(vocab)):
+    if asked.seq_len is None and passes is not None and short_chunks(passes.passes, len(vocab), config.time):
         lines.append(
-            f"--seq-len {config.seq_len}: ~{passes.passes:.1f} passes ({BY_HEART_SEQ_LEN} from {DROPOUT_PASSES:g}, "
-            f"else {DEFAULT_SEQ_LEN}: twice the steps of shorter chunks teach a text seen that often more)"
+            f"--seq-len {config.seq_len}: ~{passes.passes:.1f} passes in {budget} ({BY_HEART_SEQ_LEN} from "
+            f"{DROPOUT_PASSES:g} in up to {fmt_budget(SHORT_BUDGET_S)}, else {DEFAULT_SEQ_LEN}: a short run over a "
+            "text seen that often learns more from twice the steps of shorter chunks)"
         )
     if prior_fades:
         lines.append(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DROPOUT_PASSES, LARGE_VOCAB, LONG_BUDGET_S, MANY_PASSES, deep_passes
+from ..config import DROPOUT_PASSES, LARGE_VOCAB, LONG_BUDGET_S, MANY_PASSES, SHORT_BUDGET_S, deep_passes
 from ..device import autocast
 from ..model import CharRNN
 
@@ -110,6 +110,21 @@ from ..model import CharRNN
 # character and ~6% cheaper a step, so the slowdowns quoted above for dropout (8-15%) are mostly gone; the
 # threshold (DROPOUT_PASSES) was not screened again. Skip and residual connections across the stack
 # overfit the 300k proxy (0.03-0.04 worse even with dropout 0.2; proxy-screen-locked-dropout-2026-12-05.json).
+# The chunk length (--seq-len), from the same regime (learns_by_heart) in a budget of up to SHORT_BUDGET_S
+# (short_chunks): BY_HEART_SEQ_LEN in place of DEFAULT_SEQ_LEN. On the fp32 proxy (300k cut, 5 minutes, 3x320,
+# dropout 0.1 and floor 0.3 pinned, AVX2-capped EPYC; proxy-screen-fp32-seq-len-2026-12-05.json) 64 scored
+# 2.1876 and 2.1932 bits/char against 128's 2.2004 and 2.2121 (seeds 1 and 2): 1,145-1,236 steps against 660,
+# at 2-10% fewer characters per second; in bf16 (AVX512-BF16, 12 passes) 2.193 against 2.198. 96 tied (2.2010)
+# and 32 underfit (2.1973, training 1.92 bits/char against 1.80): 64 characters are still backprop window
+# enough, and a short run over a text seen that often gains more from twice the updates. At 20 minutes on the
+# 1.1M cut (fp32, 19fbbbe, which took 64 there too; quality-20min-1m-avx2cap-seq64-2026-12-05.json) 64 scored
+# 2.102 bits/char, 4,809 steps at 9,013 chars/s, against the textbook loop's 2.254 (6.8%), where 128 had scored
+# 2.089-2.103 in six runs at 9,600-10,600 chars/s: no gain, 15% slower. A 20-minute run makes ~2,800 steps at
+# 128 and is not short of them, so the rule keeps 128 beyond SHORT_BUDGET_S.
+# Screened in the same run and left out: AWD-LSTM's activation regularisation (AR 2, TAR 1) 2.2436; embedding
+# dropout 0.1 (whole characters) 2.2527, training 2.22 bits/char; --embed 128 2.2015; a warmup-stable-decay
+# rate (flat, then linear to the floor over the last 20/30/50%) 2.2014/2.1963/2.1963, and 2.2123 against
+# 2.2121 with seed 2: a tie with the cosine.
 # The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN, DROPOUT*) live in config.py beside
 # the budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
@@ -211,3 +226,10 @@ def learns_by_heart(passes: float | None, vocab: int) -> bool:
     more (`passes`, at the model trained), often enough to learn it by heart: such a run takes DROPOUT
     when --dropout is open (a new model) and the floor DROPOUT_MIN_LR_RATIO when --min-lr-ratio is."""
     return passes is not None and passes >= DROPOUT_PASSES and vocab <= LARGE_VOCAB
+
+
+def short_chunks(passes: float | None, vocab: int, time_s: float | None) -> bool:
+    """Whether a run whose --seq-len is open trains BY_HEART_SEQ_LEN-character chunks: a budget of up to
+    SHORT_BUDGET_S that learns its text by heart. Such a run is short of optimizer steps, and half the
+    chunk doubles them; a 20-minute run has steps enough and keeps the faster, longer chunk."""
+    return learns_by_heart(passes, vocab) and time_s is not None and 0 < time_s <= SHORT_BUDGET_S
