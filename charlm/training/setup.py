@@ -444,11 +444,12 @@ def plan_passes(
         for group in learner.opt.param_groups:
             if group["weight_decay"]:  # the matrices' group (optim.make_optimizer)
                 group["weight_decay"] = MANY_PASSES_WEIGHT_DECAY
-    by_heart = learns_by_heart(None if passes is None else passes.passes, vocab)
+    expected = None if passes is None else passes.passes
+    by_heart = learns_by_heart(expected, vocab)
     if by_heart and asked.min_lr_ratio is None:
         config = replace(config, min_lr_ratio=DROPOUT_MIN_LR_RATIO)
     if config.seq_len is None:
-        short = short_chunks(None if passes is None else passes.passes, vocab, config.time)
+        short = short_chunks(expected, vocab, config.time)
         config = replace(config, seq_len=BY_HEART_SEQ_LEN if short else DEFAULT_SEQ_LEN)
     if dropout_open and by_heart:
         learner.net.set_dropout(DROPOUT)
