@@ -403,8 +403,7 @@ def probe_passes(
     speed measured here at `batch` streams (both one thread and all cores when --threads is open,
     as device.ThreadTuner will keep the faster)."""
     adaptive = config.threads is None
-    seq_len = config.seq_len or DEFAULT_SEQ_LEN
-    speed = measure_speed(net, devices.device, devices.precision, batch, seq_len, adaptive=adaptive)
+    speed = measure_speed(net, devices.device, devices.precision, batch, data.batches.seq_len, adaptive=adaptive)
     return expected_passes(speed, TRAINING_SHARE * time, len(data.train_ids))
 
 
@@ -426,7 +425,7 @@ def plan_passes(
     epoch budget, takes the plain defaults. `probed`: what plan_shape measured, reused when the model
     built is the one it timed (not deepened)."""
     if config.batch_size is not None:
-        return replace(config, seq_len=config.seq_len or DEFAULT_SEQ_LEN), data, None
+        return replace(config, seq_len=data.batches.seq_len), data, None  # load_data's, given or DEFAULT_SEQ_LEN
     passes = None
     vocab = len(data.corpus.vocab)
     if probed is not None and not goes_deep(probed.passes, config.time, vocab):
