@@ -130,11 +130,10 @@ from ..model import CharRNN
 # against 0.887 with 128; 300k of English fortunes, 2.315 against 2.340 (128 with the rule's dropout and
 # floor pinned; 2.354 left to the rule, whose probe at 128 judged 8.9 passes and took neither dropout nor
 # the floor). At 10 minutes on a 450k cut of the plays (11 passes) 64 scored 1.914 against 128's 1.920 with
-# 2,117 steps against 1,119:
-# the gain shrinks with the budget (0.013-0.026 at 5 minutes, 0.005 at 10, a loss at 20), so the limit stays
-# at SHORT_BUDGET_S. Beside a 2-thread matmul loop (300k cut, 2 minutes, batch, rate and decay pinned so
-# that the probe cannot choose differently) 64 scored 2.431 against 2.599 at the same speed (5,140 and
-# 5,190 chars/s, one thread): a busy machine leaves a run shorter of steps still.
+# 2,117 steps against 1,119: the gain shrinks with the budget (0.013-0.026 at 5 minutes, 0.005 at 10, a loss
+# at 20), so the limit stays at SHORT_BUDGET_S. Beside a 2-thread matmul loop (300k cut, 2 minutes, batch,
+# rate and decay pinned so that the probe cannot choose differently) 64 scored 2.431 against 2.599 at the same
+# speed (5,140 and 5,190 chars/s, one thread): a busy machine leaves a run shorter of steps still.
 # Dropout 0.2 at 20 minutes on the 1.1M cut (fp32; quality-20min-1m-avx2cap-dropout0.2-2026-12-06.json):
 # 2.130 against 0.1's 2.088-2.102, training 1.85 bits/char against 1.75: more dropout underfits there too.
 # Less decay with the rule's dropout and floor typed (--weight-decay 0.1 --dropout 0.1 --min-lr-ratio 0.3;
