@@ -26,6 +26,7 @@ import click
 
 from .config import (
     BY_HEART_SEQ_LEN,
+    DEEP_DROPOUT_PASSES,
     DEEP_HIDDEN,
     DEEP_LAYERS,
     DEEP_PASSES,
@@ -64,6 +65,11 @@ if TYPE_CHECKING:
     from .evaluate import Metrics
     from .lm import CharLM
 
+# The regime of dropout, the rate floor and short chunks (training/sizing.learns_by_heart), for their help
+BY_HEART = (
+    f"{DROPOUT_PASSES:g} times or more ({DEEP_DROPOUT_PASSES:g} at {DEEP_LAYERS} layers), of up to {LARGE_VOCAB:,} "
+    "distinct symbols"
+)
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
 
 
@@ -154,8 +160,7 @@ M, T = ModelConfig, TrainConfig
     default=default(M, "dropout"),
     help="Dropout on embeddings, between layers and before the output, one mask per sequence (locked).  "
     "[default: 0, or "
-    f"{DROPOUT:g} when the run will see its text {DROPOUT_PASSES:g} times or more, of up to {LARGE_VOCAB:,} "
-    "distinct symbols]",
+    f"{DROPOUT:g} when the run will see its text {BY_HEART}]",
 )
 @click.option(
     "--weight-drop",
@@ -174,8 +179,7 @@ M, T = ModelConfig, TrainConfig
     type=int,
     default=None,
     help=f"Characters per chunk: the truncated-BPTT length.  [default: {DEFAULT_SEQ_LEN}, or {BY_HEART_SEQ_LEN} when "
-    f"a run of up to {SHORT_BUDGET_S // 60} minutes will see its text {DROPOUT_PASSES:g} times or more, of up to "
-    f"{LARGE_VOCAB:,} distinct symbols]",
+    f"a run of up to {SHORT_BUDGET_S // 60} minutes will see its text {BY_HEART}]",
 )
 @click.option(
     "--batch-size",
@@ -217,8 +221,7 @@ M, T = ModelConfig, TrainConfig
     type=float,
     default=None,
     help=f"Floor of every decay, as a fraction of --lr.  [default: {DEFAULT_MIN_LR_RATIO:g}, or "
-    f"{DROPOUT_MIN_LR_RATIO:g} when the run will see its text {DROPOUT_PASSES:g} times or more, of up to "
-    f"{LARGE_VOCAB:,} distinct symbols]",
+    f"{DROPOUT_MIN_LR_RATIO:g} when the run will see its text {BY_HEART}]",
 )
 @click.option("--lr-decay", type=float, default=default(T, "lr_decay"), help="Exponential schedule: factor per epoch.")
 @click.option("--steps", type=int, default=None, help="Stop after this many steps.")

@@ -39,7 +39,8 @@ class ModelConfig:
     num_layers: int = 0
     embed_size: int = 64
     # None: from the passes the run will make, filled in by train() (0, or DROPOUT for a text seen
-    # DROPOUT_PASSES times or more, of at most LARGE_VOCAB symbols); a model built directly treats None as 0
+    # dropout_passes(num_layers) times or more, of at most LARGE_VOCAB symbols); a model built directly treats
+    # None as 0
     dropout: float | None = None
     # DropConnect on the recurrent (hidden-to-hidden) weights while training (model.CharRNN._recur);
     # out of the defaults' rule: see training/sizing.py for what it measured
@@ -157,9 +158,20 @@ SMALL_BATCH = 32
 MANY_PASSES_LR = 1.5
 MANY_PASSES_WEIGHT_DECAY = 0.3
 # A run that will see its text DROPOUT_PASSES times or more (at the model it trains, as the batch
-# size's passes) takes --dropout DROPOUT when it is open (measured: training/sizing.py)
-DROPOUT_PASSES = 10.0
+# size's passes), or DEEP_DROPOUT_PASSES times for a model of DEEP_LAYERS layers or more (2.5 times the
+# parameters of the 2x256 it replaces, it learns a text by heart in fewer passes), takes --dropout DROPOUT
+# when it is open (measured: training/sizing.py)
+DROPOUT_PASSES = 12.0
+DEEP_DROPOUT_PASSES = 6.0
 DROPOUT = 0.1
+
+
+def dropout_passes(layers: int) -> float:
+    """The expected passes from which a model of `layers` layers learns its text by heart (DROPOUT_PASSES,
+    DEEP_DROPOUT_PASSES)."""
+    return DEEP_DROPOUT_PASSES if layers >= DEEP_LAYERS else DROPOUT_PASSES
+
+
 # Every decay's floor, as a fraction of the peak rate (--min-lr-ratio): DEFAULT_MIN_LR_RATIO, or
 # DROPOUT_MIN_LR_RATIO for a run in dropout's regime (the same passes and vocabulary, whatever --dropout
 # says): there the late steps stay larger, the weight average smooths their noise, and the model learns its

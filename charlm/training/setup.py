@@ -29,7 +29,6 @@ from ..config import (
     DEFAULT_WEIGHT_DECAY,
     DROPOUT,
     DROPOUT_MIN_LR_RATIO,
-    DROPOUT_PASSES,
     LARGE_VOCAB,
     MANY_PASSES,
     MANY_PASSES_LR,
@@ -43,6 +42,7 @@ from ..config import (
     budget_hidden_size,
     deep_passes,
     default_lr,
+    dropout_passes,
 )
 from ..data import (
     Corpus,
@@ -419,7 +419,7 @@ def plan_passes(
     """`config` with the batch size (and, when not given, a learning rate) for the passes the run
     will make (sizing.py's rule), the data cut for that batch, and the expectation behind it; a new
     model whose --dropout is open (`dropout_open`) takes DROPOUT when the run will see its text
-    DROPOUT_PASSES times or more (sizing.learns_by_heart), and such a run keeps its rate above
+    often enough to learn it by heart (sizing.learns_by_heart), and such a run keeps its rate above
     DROPOUT_MIN_LR_RATIO when --min-lr-ratio is open; a short one trains BY_HEART_SEQ_LEN-character
     chunks when --seq-len is (sizing.short_chunks). A torchrun job, or a run without a time or
     epoch budget, takes the plain defaults. `probed`: what plan_shape measured, reused when the model
@@ -444,11 +444,12 @@ def plan_passes(
             if group["weight_decay"]:  # the matrices' group (optim.make_optimizer)
                 group["weight_decay"] = MANY_PASSES_WEIGHT_DECAY
     expected = None if passes is None else passes.passes
-    by_heart = learns_by_heart(expected, vocab)
+    layers = learner.net.config.num_layers
+    by_heart = learns_by_heart(expected, vocab, layers)
     if by_heart and asked.min_lr_ratio is None:
         config = replace(config, min_lr_ratio=DROPOUT_MIN_LR_RATIO)
     if config.seq_len is None:
-        short = short_chunks(expected, vocab, config.time)
+        short = short_chunks(expected, vocab, layers, config.time)
         config = replace(config, seq_len=BY_HEART_SEQ_LEN if short else DEFAULT_SEQ_LEN)
     if dropout_open and by_heart:
         learner.net.set_dropout(DROPOUT)
@@ -533,26 +534,29 @@ def explain_defaults(
             f"--weight-decay {config.weight_decay:g}"
             + (" for many passes (a text seen many times is learned by heart without it)" if many else "")
         )
+    layers = model.num_layers
+    # the regime of sizing.learns_by_heart, in the words of the lines below
+    by_heart = f"{dropout_passes(layers):g} passes at {layers} layer{'s' if layers > 1 else ''}"
     if open_shape.dropout is None and model.dropout and passes is not None:  # set by plan_passes
         lines.append(
-            f"--dropout {model.dropout:g}: ~{passes.passes:.1f} passes ({DROPOUT:g} from {DROPOUT_PASSES:g}: "
+            f"--dropout {model.dropout:g}: ~{passes.passes:.1f} passes ({DROPOUT:g} from {by_heart}: "
             "a text seen that often is learned by heart sooner than the budget ends)"
         )
-    elif open_shape.dropout is None and large and passes is not None and passes.passes >= DROPOUT_PASSES:
+    elif open_shape.dropout is None and large and passes is not None and passes.passes >= dropout_passes(layers):
         lines.append(
             f"--dropout 0: ~{passes.passes:.1f} passes, but {len(vocab):,} symbols ({DROPOUT:g} from "
-            f"{DROPOUT_PASSES:g} passes for up to {LARGE_VOCAB:,} symbols: it did not help a large vocabulary)"
+            f"{by_heart} for up to {LARGE_VOCAB:,} symbols: it did not help a large vocabulary)"
         )
-    if asked.min_lr_ratio is None and passes is not None and learns_by_heart(passes.passes, len(vocab)):
+    if asked.min_lr_ratio is None and passes is not None and learns_by_heart(passes.passes, len(vocab), layers):
         lines.append(
             f"--min-lr-ratio {config.min_lr_ratio:g}: ~{passes.passes:.1f} passes ({DROPOUT_MIN_LR_RATIO:g} from "
-            f"{DROPOUT_PASSES:g}, else {DEFAULT_MIN_LR_RATIO:g}: larger late steps, averaged, learn a text seen that "
+            f"{by_heart}, else {DEFAULT_MIN_LR_RATIO:g}: larger late steps, averaged, learn a text seen that "
             "often less by heart)"
         )
-    if asked.seq_len is None and passes is not None and short_chunks(passes.passes, len(vocab), config.time):
+    if asked.seq_len is None and passes is not None and short_chunks(passes.passes, len(vocab), layers, config.time):
         lines.append(
             f"--seq-len {config.seq_len}: ~{passes.passes:.1f} passes in {budget} ({BY_HEART_SEQ_LEN} from "
-            f"{DROPOUT_PASSES:g} in up to {fmt_budget(SHORT_BUDGET_S)}, else {DEFAULT_SEQ_LEN}: a short run over a "
+            f"{by_heart} in up to {fmt_budget(SHORT_BUDGET_S)}, else {DEFAULT_SEQ_LEN}: a short run over a "
             "text seen that often learns more from twice the steps of shorter chunks)"
         )
     if prior_fades:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import DROPOUT_PASSES, LARGE_VOCAB, LONG_BUDGET_S, MANY_PASSES, SHORT_BUDGET_S, deep_passes
+from ..config import LARGE_VOCAB, LONG_BUDGET_S, MANY_PASSES, SHORT_BUDGET_S, deep_passes, dropout_passes
 from ..device import autocast
 from ..model import CharRNN
 
@@ -58,13 +58,14 @@ from ..model import CharRNN
 # about 16. Checked on 250k characters of Python source (23.3 passes): 1.602 against 1.624.
 # Screened at 3x320 on the 300k cut (about 8.5 passes; proxy-screen-3x320-2026-12-04.json): --weight-drop
 # 0.25 2.227, --dropout 0.1 2.234, 1x the lr 2.231 and --average 0.995 2.214 against 2.217.
-# Dropout, from DROPOUT_PASSES expected passes at the model trained (config.py; the batch size's
-# passes). On an AMD EPYC with AVX512-BF16 (bf16 autocast) the same 300k cut sees 12.2 passes at
-# 3x320 in 5 minutes, and there the model overfits: best at step 400 of 740, training 1.43 bits/char
-# against 2.22 held out. --dropout 0.1 scored 2.205 against 2.223 (best at step 700 of 796) and
-# --weight-drop 0.25 2.211; wider layers did not help (3x384 2.222, 3x448 2.213, 3x512 2.229), nor
-# 3x448 with dropout 0.15 at 7.8 passes (2.225) (proxy-screen-3x320-bf16-2026-12-04.json). Below ten
-# passes dropout lost every time: 2.234 against 2.217 above (AVX2, 8.4 passes), 2.138 against 2.131 at
+# Dropout, from DROPOUT_PASSES expected passes at the model trained (config.py; the batch size's passes;
+# DEEP_DROPOUT_PASSES at three layers, see "The threshold by depth" below). On an AMD EPYC with AVX512-BF16
+# (bf16 autocast) the same 300k cut sees 12.2 passes at 3x320 in 5 minutes, and there the model overfits:
+# best at step 400 of 740, training 1.43 bits/char against 2.22 held out. --dropout 0.1 scored 2.205 against
+# 2.223 (best at step 700 of 796) and --weight-drop 0.25 2.211; wider layers did not help (3x384 2.222, 3x448
+# 2.213, 3x512 2.229), nor 3x448 with dropout 0.15 at 7.8 passes (2.225) (proxy-screen-3x320-bf16-2026-12-04.json).
+# Below ten passes dropout, with a new mask per character, the floor 0.1 and 128-character chunks, lost every
+# time: 2.234 against 2.217 above (AVX2, 8.4 passes), 2.138 against 2.131 at
 # 20 minutes on the 1.1M cut (AMX, about 8.6), 2.085 against 2.025 on a 550k cut seen 7 times. At 20
 # minutes on the 1.1M cut on the AVX512-BF16 EPYC (18.4 passes expected, 11-12 made): 2.084 with 0.1,
 # still improving at its last step, against 2.108 without (stopped on patience, best at step 2,100 of
@@ -108,7 +109,7 @@ from ..model import CharRNN
 # (average-window-20min-1m-avx2cap-2026-12-05.json): 0.995 2.1035 and 0.9965 2.1049 against 0.99's 2.1029.
 # Dropout keeps one mask per sequence since 06786a3 (model.LockedDropout): the same quality as a mask per
 # character and ~6% cheaper a step, so the slowdowns quoted above for dropout (8-15%) are mostly gone; the
-# threshold (DROPOUT_PASSES) was not screened again. Skip and residual connections across the stack
+# threshold was screened again (below, "The threshold by depth"). Skip and residual connections across the stack
 # overfit the 300k proxy (0.03-0.04 worse even with dropout 0.2; proxy-screen-locked-dropout-2026-12-05.json).
 # The chunk length (--seq-len), from the same regime (learns_by_heart) in a budget of up to SHORT_BUDGET_S
 # (short_chunks): BY_HEART_SEQ_LEN in place of DEFAULT_SEQ_LEN. On the fp32 proxy (300k cut, 5 minutes, 3x320,
@@ -139,6 +140,18 @@ from ..model import CharRNN
 # Less decay with the rule's dropout and floor typed (--weight-decay 0.1 --dropout 0.1 --min-lr-ratio 0.3;
 # a slower day, 8,880 chars/s, 2,388 steps): 2.131, training 1.78 bits/char
 # (quality-20min-1m-avx2cap-wd0.1-dropout0.1-2026-12-06.json).
+# The threshold by depth (config.dropout_passes; 11a3ee9, the same capped EPYC, fp32, 5 minutes, seeds 1 and 2,
+# shape, batch, rate and decay pinned to the rule's; proxy-screen-dropout-threshold-2026-12-06.json): the
+# regime (dropout 0.1, floor 0.3, 64-character chunks) against none of it (0, 0.1, 128) on prefixes of the 1.1M
+# cut. At GRU 3x320 on 380k characters (8.0 passes expected) 2.369 and 2.360 bits/char against 2.418 and 2.393
+# (best at step 500-600 of 636-672 without), and the floor and chunk without dropout 2.441 and 2.398: dropout
+# pays. At 2x256 it won on 575k (12.9-13.3 expected: 2.165/2.149 against 2.184/2.156) and lost on 650k
+# (11.0-11.8: 1.945/1.946 against 1.928/1.916) and 850k (8.8-9.2: 2.032/2.040 against 2.011/2.005, training
+# 1.93 bits/char against 1.69). 3x320 has 2.5 times 2x256's parameters and learns a text by heart sooner, so
+# three layers take the regime from DEEP_DROPOUT_PASSES (every deep run of up to 6 minutes: 16 passes at
+# 2x256 are about 7 at 3x320) and two from DROPOUT_PASSES, 12 where it had been 10. Not measured: deep
+# 20-minute runs between 6 and 9 passes. The probe's speed moved 10-70% over the morning of this screen (the
+# 850k cut: 15,277 chars/s before it, 24,868-25,950 after), so a text near a threshold can fall either side.
 # The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN, DROPOUT*) live in config.py beside
 # the budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
@@ -235,15 +248,15 @@ def goes_deep(passes: float | None, time_s: float | None, vocab: int = 0) -> boo
     return passes >= deep_passes(time_s)
 
 
-def learns_by_heart(passes: float | None, vocab: int) -> bool:
-    """Whether the run will see a text of at most LARGE_VOCAB modelled symbols DROPOUT_PASSES times or
-    more (`passes`, at the model trained), often enough to learn it by heart: such a run takes DROPOUT
-    when --dropout is open (a new model) and the floor DROPOUT_MIN_LR_RATIO when --min-lr-ratio is."""
-    return passes is not None and passes >= DROPOUT_PASSES and vocab <= LARGE_VOCAB
+def learns_by_heart(passes: float | None, vocab: int, layers: int) -> bool:
+    """Whether a model of `layers` layers will see a text of at most LARGE_VOCAB modelled symbols often
+    enough to learn it by heart (`passes`, at the model trained; config.dropout_passes): such a run takes
+    DROPOUT when --dropout is open (a new model) and the floor DROPOUT_MIN_LR_RATIO when --min-lr-ratio is."""
+    return passes is not None and passes >= dropout_passes(layers) and vocab <= LARGE_VOCAB
 
 
-def short_chunks(passes: float | None, vocab: int, time_s: float | None) -> bool:
+def short_chunks(passes: float | None, vocab: int, layers: int, time_s: float | None) -> bool:
     """Whether a run whose --seq-len is open trains BY_HEART_SEQ_LEN-character chunks: a budget of up to
     SHORT_BUDGET_S that learns its text by heart. Such a run is short of optimizer steps, and half the
     chunk doubles them; a 20-minute run has steps enough and keeps the faster, longer chunk."""
-    return learns_by_heart(passes, vocab) and time_s is not None and 0 < time_s <= SHORT_BUDGET_S
+    return learns_by_heart(passes, vocab, layers) and time_s is not None and 0 < time_s <= SHORT_BUDGET_S
