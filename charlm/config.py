@@ -161,7 +161,7 @@ MANY_PASSES_WEIGHT_DECAY = 0.3
 # size's passes), or DEEP_DROPOUT_PASSES times for a model of DEEP_LAYERS layers or more (2.5 times the
 # parameters of the 2x256 it replaces, it learns a text by heart in fewer passes), takes --dropout DROPOUT
 # when it is open (measured: training/sizing.py)
-DROPOUT_PASSES = 12.0
+DROPOUT_PASSES = 10.0
 DEEP_DROPOUT_PASSES = 6.0
 DROPOUT = 0.1
 

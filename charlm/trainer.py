@@ -120,7 +120,7 @@ def train(
     command line (README: "How charlm picks its defaults"): a GRU 2x256 for budgets up to 6 minutes,
     2x384 up to 30, else 2x512, and 3x320 up to 30 minutes when the plain model will see its text
     often (16 times or more at 2x256, 6 at 2x384); batch 32 and 1.5x the rate when the run will see
-    its text 3 times or more, and dropout 0.1 from 12 times (6 at 3 layers); rare characters folded when the
+    its text 3 times or more, and dropout 0.1 from 10 times (6 at 3 layers); rare characters folded when the
     vocabulary would make the output layer the costliest part.
     The Started event lists each choice with its reason; the checkpoint stores them resolved.
     """

@@ -143,7 +143,7 @@ def test_a_text_seen_many_times_trains_with_more_smaller_steps(in_tmp: Path) -> 
 
 
 def test_a_text_learned_by_heart_trains_with_dropout_and_a_higher_rate_floor(in_tmp: Path) -> None:
-    """From 12 expected passes (6 for a model of 3 layers) an open --dropout becomes 0.1 and an open
+    """From 10 expected passes (6 for a model of 3 layers) an open --dropout becomes 0.1 and an open
     --min-lr-ratio 0.3, in the model trained and in both checkpoints; a dropout or floor given, dropout 0
     included, is kept, and a resumed run keeps the floor it started with."""
     from conftest import make_text
@@ -157,7 +157,7 @@ def test_a_text_learned_by_heart_trains_with_dropout_and_a_higher_rate_floor(in_
     given = train(
         "small.txt", model={**tiny, "dropout": 0.2}, config={**quick, "min_lr_ratio": 0.05}, out="given.safetensors"
     )
-    fewer = train("small.txt", model=tiny, config={**quick, "epochs": 11}, out="fewer.safetensors")
+    fewer = train("small.txt", model=tiny, config={**quick, "epochs": 9}, out="fewer.safetensors")
     deep = {**tiny, "num_layers": 3}  # a third layer learns its text by heart from 6 passes
     deep_often = train("small.txt", model=deep, config={**quick, "epochs": 7}, out="deep-often.safetensors")
     deep_fewer = train("small.txt", model=deep, config={**quick, "epochs": 5}, out="deep-fewer.safetensors")
@@ -174,14 +174,14 @@ def test_a_text_learned_by_heart_trains_with_dropout_and_a_higher_rate_floor(in_
             header = read_header(path)
             assert (header.model.dropout, header.train["min_lr_ratio"]) == (dropout, floor), path
     defaults = "".join(next(event.defaults for event in started if hasattr(event, "defaults")))
-    assert "--dropout 0.1: ~12.0 passes (0.1 from 12 passes at 2 layers: a text seen that often is learned" in defaults
-    assert "--min-lr-ratio 0.3: ~12.0 passes (0.3 from 12 passes at 2 layers, else 0.1: larger late steps" in defaults
+    assert "--dropout 0.1: ~12.0 passes (0.1 from 10 passes at 2 layers: a text seen that often is learned" in defaults
+    assert "--min-lr-ratio 0.3: ~12.0 passes (0.3 from 10 passes at 2 layers, else 0.1: larger late steps" in defaults
     resumed = train("small.txt", config={"steps": 3}, out="often.safetensors", resume=True)
     assert read_header(resumed.last_checkpoint).train["min_lr_ratio"] == 0.3
 
 
 def test_a_short_run_over_a_text_learned_by_heart_trains_shorter_chunks(in_tmp: Path) -> None:
-    """A run of up to 6 minutes that will see its text 12 times or more turns an open --seq-len into 64;
+    """A run of up to 6 minutes that will see its text 10 times or more turns an open --seq-len into 64;
     a longer run, a length given, a run whose batch size is given (no passes measured) and a run by
     epochs keep 128 or what was given; a resumed run keeps the length it started with."""
     from conftest import make_text
@@ -199,7 +199,7 @@ def test_a_short_run_over_a_text_learned_by_heart_trains_shorter_chunks(in_tmp: 
         for path in (result.checkpoint, result.last_checkpoint):
             assert read_header(path).train["seq_len"] == seq_len, path
     defaults = "".join(next(event.defaults for event in started if hasattr(event, "defaults")))
-    assert " passes in a 5m budget (64 from 12 passes at 2 layers in up to 6m, else 128: a short run over" in defaults
+    assert " passes in a 5m budget (64 from 10 passes at 2 layers in up to 6m, else 128: a short run over" in defaults
     resumed = train("small.txt", config={"steps": 3}, out="short.safetensors", resume=True)
     assert read_header(resumed.last_checkpoint).train["seq_len"] == 64
     assert resumed.steps == 3
@@ -279,7 +279,7 @@ def test_a_large_vocabulary_stays_plain_and_takes_no_dropout(
     err = " ".join(err.split())
     assert "default --layers 2 (~30.0 passes expected; 3x320 from 6 at 2x384, for up to 1,000 symbols: " in err
     assert f"this text has {symbols:,})" in err
-    dropout = f"default --dropout 0: ~30.0 passes, but {symbols:,} symbols (0.1 from 12 passes at 2 layers for up to"
+    dropout = f"default --dropout 0: ~30.0 passes, but {symbols:,} symbols (0.1 from 10 passes at 2 layers for up to"
     assert f"{dropout} 1,000" in err
     fade = "default output layer: starts at the character frequencies and takes them back out of its bias"
     assert f"{fade} over the first 100 steps ({symbols:,} symbols, over 1,000: " in err

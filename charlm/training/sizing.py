@@ -149,9 +149,12 @@ from ..model import CharRNN
 # (11.0-11.8: 1.945/1.946 against 1.928/1.916) and 850k (8.8-9.2: 2.032/2.040 against 2.011/2.005, training
 # 1.93 bits/char against 1.69). 3x320 has 2.5 times 2x256's parameters and learns a text by heart sooner, so
 # three layers take the regime from DEEP_DROPOUT_PASSES (every deep run of up to 6 minutes: 16 passes at
-# 2x256 are about 7 at 3x320) and two from DROPOUT_PASSES, 12 where it had been 10. Not measured: deep
-# 20-minute runs between 6 and 9 passes. The probe's speed moved 10-70% over the morning of this screen (the
-# 850k cut: 15,277 chars/s before it, 24,868-25,950 after), so a text near a threshold can fall either side.
+# 2x256 are about 7 at 3x320). Two keep DROPOUT_PASSES: between 10 and 12 the texts disagreed, the plays'
+# 650k cut losing 0.017-0.030 and 705k characters of Python source (10.7 expected) gaining 0.043 (1.471
+# against 1.514; 625k of it, 12.4 expected, 2.087 against 2.141, best at step 500 of 1,300 without). Not
+# measured: deep 20-minute runs between 6 and 9 passes. The probe's speed moved 10-70% over the morning of
+# this screen (the 850k cut: 15,277 chars/s before it, 24,868-25,950 after), so a text near a threshold can
+# fall either side.
 # The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN, DROPOUT*) live in config.py beside
 # the budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
