@@ -150,7 +150,7 @@ from ..model import CharRNN
 # 1.93 bits/char against 1.69). 3x320 has 2.5 times 2x256's parameters and learns a text by heart sooner, so
 # three layers take the regime from DEEP_DROPOUT_PASSES (every deep run of up to 6 minutes: 16 passes at
 # 2x256 are about 7 at 3x320). Two keep DROPOUT_PASSES: between 10 and 12 the texts disagreed, the plays'
-# 650k cut losing 0.017-0.030 and 705k characters of Python source (10.7 expected) gaining 0.043 (1.471
+# 650k cut losing 0.017-0.030 and 705k characters of Python source (10.5-10.7 expected) gaining 0.043 (1.471
 # against 1.514; 625k of it, 12.4 expected, 2.087 against 2.141, best at step 500 of 1,300 without). Not
 # measured: deep 20-minute runs between 6 and 9 passes. The probe's speed moved 10-70% over the morning of
 # this screen (the 850k cut: 15,277 chars/s before it, 24,868-25,950 after), so a text near a threshold can
