@@ -535,28 +535,28 @@ def explain_defaults(
             + (" for many passes (a text seen many times is learned by heart without it)" if many else "")
         )
     layers = model.num_layers
-    # the regime of sizing.learns_by_heart, in the words of the lines below
-    by_heart = f"{dropout_passes(layers):g} passes at {layers} layer{'s' if layers > 1 else ''}"
+    # where sizing.learns_by_heart starts for this model, in the words of the lines below
+    threshold = f"{dropout_passes(layers):g} passes at {layers} layer{'s' if layers > 1 else ''}"
     if open_shape.dropout is None and model.dropout and passes is not None:  # set by plan_passes
         lines.append(
-            f"--dropout {model.dropout:g}: ~{passes.passes:.1f} passes ({DROPOUT:g} from {by_heart}: "
+            f"--dropout {model.dropout:g}: ~{passes.passes:.1f} passes ({DROPOUT:g} from {threshold}: "
             "a text seen that often is learned by heart sooner than the budget ends)"
         )
     elif open_shape.dropout is None and large and passes is not None and passes.passes >= dropout_passes(layers):
         lines.append(
             f"--dropout 0: ~{passes.passes:.1f} passes, but {len(vocab):,} symbols ({DROPOUT:g} from "
-            f"{by_heart} for up to {LARGE_VOCAB:,} symbols: it did not help a large vocabulary)"
+            f"{threshold} for up to {LARGE_VOCAB:,} symbols: it did not help a large vocabulary)"
         )
     if asked.min_lr_ratio is None and passes is not None and learns_by_heart(passes.passes, len(vocab), layers):
         lines.append(
             f"--min-lr-ratio {config.min_lr_ratio:g}: ~{passes.passes:.1f} passes ({DROPOUT_MIN_LR_RATIO:g} from "
-            f"{by_heart}, else {DEFAULT_MIN_LR_RATIO:g}: larger late steps, averaged, learn a text seen that "
+            f"{threshold}, else {DEFAULT_MIN_LR_RATIO:g}: larger late steps, averaged, learn a text seen that "
             "often less by heart)"
         )
     if asked.seq_len is None and passes is not None and short_chunks(passes.passes, len(vocab), layers, config.time):
         lines.append(
             f"--seq-len {config.seq_len}: ~{passes.passes:.1f} passes in {budget} ({BY_HEART_SEQ_LEN} from "
-            f"{by_heart} in up to {fmt_budget(SHORT_BUDGET_S)}, else {DEFAULT_SEQ_LEN}: a short run over a "
+            f"{threshold} in up to {fmt_budget(SHORT_BUDGET_S)}, else {DEFAULT_SEQ_LEN}: a short run over a "
             "text seen that often learns more from twice the steps of shorter chunks)"
         )
     if prior_fades:

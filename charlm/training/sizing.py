@@ -65,8 +65,8 @@ from ..model import CharRNN
 # 2.223 (best at step 700 of 796) and --weight-drop 0.25 2.211; wider layers did not help (3x384 2.222, 3x448
 # 2.213, 3x512 2.229), nor 3x448 with dropout 0.15 at 7.8 passes (2.225) (proxy-screen-3x320-bf16-2026-12-04.json).
 # Below ten passes dropout, with a new mask per character, the floor 0.1 and 128-character chunks, lost every
-# time: 2.234 against 2.217 above (AVX2, 8.4 passes), 2.138 against 2.131 at
-# 20 minutes on the 1.1M cut (AMX, about 8.6), 2.085 against 2.025 on a 550k cut seen 7 times. At 20
+# time: 2.234 against 2.217 above (AVX2, 8.4 passes), 2.138 against 2.131 at 20 minutes on the 1.1M cut
+# (AMX, about 8.6), 2.085 against 2.025 on a 550k cut seen 7 times. At 20
 # minutes on the 1.1M cut on the AVX512-BF16 EPYC (18.4 passes expected, 11-12 made): 2.084 with 0.1,
 # still improving at its last step, against 2.108 without (stopped on patience, best at step 2,100 of
 # 2,700) and the textbook loop's 2.284 (quality-20min-1m-avx512bf16-*2026-12-04.json). Near the
