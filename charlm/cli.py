@@ -243,7 +243,7 @@ M, T = ModelConfig, TrainConfig
     "--eval-every",
     type=int,
     default=default(T, "eval_every"),
-    help="Steps between validations (0 = auto: validation costs about 10% of the time).",
+    help="Steps between validations (0 = auto: validation costs about 3% of the time).",
 )
 @click.option(
     "--val-fraction", type=float, default=default(T, "val_fraction"), help="Tail of the text held out for validation."

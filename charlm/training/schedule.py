@@ -31,8 +31,13 @@ def learning_rate(
 
 
 def auto_eval_every(val_chars: int, config: TrainConfig) -> int:
-    """Steps between evaluations so that scoring the validation split costs ~10% of training
-    (a forward pass costs about a third of forward + backward per character)."""
+    """Steps between evaluations so that scoring the validation split costs ~3% of training
+    (a forward pass costs about a third of forward + backward per character).
+
+    Every validation is time the budget does not train: at ~10% a 20-minute run on the 1.1M cut
+    of the plays spent 1.7 of its minutes scoring (2,828 steps at 10,562 training chars/s), while
+    best-checkpoint selection and the plateau rule need only a handful of evaluations per run.
+    Small texts keep one every 100 steps."""
     if config.eval_every:
         return config.eval_every
-    return max(100, math.ceil(val_chars / (0.3 * config.batch_size * config.seq_len)))
+    return max(100, math.ceil(val_chars / (0.1 * config.batch_size * config.seq_len)))
