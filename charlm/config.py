@@ -231,7 +231,7 @@ class TrainConfig:
     batch_size: int | None = None  # None: 64, or 32 for a run that will see its text many times (training/sizing.py)
     lr: float | None = None  # None: default_lr(hidden size)
     weight_decay: float | None = None  # None: DEFAULT_WEIGHT_DECAY, or MANY_PASSES_WEIGHT_DECAY (sizing.py)
-    clip: float = 1.0
+    clip: float = 1.0  # a guard: at 3x320 in the regime the norm never reached it (proxy-screen-clip-2026-12-06)
     average: float = 0.99  # decay of the weights' moving average that validation scores and saves; 0: off
     schedule: Schedule = "auto"
     warmup: int = 30

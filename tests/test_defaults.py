@@ -395,3 +395,17 @@ def test_a_stalled_timed_run_lowers_its_rate_instead_of_stopping() -> None:
     run.config = TrainConfig(steps=1000, patience=2)
     run.state.plateau_scale = 0.5
     assert Loop.budget_reached(run) == "patience"  # type: ignore[arg-type] - no time budget: stop as before
+
+
+def test_validation_costs_a_few_percent_of_a_long_run_and_small_texts_keep_every_100_steps() -> None:
+    """Every validation is time a --time budget does not train: auto spaces them so scoring the
+    split costs ~3% (a forward pass is about a third of a training step per character)."""
+    from charlm.trainer import auto_eval_every
+
+    long_run = config.TrainConfig(batch_size=32, seq_len=128)
+    assert auto_eval_every(110_000, long_run) == 269  # the 1.1M cut's tail: 3.3% of the time, not 10%
+    assert auto_eval_every(500_000, long_run) == 1221  # the capped split of a big corpus
+    assert auto_eval_every(30_000, long_run) == 100  # a small text is still validated every 100 steps
+    assert auto_eval_every(110_000, config.TrainConfig(batch_size=32, seq_len=128, eval_every=50)) == 50
+    cost = 110_000 / 3 / (269 * 32 * 128)
+    assert 0.03 < cost < 0.034
