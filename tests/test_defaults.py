@@ -14,6 +14,7 @@ import pytest
 from charlm import config, train
 from charlm.checkpoint import build_model, read_header, read_tensors
 from charlm.config import ModelConfig, auto_min_count
+from charlm.trainer import auto_eval_every
 
 HAN = [chr(0x4E00 + i) for i in range(3000)]
 
@@ -400,8 +401,6 @@ def test_a_stalled_timed_run_lowers_its_rate_instead_of_stopping() -> None:
 def test_validation_costs_a_few_percent_of_a_long_run_and_small_texts_keep_every_100_steps() -> None:
     """Every validation is time a --time budget does not train: auto spaces them so scoring the
     split costs ~3% (a forward pass is about a third of a training step per character)."""
-    from charlm.trainer import auto_eval_every
-
     long_run = config.TrainConfig(batch_size=32, seq_len=128)
     assert auto_eval_every(110_000, long_run) == 269  # the 1.1M cut's tail: 3.3% of the time, not 10%
     assert auto_eval_every(500_000, long_run) == 1221  # the capped split of a big corpus
