@@ -40,6 +40,7 @@ from .config import (
     DROPOUT_MIN_LR_RATIO,
     DROPOUT_PASSES,
     LARGE_VOCAB,
+    LONG_DEEP_DROPOUT_PASSES,
     MANY_PASSES,
     MANY_PASSES_LR,
     MANY_PASSES_WEIGHT_DECAY,
@@ -67,8 +68,8 @@ if TYPE_CHECKING:
 
 # The regime of dropout, the rate floor and short chunks (training/sizing.learns_by_heart), for their help
 BY_HEART = (
-    f"{DROPOUT_PASSES:g} times or more ({DEEP_DROPOUT_PASSES:g} at {DEEP_LAYERS} layers), of up to {LARGE_VOCAB:,} "
-    "distinct symbols"
+    f"{DROPOUT_PASSES:g} times or more ({DEEP_DROPOUT_PASSES:g} at {DEEP_LAYERS} layers, {LONG_DEEP_DROPOUT_PASSES:g} "
+    f"in a --time over {SHORT_BUDGET_S // 60}m), of up to {LARGE_VOCAB:,} distinct symbols"
 )
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
 

@@ -39,7 +39,7 @@ class ModelConfig:
     num_layers: int = 0
     embed_size: int = 64
     # None: from the passes the run will make, filled in by train() (0, or DROPOUT for a text seen
-    # dropout_passes(num_layers) times or more, of at most LARGE_VOCAB symbols); a model built directly treats
+    # dropout_passes(num_layers, time) times or more, of at most LARGE_VOCAB symbols); a model built directly treats
     # None as 0
     dropout: float | None = None
     # DropConnect on the recurrent (hidden-to-hidden) weights while training (model.CharRNN._recur);
@@ -160,16 +160,22 @@ MANY_PASSES_WEIGHT_DECAY = 0.3
 # A run that will see its text DROPOUT_PASSES times or more (at the model it trains, as the batch
 # size's passes), or DEEP_DROPOUT_PASSES times for a model of DEEP_LAYERS layers or more (2.5 times the
 # parameters of the 2x256 it replaces, it learns a text by heart in fewer passes), takes --dropout DROPOUT
-# when it is open (measured: training/sizing.py)
+# when it is open (measured: training/sizing.py). In a --time over SHORT_BUDGET_S, DEEP_LAYERS take it from
+# LONG_DEEP_DROPOUT_PASSES: there 3x320 replaces a 2x384 of nearly its size, a text seen 6-9 times is 1-2M
+# characters rather than a few hundred thousand, and dropout made the model underfit (sizing.py, "Dropout
+# at three layers in a longer budget").
 DROPOUT_PASSES = 10.0
 DEEP_DROPOUT_PASSES = 6.0
+LONG_DEEP_DROPOUT_PASSES = 9.0
 DROPOUT = 0.1
 
 
-def dropout_passes(layers: int) -> float:
-    """The expected passes from which a model of `layers` layers learns its text by heart (DROPOUT_PASSES,
-    DEEP_DROPOUT_PASSES)."""
-    return DEEP_DROPOUT_PASSES if layers >= DEEP_LAYERS else DROPOUT_PASSES
+def dropout_passes(layers: int, time_s: float | None) -> float:
+    """The expected passes from which a model of `layers` layers, in a budget of `time_s` (None: not a
+    time), learns its text by heart (DROPOUT_PASSES, DEEP_DROPOUT_PASSES, LONG_DEEP_DROPOUT_PASSES)."""
+    if layers < DEEP_LAYERS:
+        return DROPOUT_PASSES
+    return LONG_DEEP_DROPOUT_PASSES if time_s is not None and time_s > SHORT_BUDGET_S else DEEP_DROPOUT_PASSES
 
 
 # Every decay's floor, as a fraction of the peak rate (--min-lr-ratio): DEFAULT_MIN_LR_RATIO, or

@@ -303,6 +303,18 @@ def test_a_large_vocabulary_stays_plain_and_takes_no_dropout(
         (5, 1200.0, 500.0, [256, 320], (3, 320), 32, 0.1, "--dropout 0.1: ~7.5 passes (0.1 from 6 passes at 3 layers"),
         (5, 1200.0, 800.0, [256, 320], (3, 320), 32, 0.1, "--dropout 0.1: ~12.0 passes (0.1 from 6 passes at 3 layers"),
         (10, 1200.0, 50.0, [384, 320], (3, 320), 64, 0.0, "--layers 3 --hidden 320: ~36.0 passes expected at 2x384"),
+        # over 6 minutes three layers take dropout from 9 passes, not 6 (config.dropout_passes)
+        (10, 1200.0, 250.0, [384, 320], (3, 320), 32, 0.0, "--batch-size 32: ~7.5 passes over 18,000 training"),
+        (
+            10,
+            1200.0,
+            400.0,
+            [384, 320],
+            (3, 320),
+            32,
+            0.1,
+            "--dropout 0.1: ~12.0 passes (0.1 from 9 passes at 3 layers in a run over 6m",
+        ),
     ],
 )
 def test_a_short_run_goes_deep_from_more_passes_and_times_the_model_it_builds(
@@ -339,9 +351,10 @@ def test_a_short_run_goes_deep_from_more_passes_and_times_the_model_it_builds(
     assert timed == probed
     assert f"default {line}" in err
     assert f"default --batch-size {batch}:" in err  # the built model's passes: 3 or more are many
-    model = read_header("checkpoints/small.safetensors").model
-    assert (model.num_layers, model.hidden_size, model.dropout) == (*shape, dropout)
+    header = read_header("checkpoints/small.safetensors")
+    assert (header.model.num_layers, header.model.hidden_size, header.model.dropout) == (*shape, dropout)
     assert ("default --dropout" in err) == bool(dropout)
+    assert header.train["min_lr_ratio"] == (0.3 if dropout else 0.1)  # the floor follows the same regime
 
 
 def test_the_chosen_defaults_are_printed_at_the_start(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -445,7 +445,7 @@ def plan_passes(
                 group["weight_decay"] = MANY_PASSES_WEIGHT_DECAY
     expected = None if passes is None else passes.passes
     layers = learner.net.config.num_layers
-    by_heart = learns_by_heart(expected, vocab, layers)
+    by_heart = learns_by_heart(expected, vocab, layers, config.time)
     if by_heart and asked.min_lr_ratio is None:
         config = replace(config, min_lr_ratio=DROPOUT_MIN_LR_RATIO)
     if config.seq_len is None:
@@ -536,18 +536,23 @@ def explain_defaults(
         )
     layers = model.num_layers
     # where sizing.learns_by_heart starts for this model, in the words of the lines below
-    threshold = f"{dropout_passes(layers):g} passes at {layers} layer{'s' if layers > 1 else ''}"
+    from_passes = dropout_passes(layers, config.time)
+    at_layers = f"{from_passes:g} passes at {layers} layer{'s' if layers > 1 else ''}"
+    threshold = at_layers
+    if layers >= DEEP_LAYERS and time:  # the depth's threshold differs by budget (config.dropout_passes)
+        threshold += f" in a run {'over' if time > SHORT_BUDGET_S else 'up to'} {fmt_budget(SHORT_BUDGET_S)}"
+    by_heart = passes is not None and learns_by_heart(passes.passes, len(vocab), layers, config.time)
     if open_shape.dropout is None and model.dropout and passes is not None:  # set by plan_passes
         lines.append(
             f"--dropout {model.dropout:g}: ~{passes.passes:.1f} passes ({DROPOUT:g} from {threshold}: "
             "a text seen that often is learned by heart sooner than the budget ends)"
         )
-    elif open_shape.dropout is None and large and passes is not None and passes.passes >= dropout_passes(layers):
+    elif open_shape.dropout is None and large and passes is not None and passes.passes >= from_passes:
         lines.append(
             f"--dropout 0: ~{passes.passes:.1f} passes, but {len(vocab):,} symbols ({DROPOUT:g} from "
             f"{threshold} for up to {LARGE_VOCAB:,} symbols: it did not help a large vocabulary)"
         )
-    if asked.min_lr_ratio is None and passes is not None and learns_by_heart(passes.passes, len(vocab), layers):
+    if asked.min_lr_ratio is None and by_heart:
         lines.append(
             f"--min-lr-ratio {config.min_lr_ratio:g}: ~{passes.passes:.1f} passes ({DROPOUT_MIN_LR_RATIO:g} from "
             f"{threshold}, else {DEFAULT_MIN_LR_RATIO:g}: larger late steps, averaged, learn a text seen that "
@@ -556,7 +561,7 @@ def explain_defaults(
     if asked.seq_len is None and passes is not None and short_chunks(passes.passes, len(vocab), layers, config.time):
         lines.append(
             f"--seq-len {config.seq_len}: ~{passes.passes:.1f} passes in {budget} ({BY_HEART_SEQ_LEN} from "
-            f"{threshold} in up to {fmt_budget(SHORT_BUDGET_S)}, else {DEFAULT_SEQ_LEN}: a short run over a "
+            f"{at_layers} in up to {fmt_budget(SHORT_BUDGET_S)}, else {DEFAULT_SEQ_LEN}: a short run over a "
             "text seen that often learns more from twice the steps of shorter chunks)"
         )
     if prior_fades:

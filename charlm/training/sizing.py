@@ -255,15 +255,16 @@ def goes_deep(passes: float | None, time_s: float | None, vocab: int = 0) -> boo
     return passes >= deep_passes(time_s)
 
 
-def learns_by_heart(passes: float | None, vocab: int, layers: int) -> bool:
+def learns_by_heart(passes: float | None, vocab: int, layers: int, time_s: float | None) -> bool:
     """Whether a model of `layers` layers will see a text of at most LARGE_VOCAB modelled symbols often
-    enough to learn it by heart (`passes`, at the model trained; config.dropout_passes): such a run takes
-    DROPOUT when --dropout is open (a new model) and the floor DROPOUT_MIN_LR_RATIO when --min-lr-ratio is."""
-    return passes is not None and passes >= dropout_passes(layers) and vocab <= LARGE_VOCAB
+    enough to learn it by heart (`passes`, at the model trained, in a budget of `time_s`; config.dropout_passes):
+    such a run takes DROPOUT when --dropout is open (a new model) and the floor DROPOUT_MIN_LR_RATIO when
+    --min-lr-ratio is."""
+    return passes is not None and passes >= dropout_passes(layers, time_s) and vocab <= LARGE_VOCAB
 
 
 def short_chunks(passes: float | None, vocab: int, layers: int, time_s: float | None) -> bool:
     """Whether a run whose --seq-len is open trains BY_HEART_SEQ_LEN-character chunks: a budget of up to
     SHORT_BUDGET_S that learns its text by heart. Such a run is short of optimizer steps, and half the
     chunk doubles them; a 20-minute run has steps enough and keeps the faster, longer chunk."""
-    return learns_by_heart(passes, vocab, layers) and time_s is not None and 0 < time_s <= SHORT_BUDGET_S
+    return learns_by_heart(passes, vocab, layers, time_s) and time_s is not None and 0 < time_s <= SHORT_BUDGET_S
