@@ -66,10 +66,13 @@ if TYPE_CHECKING:
     from .evaluate import Metrics
     from .lm import CharLM
 
-# The regime of dropout, the rate floor and short chunks (training/sizing.learns_by_heart), for their help
+# The regime of dropout, the rate floor and short chunks (training/sizing.learns_by_heart), for their help;
+# short chunks apply only up to SHORT_BUDGET_S, where three layers always take it from DEEP_DROPOUT_PASSES
+SYMBOLS = f"of up to {LARGE_VOCAB:,} distinct symbols"
+BY_HEART_SHORT = f"{DROPOUT_PASSES:g} times or more ({DEEP_DROPOUT_PASSES:g} at {DEEP_LAYERS} layers), {SYMBOLS}"
 BY_HEART = (
     f"{DROPOUT_PASSES:g} times or more ({DEEP_DROPOUT_PASSES:g} at {DEEP_LAYERS} layers, {LONG_DEEP_DROPOUT_PASSES:g} "
-    f"in a --time over {SHORT_BUDGET_S // 60}m), of up to {LARGE_VOCAB:,} distinct symbols"
+    f"in a --time over {SHORT_BUDGET_S // 60}m), {SYMBOLS}"
 )
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
 
@@ -180,7 +183,7 @@ M, T = ModelConfig, TrainConfig
     type=int,
     default=None,
     help=f"Characters per chunk: the truncated-BPTT length.  [default: {DEFAULT_SEQ_LEN}, or {BY_HEART_SEQ_LEN} when "
-    f"a run of up to {SHORT_BUDGET_S // 60} minutes will see its text {BY_HEART}]",
+    f"a run of up to {SHORT_BUDGET_S // 60} minutes will see its text {BY_HEART_SHORT}]",
 )
 @click.option(
     "--batch-size",

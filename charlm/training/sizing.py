@@ -151,19 +151,19 @@ from ..model import CharRNN
 # three layers take the regime from DEEP_DROPOUT_PASSES (every deep run of up to 6 minutes: 16 passes at
 # 2x256 are about 7 at 3x320). Two keep DROPOUT_PASSES: between 10 and 12 the texts disagreed, the plays'
 # 650k cut losing 0.017-0.030 and 705k characters of Python source (10.5-10.7 expected) gaining 0.043 (1.471
-# against 1.514; 625k of it, 12.4 expected, 2.087 against 2.141, best at step 500 of 1,300 without). Not
-# measured: deep 20-minute runs between 6 and 9 passes. The probe's speed moved 10-70% over the morning of
-# this screen (the 850k cut: 15,277 chars/s before it, 24,868-25,950 after), so a text near a threshold can
-# fall either side.
+# against 1.514; 625k of it, 12.4 expected, 2.087 against 2.141, best at step 500 of 1,300 without). Deep
+# 20-minute runs between 6 and 9 passes, measured later, are the next paragraph. The probe's speed moved
+# 10-70% over the morning of this screen (the 850k cut: 15,277 chars/s before it, 24,868-25,950 after), so a
+# text near a threshold can fall either side.
 # Dropout at three layers in a longer budget (config.LONG_DEEP_DROPOUT_PASSES; the same capped EPYC, fp32, one
 # run each; deep-20min-1.8m-avx2cap-dropout-2026-12-06.json): the first 1.8M characters of the plays at 20
 # minutes, 6.9-7.8 passes expected at 2x384 and 7.1-8.1 at 3x320 (6.4-7.0 made). The rule of the time (3x320,
 # dropout 0.1 and floor 0.3 from 6 passes) scored 1.890 bits/char, training 1.83: it underfit. 3x320 without
 # them 1.841 (training 1.65), 2x384 1.854: the third layer pays there, the regime does not; chosen by 10547e1
 # itself, 1.846. At 10 minutes on a 780k cut (3x320 pinned, 6.8-7.5 passes made) 1.940 with the regime against
-# 1.916 without. Up to 6 minutes
-# 3x320 replaces a 2x256 of 40% its parameters on texts of a few hundred thousand characters; over 6 it
-# replaces a 2x384 of nearly its size (1.4M against 1.6M) on texts of 1-2M. The 1.1M cut at 20 minutes, where
+# 1.916 without. Up to 6 minutes 3x320 replaces a 2x256 of 40% its parameters on texts of a few hundred
+# thousand characters; over 6 it replaces a 2x384 of nearly its size (1.4M against 1.6M) on texts of 1-2M
+# (780k at 10 minutes). The 1.1M cut at 20 minutes, where
 # dropout won (2.094 against 2.112 in fp32, 2.082 against 2.108 in bf16), probed 9.4-13.3 passes at 3x320 in
 # three probes on one morning, so the threshold sits at 9 between the two texts.
 # The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN, DROPOUT*) live in config.py beside
