@@ -40,6 +40,7 @@ from .config import (
     DROPOUT_MIN_LR_RATIO,
     DROPOUT_PASSES,
     LARGE_VOCAB,
+    LONG_DEEP_DROPOUT_CHARS,
     LONG_DEEP_DROPOUT_PASSES,
     MANY_PASSES,
     MANY_PASSES_LR,
@@ -72,7 +73,8 @@ SYMBOLS = f"of up to {LARGE_VOCAB:,} distinct symbols"
 BY_HEART_SHORT = f"{DROPOUT_PASSES:g} times or more ({DEEP_DROPOUT_PASSES:g} at {DEEP_LAYERS} layers), {SYMBOLS}"
 BY_HEART = (
     f"{DROPOUT_PASSES:g} times or more ({DEEP_DROPOUT_PASSES:g} at {DEEP_LAYERS} layers, {LONG_DEEP_DROPOUT_PASSES:g} "
-    f"in a --time over {SHORT_BUDGET_S // 60}m), {SYMBOLS}"
+    f"in a --time over {SHORT_BUDGET_S // 60}m, more past {LONG_DEEP_DROPOUT_CHARS // 1_000_000}M training "
+    f"characters), {SYMBOLS}"
 )
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100, "show_default": True}
 

@@ -164,18 +164,26 @@ MANY_PASSES_WEIGHT_DECAY = 0.3
 # LONG_DEEP_DROPOUT_PASSES: there 3x320 replaces a 2x384 of nearly its size, a text seen 6-9 times is 1-2M
 # characters rather than a few hundred thousand, and dropout made the model underfit (sizing.py, "Dropout
 # at three layers in a longer budget").
+# A text of more than LONG_DEEP_DROPOUT_CHARS training characters needs proportionally more passes there: the
+# same parameters learn a larger text by heart later (the first 1.8M characters of the
+# plays lost with the regime in bf16 at 9.4-11.4 passes probed, where the 1.1M cut, 990k training characters,
+# won at 8.7-13.3 in fp32).
 DROPOUT_PASSES = 10.0
 DEEP_DROPOUT_PASSES = 6.0
 LONG_DEEP_DROPOUT_PASSES = 9.0
+LONG_DEEP_DROPOUT_CHARS = 1_000_000
 DROPOUT = 0.1
 
 
-def dropout_passes(layers: int, time_s: float | None) -> float:
+def dropout_passes(layers: int, time_s: float | None, train_chars: int = 0) -> float:
     """The expected passes from which a model of `layers` layers, in a budget of `time_s` (None: not a
-    time), learns its text by heart (DROPOUT_PASSES, DEEP_DROPOUT_PASSES, LONG_DEEP_DROPOUT_PASSES)."""
+    time), learns a text of `train_chars` training characters (0: not known) by heart (DROPOUT_PASSES,
+    DEEP_DROPOUT_PASSES, LONG_DEEP_DROPOUT_PASSES scaled past LONG_DEEP_DROPOUT_CHARS)."""
     if layers < DEEP_LAYERS:
         return DROPOUT_PASSES
-    return LONG_DEEP_DROPOUT_PASSES if time_s is not None and time_s > SHORT_BUDGET_S else DEEP_DROPOUT_PASSES
+    if time_s is None or time_s <= SHORT_BUDGET_S:
+        return DEEP_DROPOUT_PASSES
+    return LONG_DEEP_DROPOUT_PASSES * max(1.0, train_chars / LONG_DEEP_DROPOUT_CHARS)
 
 
 # Every decay's floor, as a fraction of the peak rate (--min-lr-ratio): DEFAULT_MIN_LR_RATIO, or

@@ -357,6 +357,34 @@ def test_a_short_run_goes_deep_from_more_passes_and_times_the_model_it_builds(
     assert header.train["min_lr_ratio"] == (0.3 if dropout else 0.1)  # the floor follows the same regime
 
 
+@pytest.mark.parametrize(("deep", "dropout"), [(19_000.0, 0.0), (20_000.0, 0.1)])
+def test_over_a_million_training_characters_three_layers_take_dropout_from_proportionally_more_passes(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, deep: float, dropout: float
+) -> None:
+    """1,080,000 training characters in 10 minutes: 3x320 learns them by heart from 9 x 1.08 = 9.72 passes
+    (config.dropout_passes), so 9.5 keep dropout off where a smaller text would take it, and 10 take it."""
+    from conftest import make_text, run_cli
+
+    from charlm.training import setup
+
+    monkeypatch.setattr(setup, "measure_speed", lambda net, *a, **k: {384: 20_000.0, 320: deep}[net.config.hidden_size])
+    Path("big.txt").write_text(make_text(1_200_000), encoding="utf-8")
+    quick = ["--time", "10m", "--steps", "2", "--seq-len", "16", "--embed", "8"]
+    code, _, err = run_cli(["train", "big.txt", *quick], capsys)
+    assert code == 0, err
+    assert "over 1,080,000 training characters" in err  # passes = 0.9 x 600 s x chars/s / 1,080,000
+    header = read_header("checkpoints/big.safetensors")
+    assert (header.model.num_layers, header.model.hidden_size, header.model.dropout) == (3, 320, dropout)
+    assert header.train["min_lr_ratio"] == (0.3 if dropout else 0.1)
+    if dropout:
+        assert (
+            "default --dropout 0.1: ~10.0 passes (0.1 from 9.72 passes at 3 layers in a run over 6m on 1,080,000 "
+            "training characters" in err
+        )
+    else:
+        assert "default --dropout" not in err and "default --min-lr-ratio" not in err
+
+
 def test_the_chosen_defaults_are_printed_at_the_start(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from conftest import make_text, run_cli
 

@@ -445,7 +445,7 @@ def plan_passes(
                 group["weight_decay"] = MANY_PASSES_WEIGHT_DECAY
     expected = None if passes is None else passes.passes
     layers = learner.net.config.num_layers
-    by_heart = learns_by_heart(expected, vocab, layers, config.time)
+    by_heart = learns_by_heart(expected, vocab, layers, config.time, len(data.train_ids))
     if by_heart and asked.min_lr_ratio is None:
         config = replace(config, min_lr_ratio=DROPOUT_MIN_LR_RATIO)
     if config.seq_len is None:
@@ -536,12 +536,15 @@ def explain_defaults(
         )
     layers = model.num_layers
     # where sizing.learns_by_heart starts for this model, in the words of the lines below
-    from_passes = dropout_passes(layers, config.time)
-    at_layers = f"{from_passes:g} passes at {layers} layer{'s' if layers > 1 else ''}"
+    train_chars = len(data.train_ids)
+    from_passes = dropout_passes(layers, config.time, train_chars)
+    at_layers = f"{from_passes:.3g} passes at {layers} layer{'s' if layers > 1 else ''}"
     threshold = at_layers
     if layers >= DEEP_LAYERS and time:  # the depth's threshold differs by budget (config.dropout_passes)
         threshold += f" in a run {'over' if time > SHORT_BUDGET_S else 'up to'} {fmt_budget(SHORT_BUDGET_S)}"
-    by_heart = passes is not None and learns_by_heart(passes.passes, len(vocab), layers, config.time)
+        if from_passes > dropout_passes(layers, config.time):  # and, over that, by the text's size
+            threshold += f" on {train_chars:,} training characters"
+    by_heart = passes is not None and learns_by_heart(passes.passes, len(vocab), layers, config.time, train_chars)
     if open_shape.dropout is None and model.dropout and passes is not None:  # set by plan_passes
         lines.append(
             f"--dropout {model.dropout:g}: ~{passes.passes:.1f} passes ({DROPOUT:g} from {threshold}: "

@@ -167,6 +167,11 @@ from ..model import CharRNN
 # dropout won (2.094 against 2.112 in fp32, 2.082 against 2.108 in bf16), probed 8.7-13.3 passes at 3x320 in
 # eight probes on one morning (one under 9), so the threshold sits at 9 between the two texts, nearer the 1.1M
 # side: a miss there costs about 0.018 bits/char, taking the regime on the 1.8M text 0.045.
+# In bf16 (the same EPYC uncapped; deep-20min-1.8m-bf16-dropout-2026-12-06.json) the 1.8M text probed 9.4-11.6
+# passes at 3x320, over 9, and the regime lost there too: 1.865 bits/char against 1.841 without (8.5 passes made
+# by both; training 1.81 against 1.60). Passes alone cannot separate it from the 1.1M cut (won at 8.7-13.3 in
+# fp32), text size can: past config.LONG_DEEP_DROPOUT_CHARS training characters the threshold grows with the
+# text (9 per million, 14.6 on the 1.8M cut), a straight line through the two texts.
 # The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN, DROPOUT*) live in config.py beside
 # the budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
@@ -267,12 +272,12 @@ def goes_deep(passes: float | None, time_s: float | None, vocab: int = 0) -> boo
     return passes >= deep_passes(time_s)
 
 
-def learns_by_heart(passes: float | None, vocab: int, layers: int, time_s: float | None) -> bool:
+def learns_by_heart(passes: float | None, vocab: int, layers: int, time_s: float | None, train_chars: int = 0) -> bool:
     """Whether a model of `layers` layers will see a text of at most LARGE_VOCAB modelled symbols often
-    enough to learn it by heart (`passes`, at the model trained, in a budget of `time_s`; config.dropout_passes):
-    such a run takes DROPOUT when --dropout is open (a new model) and the floor DROPOUT_MIN_LR_RATIO when
-    --min-lr-ratio is."""
-    return passes is not None and passes >= dropout_passes(layers, time_s) and vocab <= LARGE_VOCAB
+    enough to learn it by heart (`passes`, at the model trained, in a budget of `time_s`, over `train_chars`
+    training characters, 0 if not known; config.dropout_passes): such a run takes DROPOUT when --dropout is
+    open (a new model) and the floor DROPOUT_MIN_LR_RATIO when --min-lr-ratio is."""
+    return passes is not None and passes >= dropout_passes(layers, time_s, train_chars) and vocab <= LARGE_VOCAB
 
 
 def short_chunks(passes: float | None, vocab: int, layers: int, time_s: float | None) -> bool:
