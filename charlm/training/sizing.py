@@ -171,7 +171,9 @@ from ..model import CharRNN
 # passes at 3x320, over 9, and the regime lost there too: 1.865 bits/char against 1.841 without (8.5 passes made
 # by both; training 1.81 against 1.60). Passes alone cannot separate it from the 1.1M cut (won at 8.7-13.3 in
 # fp32), text size can: past config.LONG_DEEP_DROPOUT_CHARS training characters the threshold grows with the
-# text (9 per million, 14.6 on the 1.8M cut), a straight line through the two texts.
+# text (9 per million, 14.6 on the 1.8M cut), a straight line through the two texts. Between them a 1.4M cut
+# (fp32, 9.2 probed, threshold 11.3: no regime) tied: 2.015 without, 2.016 with
+# (deep-20min-1.4m-avx2cap-dropout-2026-12-06.json).
 # The figures (MANY_PASSES*, SMALL_BATCH, DEEP_PASSES/LAYERS/HIDDEN, DROPOUT*) live in config.py beside
 # the budget's hidden sizes, so the command line's help can name them without importing torch.
 PROBE_STEPS = 2  # timed, after one warm-up step
