@@ -165,9 +165,9 @@ MANY_PASSES_WEIGHT_DECAY = 0.3
 # characters rather than a few hundred thousand, and dropout made the model underfit (sizing.py, "Dropout
 # at three layers in a longer budget").
 # A text of more than LONG_DEEP_DROPOUT_CHARS training characters needs proportionally more passes there: the
-# same parameters learn a larger text by heart later (the first 1.8M characters of the
-# plays lost with the regime in bf16 at 9.4-11.4 passes probed, where the 1.1M cut, 990k training characters,
-# won at 8.7-13.3 in fp32).
+# same parameters learn a larger text by heart later (the first 1.8M characters of the plays lost with the
+# regime in bf16 at 9.4-11.6 passes probed, where the 1.1M cut, 990k training characters, won at 8.7-13.3 in
+# fp32; a 1.4M cut in between tied at 9.2).
 DROPOUT_PASSES = 10.0
 DEEP_DROPOUT_PASSES = 6.0
 LONG_DEEP_DROPOUT_PASSES = 9.0
