@@ -56,6 +56,9 @@ from ..model import CharRNN
 # scored 2.217 against 2x256's 2.245 at 21.9 expected passes (300k characters), but lost at 12.3 (400k:
 # 2.063 against 2.044), 9.4 (550k: 1.959 against 1.928) and 4.9 (1.1M: 2.328 against 2.210); break-even
 # about 16. Checked on 250k characters of Python source (23.3 passes): 1.602 against 1.624.
+# Narrower, 3x256, at 20 minutes on the 1.1M cut (fp32, 12.7 passes; quality-20min-1m-avx2cap-3x256-2026-12-06.json):
+# 2.107 against 3x320's 2.088-2.102. A third fewer weights ran only 5% more characters per second: the
+# step is bound by its 32-row products, which run less efficiently the narrower they are.
 # Screened at 3x320 on the 300k cut (about 8.5 passes; proxy-screen-3x320-2026-12-04.json): --weight-drop
 # 0.25 2.227, --dropout 0.1 2.234, 1x the lr 2.231 and --average 0.995 2.214 against 2.217.
 # Dropout, from DROPOUT_PASSES expected passes at the model trained (config.py; the batch size's passes;
