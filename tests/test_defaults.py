@@ -353,7 +353,9 @@ def test_a_short_run_goes_deep_from_more_passes_and_times_the_model_it_builds(
     assert f"default --batch-size {batch}:" in err  # the built model's passes: 3 or more are many
     header = read_header("checkpoints/small.safetensors")
     assert (header.model.num_layers, header.model.hidden_size, header.model.dropout) == (*shape, dropout)
-    assert ("default --dropout" in err) == bool(dropout)
+    assert ("default --dropout 0.1:" in err) == bool(dropout)
+    # a run below the threshold says so, and where the threshold is
+    assert ("default --dropout 0 --min-lr-ratio 0.1: ~" in err) == (not dropout)
     assert header.train["min_lr_ratio"] == (0.3 if dropout else 0.1)  # the floor follows the same regime
 
 
@@ -382,7 +384,35 @@ def test_over_a_million_training_characters_three_layers_take_dropout_from_propo
             "training characters" in err
         )
     else:
-        assert "default --dropout" not in err and "default --min-lr-ratio" not in err
+        assert (
+            "default --dropout 0 --min-lr-ratio 0.1: ~9.5 passes (dropout 0.1 and the floor 0.3 from 9.72 passes at "
+            "3 layers in a run over 6m on 1,080,000 training characters: a text seen fewer times is not yet learned "
+            "by heart)\n" in err
+        )
+
+
+def test_a_short_run_below_the_threshold_names_the_regime_it_leaves_out(
+    in_tmp: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The settings a text seen often would take (dropout, the floor, shorter chunks in a short budget) are
+    open here too, so the start says what they are and from how many passes they would change."""
+    from conftest import make_text, run_cli
+
+    from charlm.training import setup
+
+    monkeypatch.setattr(setup, "measure_speed", lambda net, *a, **k: 100.0)  # 0.9 x 300 s x 100 / 18,000 = 1.5
+    Path("small.txt").write_text(make_text(20_000), encoding="utf-8")
+    code, _, err = run_cli(["train", "small.txt", "--time", "5m", "--steps", "2", "--embed", "8"], capsys)
+    assert code == 0, err
+    assert (
+        "default --dropout 0 --min-lr-ratio 0.1 --seq-len 128: ~1.5 passes (dropout 0.1, the floor 0.3 and "
+        "64-character chunks from 10 passes at 2 layers: a text seen fewer times is not yet learned by heart)\n"
+    ) in err
+    pinned = ["--dropout", "0", "--seq-len", "32", "--overwrite"]
+    code, _, err = run_cli(["train", "small.txt", "--time", "5m", "--steps", "2", "--embed", "8", *pinned], capsys)
+    assert code == 0, err
+    assert "default --min-lr-ratio 0.1: ~1.5 passes (the floor 0.3 from 10 passes at 2 layers: " in err
+    assert "default --dropout" not in err and "--seq-len 128" not in err
 
 
 def test_the_chosen_defaults_are_printed_at_the_start(in_tmp: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -561,6 +561,24 @@ def explain_defaults(
             f"{threshold}, else {DEFAULT_MIN_LR_RATIO:g}: larger late steps, averaged, learn a text seen that "
             "often less by heart)"
         )
+    if passes is not None and not by_heart and not large:
+        # the regime's settings left plain, and where it starts: a run near the threshold can fall either side
+        # of it as the measured speed moves, and the line says which side and how far
+        plain_kept = []
+        if open_shape.dropout is None:
+            plain_kept.append((f"--dropout {model.dropout:g}", f"dropout {DROPOUT:g}"))
+        if asked.min_lr_ratio is None:
+            plain_kept.append((f"--min-lr-ratio {config.min_lr_ratio:g}", f"the floor {DROPOUT_MIN_LR_RATIO:g}"))
+        if asked.seq_len is None and 0 < time <= SHORT_BUDGET_S:
+            plain_kept.append((f"--seq-len {config.seq_len}", f"{BY_HEART_SEQ_LEN}-character chunks"))
+        if plain_kept:
+            options = " ".join(option for option, _ in plain_kept)
+            regime = [what for _, what in plain_kept]
+            takes = ", ".join(regime[:-1]) + f" and {regime[-1]}" if len(regime) > 1 else regime[0]
+            lines.append(
+                f"{options}: ~{passes.passes:.1f} passes ({takes} from {threshold}: a text seen fewer times is "
+                "not yet learned by heart)"
+            )
     if asked.seq_len is None and passes is not None and short_chunks(passes.passes, len(vocab), layers, config.time):
         lines.append(
             f"--seq-len {config.seq_len}: ~{passes.passes:.1f} passes in {budget} ({BY_HEART_SEQ_LEN} from "
