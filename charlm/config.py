@@ -168,7 +168,8 @@ MANY_PASSES_WEIGHT_DECAY = 0.3
 # same parameters learn a larger text by heart later (the first 1.8M characters of the plays lost with the
 # regime in bf16 at 9.4-11.6 passes probed, where the 1.1M cut, 990k training characters, won at 8.7-13.3 in
 # fp32; a 1.4M cut in between tied at 9.2). Other texts of 1.4M, in bf16: English fortunes tied near the line
-# (9.8-14.2 probed), Python source gained 0.047 from the regime at 14.2, over it (deep-20min-1.4m-other-texts-*).
+# (9.8-14.2 probed), Python source gained 0.047 from the regime at 14.2, over it, and tied at 1.8M under it
+# (10.8 probed, threshold 14.6: 1.777 against 1.782; deep-20min-1.4m-other-texts-*).
 DROPOUT_PASSES = 10.0
 DEEP_DROPOUT_PASSES = 6.0
 LONG_DEEP_DROPOUT_PASSES = 9.0
